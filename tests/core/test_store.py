@@ -1,0 +1,60 @@
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from dreambooth.store import DataRoot, ModelNameError, atomic_path, atomic_write_text, check_model_name
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "x..y", "con", "NUL.txt", "", " x", "x.", "a" * 101, "*"])
+def test_unsafe_names_are_refused_with_the_name(name):
+    with pytest.raises(ModelNameError) as e:
+        check_model_name(name)
+    assert "model name" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["dog", "My Dog_v2.1", "sdxl-zwx"])
+def test_ordinary_names_pass(name):
+    assert check_model_name(name) == name
+
+
+def test_layout_matches_the_webui(tmp_path):
+    root = DataRoot(tmp_path).ensure()
+    assert root.checkpoints == tmp_path / "models" / "Stable-diffusion"
+    assert root.lora.is_dir() and root.dreambooth.is_dir()
+    model = root.model("dog")
+    assert model.path == tmp_path / "models" / "dreambooth" / "dog"
+    assert root.model_names() == []
+    atomic_write_text(model.config_path, "{}")
+    assert root.model_names() == ["dog"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "ckpt.safetensors"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_killed_writer_never_leaves_a_partial_file_under_the_final_name(tmp_path):
+    target = tmp_path / "big.bin"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from dreambooth.store import atomic_path\n"
+        "with atomic_path(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_bytes(b'x' * 1000)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
