@@ -1,0 +1,11 @@
+"""The DreamBooth trainer: `train_model(root, name)` runs one model's config to the end (or resumes it)."""
+from __future__ import annotations
+
+
+def train_model(root, name, max_steps=None):
+    from .loop import train_model as _train_model
+
+    return _train_model(root, name, max_steps=max_steps)
+
+
+__all__ = ["train_model"]

@@ -1,0 +1,219 @@
+"""One DreamBooth training step as a reusable unit: forward, loss, backward, optimizer step.
+
+The trainer (train/loop.py) runs exactly this; the benchmarks time exactly this. Build it from in-memory modules:
+
+    step = TrainStep(unet, (text_encoder,), noise_scheduler, params, sdxl=False,
+                     vae=vae, optimizer=opt, lr_scheduler=sched, accelerator=accelerator)
+    loss = step(batch, train_text_encoder=True)      # forward + loss + backward (+ clip + optimizer step)
+    out = step.compute_loss(batch, noise=n, timesteps=t)   # forward + loss only (tests inject noise/timesteps)
+
+`Batch` fields (tensors on the training device; B = batch size, instance and class examples mixed):
+  latents        (B, 4, h, w) VAE latents already multiplied by vae.config.scaling_factor; or None and then
+  pixels         (B, 3, H, W) images in [-1, 1], encoded with `vae` inside the step (needs vae=...)
+  input_ids      tuple with one (B, 77) LongTensor per tokenizer (1 for v1/v2, 2 for SDXL); or, when the text
+                 encoders are frozen and their outputs cached:
+  prompt_embeds  (B, 77, D) encoder hidden states and, for SDXL, pooled_embeds (B, D2)
+  add_time_ids   (B, 6) SDXL size/crop conditioning: original (h, w), crop top-left (top, left), target (h, w)
+  is_prior       (B,) bool, True for class (prior-preservation) examples; None = all instance examples
+
+The loss (DreamBooth paper, Ruiz et al. 2022, with the usual extras):
+  noise   = N(0, 1) (+ offset_noise * N(0, 1) per sample and channel, broadcast over h, w)
+  x_t     = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, t ~ U{0, T-1}
+  target  = noise (epsilon models) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (v-prediction models)
+  err_i   = mean over (c, h, w) of (unet(x_t, t, text) - target)^2 for each example i
+  w_i     = min(SNR_t, gamma) / SNR_t (epsilon) or min(SNR_t, gamma) / (SNR_t + 1) (v) when min_snr_gamma > 0, else 1
+  loss    = mean_{instance}(w_i err_i) + prior_loss_weight * mean_{class}(w_i err_i)
+(A batch without class examples is just the instance mean.)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    input_ids: tuple = ()
+    prompt_embeds: torch.Tensor | None = None
+    pooled_embeds: torch.Tensor | None = None
+    add_time_ids: torch.Tensor | None = None
+    is_prior: torch.Tensor | None = None
+
+    def to(self, device, dtype=None) -> "Batch":
+        def move(t, floating=True):
+            if t is None:
+                return None
+            if floating and dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device)
+        return Batch(
+            latents=move(self.latents), pixels=move(self.pixels),
+            input_ids=tuple(i.to(device) for i in self.input_ids),
+            prompt_embeds=move(self.prompt_embeds), pooled_embeds=move(self.pooled_embeds),
+            add_time_ids=move(self.add_time_ids), is_prior=move(self.is_prior, False),
+        )
+
+    def __len__(self) -> int:
+        for t in (self.latents, self.pixels, self.prompt_embeds):
+            if t is not None:
+                return t.shape[0]
+        return self.input_ids[0].shape[0]
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor            # what is backpropagated
+    instance_loss: torch.Tensor   # weighted mean over instance examples (detached)
+    prior_loss: torch.Tensor | None  # weighted mean over class examples (detached), None without any
+
+
+def encode_prompt(text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor], sdxl: bool):
+    """Text conditioning as Stable Diffusion uses it. Returns (hidden states, pooled or None).
+
+    v1/v2: the text encoder's last hidden state (v2's converted encoder already ends at the penultimate layer).
+    SDXL: both encoders' penultimate hidden states concatenated; pooled = the second encoder's projected output.
+    """
+    if not sdxl:
+        return text_encoders[0](input_ids[0])[0], None
+    hidden, pooled = [], None
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder (CLIPTextModelWithProjection) gives text_embeds first
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+class TrainStep:
+    def __init__(self, unet, text_encoders: Sequence[torch.nn.Module], noise_scheduler, params, sdxl: bool,
+                 prediction_type: str | None = None, vae=None, optimizer=None, lr_scheduler=None,
+                 accelerator=None, trainable_params: Sequence[torch.nn.Parameter] | None = None):
+        self.unet = unet
+        self.text_encoders = tuple(text_encoders)
+        self.noise_scheduler = noise_scheduler
+        self.params = params
+        self.sdxl = sdxl
+        self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+        self.vae = vae
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.accelerator = accelerator
+        self.trainable_params = list(trainable_params) if trainable_params is not None else None
+
+    # -- pieces ----------------------------------------------------------------------------------------------
+    def latents_of(self, batch: Batch) -> torch.Tensor:
+        if batch.latents is not None:
+            return batch.latents
+        if self.vae is None:
+            raise ValueError("batch has pixels but the step has no VAE")
+        with torch.no_grad():
+            latents = self.vae.encode(batch.pixels.to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def conditioning(self, batch: Batch):
+        if batch.prompt_embeds is not None:
+            return batch.prompt_embeds, batch.pooled_embeds
+        return encode_prompt(self.text_encoders, batch.input_ids, self.sdxl)
+
+    def draw_noise(self, latents: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(latents)
+        if self.params.offset_noise > 0:
+            # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
+            noise = noise + self.params.offset_noise * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+        return noise
+
+    def draw_timesteps(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                             device=latents.device).long()
+
+    # -- the loss --------------------------------------------------------------------------------------------
+    def compute_loss(self, batch: Batch, noise: torch.Tensor | None = None,
+                     timesteps: torch.Tensor | None = None) -> LossOutput:
+        latents = self.latents_of(batch)
+        if noise is None:
+            noise = self.draw_noise(latents)
+        if timesteps is None:
+            timesteps = self.draw_timesteps(latents)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+
+        hidden, pooled = self.conditioning(batch)
+        extra = {}
+        if self.sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch.add_time_ids}
+        pred = self.unet(noisy, timesteps, hidden, **extra).sample
+
+        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.params.min_snr_gamma > 0:
+            s = snr(self.noise_scheduler, timesteps)
+            clipped = torch.clamp(s, max=self.params.min_snr_gamma)
+            per_example = per_example * (clipped / (s + 1) if self.prediction_type == "v_prediction" else clipped / s)
+
+        is_prior = batch.is_prior
+        if is_prior is None or not bool(is_prior.any()):
+            loss = per_example.mean()
+            return LossOutput(loss, loss.detach(), None)
+        instance = per_example[~is_prior].mean() if bool((~is_prior).any()) else per_example.new_zeros(())
+        prior = per_example[is_prior].mean()
+        loss = instance + self.params.prior_loss_weight * prior
+        return LossOutput(loss, instance.detach(), prior.detach())
+
+    # -- the whole step --------------------------------------------------------------------------------------
+    def __call__(self, batch: Batch, train_text_encoder: bool = True) -> LossOutput:
+        """Forward + loss + backward, then (when an optimizer is given and gradients are synced) clip and step.
+
+        With an accelerator this honours gradient accumulation (accelerator.accumulate) and mixed precision.
+        When train_text_encoder is False the text encoders run without gradients.
+        """
+        acc = self.accelerator
+        models = [self.unet, *self.text_encoders] if train_text_encoder else [self.unet]
+        accumulate = acc.accumulate(*models) if acc is not None else contextlib.nullcontext()
+        with accumulate:
+            grad_text = torch.enable_grad() if train_text_encoder else torch.no_grad()
+            if not train_text_encoder and batch.prompt_embeds is None and batch.input_ids:
+                with grad_text:
+                    hidden, pooled = encode_prompt(self.text_encoders, batch.input_ids, self.sdxl)
+                batch = Batch(latents=batch.latents, pixels=batch.pixels, prompt_embeds=hidden.detach(),
+                              pooled_embeds=None if pooled is None else pooled.detach(),
+                              add_time_ids=batch.add_time_ids, is_prior=batch.is_prior)
+            autocast = acc.autocast() if acc is not None else contextlib.nullcontext()
+            with autocast:
+                out = self.compute_loss(batch)
+            if acc is not None:
+                acc.backward(out.loss)
+            else:
+                out.loss.backward()
+            if self.optimizer is not None:
+                synced = acc.sync_gradients if acc is not None else True
+                if synced and self.params.max_grad_norm > 0:
+                    params = self.trainable_params
+                    if params is None:
+                        params = [p for m in models for p in m.parameters() if p.requires_grad]
+                    if acc is not None:
+                        acc.clip_grad_norm_(params, self.params.max_grad_norm)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(params, self.params.max_grad_norm)
+                self.optimizer.step()
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+
+__all__ = ["Batch", "LossOutput", "TrainStep", "encode_prompt", "snr"]
