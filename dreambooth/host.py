@@ -1,0 +1,55 @@
+"""Where the tab runs: standalone, or inside the Stable Diffusion WebUI.
+
+The worker and the UI only talk to a Host. The webui adapter (scripts/dreambooth_tab.py) builds one whose hooks call
+the webui's own functions, so nothing in dreambooth/ imports the webui. Standalone, the hooks do nothing and the
+checkpoint list is the data root's models/Stable-diffusion folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .store import DataRoot
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def _nothing() -> None:
+    return None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Checkpoint files under a folder (recursively), sorted by path."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the tab needs from its surroundings.
+
+    checkpoints() -> {title: path} of the checkpoints a model can be created from;
+    before_training() frees the host's loaded model (VRAM) before a training starts;
+    after_training() loads it again when the training has ended;
+    checkpoints_changed() refreshes the host's checkpoint list after a checkpoint file was written.
+    """
+
+    root: DataRoot
+    name: str = "standalone"
+    list_checkpoints: Callable[[], dict] | None = None
+    before_training: Callable[[], None] = _nothing
+    after_training: Callable[[], None] = _nothing
+    checkpoints_changed: Callable[[], None] = _nothing
+    default_format: Callable[[], str] = field(default=lambda: "safetensors")
+
+    def checkpoints(self) -> dict:
+        if self.list_checkpoints is not None:
+            return dict(self.list_checkpoints())
+        folder = self.root.checkpoints
+        return {str(p.relative_to(folder)): str(p) for p in checkpoint_files(folder)}
+
+
+def standalone_host(root: DataRoot) -> Host:
+    return Host(root=root)

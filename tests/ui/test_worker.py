@@ -1,0 +1,125 @@
+"""The worker: one job per data root, status from the event log, controls, crash detection. The trainer here is a
+small script speaking the events contract (the real trainer runs in test_browser.py)."""
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dreambooth import worker
+from dreambooth.config import Config, Concept
+from dreambooth.errors import UserError
+from dreambooth.host import Host
+from dreambooth.store import DataRoot
+
+FAKE = Path(__file__).with_name("fake_trainer.py")
+
+
+def make_model(root: DataRoot, name: str, tmp_path: Path) -> None:
+    images = tmp_path / f"{name}_images"
+    images.mkdir()
+    model = root.ensure().model(name)
+    model.path.mkdir(parents=True)
+    Config(concepts=(Concept(instance_data_dir=str(images)),)).save(model.config_path)
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    mode = {"value": "finish"}
+    monkeypatch.setattr(worker, "trainer_command",
+                        lambda root, name: [sys.executable, str(FAKE), str(root.model(name).path), mode["value"]])
+    yield mode
+    job = worker.running_job(DataRoot(tmp_path / "root"))
+    if job:  # a failed test must not leave its trainer running
+        os.kill(job["pid"], signal.SIGKILL)
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+
+def recording_host(root):
+    calls = []
+    return Host(root=root, before_training=lambda: calls.append("unload"), after_training=lambda: calls.append("reload"),
+                checkpoints_changed=lambda: calls.append("refresh")), calls
+
+
+def test_finishes_and_reports(tmp_path, fake):
+    root = DataRoot(tmp_path / "root")
+    make_model(root, "m", tmp_path)
+    host, calls = recording_host(root)
+    worker.start(root, "m", host)
+    assert calls[0] == "unload"
+    st = wait_for(lambda: (s := worker.status(root, "m")).state == "done" and s)
+    assert st.step == 10 and st.total_steps == 10 and st.message == "finished"
+    assert [s for s, _ in st.losses] == list(range(1, 11))
+    wait_for(lambda: calls[-1] == "reload")
+    assert worker.running_job(root) is None
+
+
+def test_second_start_refused_naming_the_running_model(tmp_path, fake):
+    root = DataRoot(tmp_path / "root")
+    make_model(root, "first", tmp_path)
+    make_model(root, "second", tmp_path)
+    fake["value"] = "wait"
+    worker.start(root, "first")
+    with pytest.raises(UserError, match="already running: 'first'"):
+        worker.start(root, "second")
+    wait_for(lambda: worker.status(root, "first").step >= 2)
+    assert worker.request(root, "first", "pause") == "pause requested"
+    wait_for(lambda: worker.status(root, "first").state == "paused")
+    assert worker.request(root, "first", "pause") == "resume requested"
+    wait_for(lambda: worker.status(root, "first").state == "running")
+    worker.request(root, "first", "save")
+    wait_for(lambda: worker.status(root, "first").checkpoints)
+    worker.request(root, "first", "cancel")
+    assert wait_for(lambda: worker.status(root, "first").state == "cancelled")
+    wait_for(lambda: worker.running_job(root) is None)
+    fake["value"] = "finish"
+    worker.start(root, "second")  # the lock is free again
+    wait_for(lambda: worker.status(root, "second").state == "done")
+
+
+def test_crash_shows_error_with_log_tail(tmp_path, fake):
+    root = DataRoot(tmp_path / "root")
+    make_model(root, "m", tmp_path)
+    fake["value"] = "crash"
+    worker.start(root, "m")
+    st = wait_for(lambda: (s := worker.status(root, "m")).state == "error" and s)
+    assert "out of memory" in st.log_tail
+    assert "stopped without finishing" in st.message
+    wait_for(lambda: "exit code -9" in worker.status(root, "m").message)
+
+
+def test_stale_lock_is_ignored_and_bad_config_refused(tmp_path, fake):
+    root = DataRoot(tmp_path / "root")
+    make_model(root, "m", tmp_path)
+    (root.dreambooth / worker.JOB_FILE).write_text(json.dumps({"name": "gone", "pid": 2**22 + 12345, "started": 0}))
+    assert worker.running_job(root) is None
+    cfg = Config.load(root.model("m").config_path)
+    Config(concepts=(Concept(instance_data_dir=str(tmp_path / "missing")),)).save(root.model("m").config_path)
+    with pytest.raises(UserError, match="missing.*is not a folder"):
+        worker.start(root, "m")
+    assert worker.running_job(root) is None
+    cfg.save(root.model("m").config_path)
+    worker.start(root, "m")
+    wait_for(lambda: worker.status(root, "m").state == "done")
+
+
+def test_controls_need_a_running_job(tmp_path):
+    root = DataRoot(tmp_path / "root")
+    make_model(root, "m", tmp_path)
+    with pytest.raises(UserError, match="no training is running"):
+        worker.request(root, "m", "cancel")
+    worker.delete_model(root, "m")
+    assert not root.model("m").path.exists()
