@@ -185,9 +185,8 @@ class TrainStep:
         models = [self.unet, *self.text_encoders] if train_text_encoder else [self.unet]
         accumulate = acc.accumulate(*models) if acc is not None else contextlib.nullcontext()
         with accumulate:
-            grad_text = torch.enable_grad() if train_text_encoder else torch.no_grad()
             if not train_text_encoder and batch.prompt_embeds is None and batch.input_ids:
-                with grad_text:
+                with torch.no_grad():
                     hidden, pooled = encode_prompt(self.text_encoders, batch.input_ids, self.sdxl)
                 batch = Batch(latents=batch.latents, pixels=batch.pixels, prompt_embeds=hidden.detach(),
                               pooled_embeds=None if pooled is None else pooled.detach(),
@@ -199,9 +198,9 @@ class TrainStep:
                 acc.backward(out.loss)
             else:
                 out.loss.backward()
-            if self.optimizer is not None:
-                synced = acc.sync_gradients if acc is not None else True
-                if synced and self.params.max_grad_norm > 0:
+            synced = acc.sync_gradients if acc is not None else True
+            if self.optimizer is not None and synced:
+                if self.params.max_grad_norm > 0:
                     params = self.trainable_params
                     if params is None:
                         params = [p for m in models for p in m.parameters() if p.requires_grad]

@@ -1,0 +1,57 @@
+"""Captions and prompts: the caption of an image and how `[filewords]` becomes a training prompt.
+
+The caption comes from a .txt file beside the image, else from the file name ("a dog on grass (2).jpg" ->
+"a dog on grass"). In a prompt, `[filewords]` is replaced by the caption. For instance prompts the instance token is
+put before the class token the way the seed extension does it ("a dog on grass" -> "a zwx dog on grass"); when the
+caption lacks the class token, "zwx dog, " is put in front. For class prompts the instance token is taken out.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+FILEWORDS = "[filewords]"
+
+
+def caption_of(image: Path) -> str:
+    txt = Path(image).with_suffix(".txt")
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            return " ".join(text.split())
+    stem = Path(image).stem
+    stem = re.sub(r"\(\d+\)$", "", stem)          # "name (2)" copies
+    stem = re.sub(r"^\d+[-_ ]+", "", stem)        # "0001-name" numbering
+    stem = stem.replace("_", " ").replace("-", " ")
+    return " ".join(stem.split())
+
+
+def _word_pattern(word: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w]){re.escape(word)}(?![\w])", re.IGNORECASE)
+
+
+def insert_instance_token(caption: str, instance_token: str, class_token: str) -> str:
+    if not instance_token or _word_pattern(instance_token).search(caption):
+        return caption
+    if class_token and _word_pattern(class_token).search(caption):
+        return _word_pattern(class_token).sub(lambda m: f"{instance_token} {m.group(0)}", caption, count=1)
+    prefix = f"{instance_token} {class_token}".strip()
+    return f"{prefix}, {caption}" if caption else prefix
+
+
+def remove_instance_token(caption: str, instance_token: str) -> str:
+    if not instance_token:
+        return caption
+    return " ".join(_word_pattern(instance_token).sub("", caption).split()).strip(" ,")
+
+
+def instance_prompt(template: str, caption: str, instance_token: str, class_token: str) -> str:
+    if FILEWORDS not in template:
+        return template
+    return " ".join(template.replace(FILEWORDS, insert_instance_token(caption, instance_token, class_token)).split())
+
+
+def class_prompt(template: str, caption: str, instance_token: str) -> str:
+    if FILEWORDS not in template:
+        return template
+    return " ".join(template.replace(FILEWORDS, remove_instance_token(caption, instance_token)).split())

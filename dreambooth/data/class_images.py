@@ -1,0 +1,90 @@
+"""Class images for prior preservation: a user's folder as is, or generated once and reused.
+
+Generated images live in <model>/class_images/<prompt-slug>-<hash>/ with the prompt in a .txt beside each image
+(and in the PNG info). Next time, images whose prompt is still wanted are reused and only the missing ones are made.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from . import captions
+from .images import find_images, readable_images
+
+
+def class_folder(base: Path, concept) -> Path:
+    key = f"{concept.class_prompt}\n{concept.class_negative_prompt}\n{concept.class_guidance_scale}\n{concept.class_infer_steps}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", concept.class_prompt).strip("_")[:40] or "class"
+    return Path(base) / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def wanted_prompts(concept, instance_examples) -> list[str]:
+    """One class prompt per class image needed: num_class_images_per_image for each instance image."""
+    prompts = []
+    for example in instance_examples:
+        caption = captions.caption_of(example.path)
+        prompt = captions.class_prompt(concept.class_prompt, caption, concept.instance_token)
+        prompts.extend([prompt] * concept.num_class_images_per_image)
+    return prompts
+
+
+def user_class_images(concept) -> list[tuple[Path, str]]:
+    folder = Path(concept.class_data_dir).expanduser()
+    pairs = []
+    for path in readable_images(find_images(folder)):
+        caption = captions.caption_of(path)
+        pairs.append((path, captions.class_prompt(concept.class_prompt, caption, concept.instance_token)))
+    return pairs
+
+
+def existing_class_images(folder: Path) -> list[tuple[Path, str]]:
+    pairs = []
+    if folder.is_dir():
+        for path in readable_images(find_images(folder)):
+            txt = path.with_suffix(".txt")
+            if txt.is_file():
+                pairs.append((path, txt.read_text(encoding="utf-8").strip()))
+    return pairs
+
+
+def plan_class_images(folder: Path, prompts: list[str]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(existing images to reuse, prompts still to generate)."""
+    wanted = Counter(prompts)
+    reuse = []
+    for path, prompt in existing_class_images(folder):
+        if wanted[prompt] > 0:
+            wanted[prompt] -= 1
+            reuse.append((path, prompt))
+    missing = []
+    for prompt in prompts:  # what reuse did not cover, in the order wanted
+        if wanted[prompt] > 0:
+            wanted[prompt] -= 1
+            missing.append(prompt)
+    return reuse, missing
+
+
+def generate_missing(folder: Path, missing: list[str], make_image: Callable[[str, int], object],
+                     parameters: Callable[[str, int], str], progress: Callable[[int, int], None]) -> list[tuple[Path, str]]:
+    """Generate one image per prompt in `missing` (seeded by its number) and store it with its prompt."""
+    from ..store import atomic_write_text
+    from ..train.pipeline import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = {p.stem for p in folder.iterdir()}
+    made = []
+    number = 0
+    for done, prompt in enumerate(missing):
+        while f"{number:05d}" in taken:
+            number += 1
+        taken.add(f"{number:05d}")
+        path = folder / f"{number:05d}.png"
+        image = make_image(prompt, number)
+        # The prompt file first: an image without its .txt is never reused, so a kill between the two is harmless.
+        atomic_write_text(path.with_suffix(".txt"), prompt + "\n")
+        save_png(image, path, parameters(prompt, number))
+        made.append((path, prompt))
+        progress(done + 1, len(missing))
+    return made

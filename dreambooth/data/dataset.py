@@ -1,0 +1,154 @@
+"""The training examples of a config and the order they are trained in.
+
+An epoch is one pass over every instance image. Instance images are grouped by aspect bucket, shuffled (seeded by
+the run's seed and the epoch, so a resumed run sees the same order), and cut into batches of `train_batch_size`.
+Each instance example of a concept with prior preservation is paired with one of that concept's class images, put
+into the same bucket, so one batch holds both (the paper's joint loss). Under several processes each takes every
+N-th batch; the list is padded (wrapping round) so every process gets the same whole number of optimizer steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import Config
+from ..errors import UserError
+from . import captions
+from .buckets import fit_to_bucket, make_buckets, nearest_bucket, to_tensor
+from .images import find_images, load_image, readable_images
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    prompt: str
+    concept: int
+    size: tuple[int, int]  # (width, height) as loaded
+
+
+@dataclass(frozen=True)
+class Item:
+    """One row of a batch: an instance example and the bucket it is trained in, or a class example put there."""
+    example: Example
+    bucket: tuple[int, int]
+    is_prior: bool
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    return load_image(path).size
+
+
+def collect_instances(config: Config) -> list[list[Example]]:
+    """Instance examples per active concept (same order as config.active_concepts)."""
+    result = []
+    for index, concept in enumerate(config.concepts):
+        if not concept.instance_data_dir.strip():
+            continue
+        folder = Path(concept.instance_data_dir).expanduser()
+        label = f"concepts[{index}].instance_data_dir"
+        if not folder.is_dir():
+            raise UserError(f"{label}: {str(folder)!r} is not a folder")
+        paths = find_images(folder)
+        if not paths:
+            raise UserError(f"{label}: {str(folder)!r} has no png, jpg or webp images")
+        paths = readable_images(paths)
+        if not paths:
+            raise UserError(f"{label}: none of the images in {str(folder)!r} can be read (see the warnings above)")
+        examples = []
+        for path in paths:
+            caption = captions.caption_of(path)
+            prompt = captions.instance_prompt(concept.instance_prompt, caption, concept.instance_token, concept.class_token)
+            examples.append(Example(path, prompt, index, _image_size(path)))
+        result.append(examples)
+    return result
+
+
+def class_examples_from(pairs: Sequence[tuple[Path, str]], concept: int) -> list[Example]:
+    return [Example(Path(p), prompt, concept, _image_size(Path(p))) for p, prompt in pairs]
+
+
+def _stable_int(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+class TrainingData:
+    def __init__(self, instances: list[list[Example]], classes: dict[int, list[Example]], params,
+                 num_processes: int = 1, process_index: int = 0):
+        self.instances = [e for concept in instances for e in concept]
+        self.classes = {c: v for c, v in classes.items() if v}
+        self.params = params
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.buckets = make_buckets(params.resolution, params.aspect_ratio_bucketing)
+        self.bucket_of = {e.path: nearest_bucket(e.size, self.buckets) for e in self.instances}
+        per_rank = math.ceil(self._num_batches() / num_processes)
+        self.steps_per_epoch = math.ceil(per_rank / params.gradient_accumulation_steps)
+        self.micro_batches_per_epoch = self.steps_per_epoch * params.gradient_accumulation_steps
+
+    @property
+    def has_prior(self) -> bool:
+        return bool(self.classes)
+
+    def _by_bucket(self) -> dict[tuple[int, int], list[Example]]:
+        groups: dict[tuple[int, int], list[Example]] = {}
+        for e in self.instances:
+            groups.setdefault(self.bucket_of[e.path], []).append(e)
+        return groups
+
+    def _num_batches(self) -> int:
+        bs = self.params.train_batch_size
+        return sum(math.ceil(len(g) / bs) for g in self._by_bucket().values())
+
+    def epoch_batches(self, epoch: int) -> list[list[Item]]:
+        """This process's micro-batches of `epoch`, in training order."""
+        rng = random.Random(_stable_int(self.params.seed, "order", epoch))
+        bs = self.params.train_batch_size
+        batches = []
+        class_counter = {c: epoch * len(v) for c, v in self.classes.items()}
+        for bucket, group in sorted(self._by_bucket().items()):
+            group = list(group)
+            rng.shuffle(group)
+            for start in range(0, len(group), bs):
+                chunk = group[start:start + bs]
+                items = [Item(e, bucket, False) for e in chunk]
+                for e in chunk:
+                    pool = self.classes.get(e.concept)
+                    if pool:
+                        items.append(Item(pool[class_counter[e.concept] % len(pool)], bucket, True))
+                        class_counter[e.concept] += 1
+                batches.append(items)
+        rng.shuffle(batches)
+        needed = self.micro_batches_per_epoch * self.num_processes
+        batches = [batches[i % len(batches)] for i in range(needed)]
+        return batches[self.process_index::self.num_processes]
+
+    def augmentation_rng(self, item: Item, epoch: int) -> random.Random:
+        # With cached latents the crop and flip are drawn once per image, so a cached latent stays valid.
+        key = (self.params.seed, str(item.example.path), item.bucket) if self.params.cache_latents else \
+            (self.params.seed, str(item.example.path), item.bucket, epoch)
+        return random.Random(_stable_int(*key))
+
+    def load_item(self, item: Item, epoch: int):
+        """(pixels (3, H, W) in [-1, 1], SDXL time ids (6,))."""
+        rng = self.augmentation_rng(item, epoch)
+        img = load_image(item.example.path)
+        flip = self.params.hflip and rng.random() < 0.5
+        fitted, (top, left) = fit_to_bucket(img, item.bucket, self.params.crop, flip, rng)
+        w, h = item.bucket
+        time_ids = torch.tensor([img.height, img.width, top, left, h, w], dtype=torch.float32)
+        return to_tensor(fitted), time_ids
+
+
+def tokenize(tokenizers, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+            return_tensors="pt").input_ids
+        for tok in tokenizers
+    )
+

@@ -1,0 +1,77 @@
+"""Finding and reading training images: whatever a user's folder holds becomes clean RGB, or a named warning."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Larger images are shrunk on load: training never needs more than a few times the bucket size.
+MAX_SIDE = 4096
+
+
+class ImageWarning(UserWarning):
+    """An image that was skipped; the message names the file and why."""
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Images under `folder`, searched recursively, in a stable order (hidden files and folders ignored)."""
+    folder = Path(folder).expanduser()
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+    return sorted(found)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit int) greyscale: scale to 8 bits instead of letting convert() clip at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels become white, not black: what a viewer shows and what captions describe.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # CMYK, YCbCr, L, 1, P, ...
+
+
+def load_image(path: Path, max_side: int = MAX_SIDE) -> Image.Image:
+    """Read an image as upright 8-bit RGB. Raises OSError (or ValueError) for unreadable files."""
+    with Image.open(path) as img:
+        img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced size when the file is huge
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.LANCZOS)
+    return img
+
+
+def readable_images(paths: list[Path], max_side: int = MAX_SIDE) -> list[Path]:
+    """The paths that open as images; each one that does not is named in a warning."""
+    good = []
+    for path in paths:
+        try:
+            if path.stat().st_size == 0:
+                raise OSError("empty file")
+            with Image.open(path) as img:
+                img.load()  # decodes everything: truncated files fail here
+            good.append(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping {path}: not a readable image ({e})", ImageWarning, stacklevel=2)
+    return good

@@ -1,0 +1,58 @@
+"""Image generation with the model being trained (class images before training, previews during it).
+
+The diffusers pipeline is built from the in-memory components, so previews show the weights as they are now.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+
+def make_pipeline(unet, vae, text_encoders, tokenizers, scheduler_config, sdxl: bool):
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    if sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int,
+             width: int, height: int):
+    """One image (PIL) for a fixed seed."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        return pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                    guidance_scale=guidance_scale, generator=generator, width=width, height=height).images[0]
+
+
+def png_parameters(prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int, width: int,
+                   height: int, extra: dict | None = None) -> str:
+    """The webui's "parameters" PNG text: prompt, negative prompt, then one line of settings."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    settings = {"Steps": steps, "Sampler": "DDIM", "CFG scale": guidance_scale, "Seed": seed,
+                "Size": f"{width}x{height}", **(extra or {})}
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    return "\n".join(lines)
+
+
+def save_png(image, path, parameters: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    from ..store import atomic_path
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
