@@ -1,0 +1,44 @@
+"""The few places where gradio 3.41 (A1111 1.10, SD.Next), 4.40 (Forge) and the newest (standalone) differ.
+
+Everything else in the tab uses APIs present in all three: Blocks, Row/Column/Tab/Accordion, Textbox, Number,
+Slider, Checkbox, Dropdown, Button, Markdown, HTML, Gallery, `gr.update`, `info=`, `show_progress="hidden"`.
+"""
+from __future__ import annotations
+
+import inspect
+
+import gradio as gr
+
+VERSION = tuple(int(p) for p in gr.__version__.split(".")[:2] if p.isdigit())
+
+
+def every(blocks: gr.Blocks, seconds: float, fn, inputs, outputs) -> None:
+    """Call `fn` every `seconds` while the page is open.
+
+    gradio >= 4.40 has gr.Timer; 3.x polls with `load(every=...)`, which needs the queue (the webui enables it;
+    the standalone app calls `queue()`).
+    """
+    if hasattr(gr, "Timer"):
+        gr.Timer(seconds).tick(fn, inputs, outputs, show_progress="hidden")
+    else:
+        blocks.load(fn, inputs, outputs, every=seconds, show_progress="hidden")
+
+
+def blocks(**kwargs) -> gr.Blocks:
+    """gr.Blocks without the arguments this gradio does not take (css and theme moved to launch() in gradio 6)."""
+    accepted = inspect.signature(gr.Blocks).parameters
+    return gr.Blocks(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def launch(demo: gr.Blocks, **kwargs) -> None:
+    accepted = inspect.signature(gr.Blocks.launch).parameters
+    demo.launch(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def update(**kwargs):
+    """A property change for an output (gr.update exists in 3.x, 4.x and 6.x)."""
+    return gr.update(**kwargs)
+
+
+def unchanged():
+    return gr.update()

@@ -1,0 +1,83 @@
+"""Where a model comes from: the family shown before creating, and the starter kit a newcomer can click through."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..store import DataRoot, atomic_path
+from ..worker import run_cli
+
+TINY_CHECKPOINT = "dreambooth-tiny-v1.safetensors"
+DEMO_IMAGES = "demo-images"
+
+
+def _diffusers_family(folder: Path) -> str:
+    if (folder / "text_encoder_2").is_dir() or (folder / "unet" / "config.json").is_file() and json.loads(
+            (folder / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time":
+        return "sdxl"
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction":
+        return "v2-v"
+    encoder = folder / "text_encoder" / "config.json"
+    if encoder.is_file() and json.loads(encoder.read_text()).get("hidden_size") == 1024:
+        return "v2"
+    return "v1"
+
+
+def detect_source_family(source: str) -> str:
+    """A Markdown line naming the detected family of a source, read cheaply (file header or folder configs)."""
+    from ..families import detect_family
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                return f"`{source}` is not a diffusers folder (no model_index.json)."
+            return f"Detected family: **{_diffusers_family(path)}**"
+        if path.suffix.lower() == ".safetensors" and path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+            yaml = path.with_suffix(".yaml")
+            return f"Detected family: **{detect_family(keys, yaml if yaml.is_file() else None)}**"
+        if path.is_file():
+            return "The family of a .ckpt file is detected when the model is created."
+        if path.suffix:
+            return f"`{source}`: no such file."
+        return "A hub id: the family is detected when the model is created."
+    except (UserError, OSError, ValueError) as e:
+        return f"Cannot detect the family: {e}"
+
+
+def _draw_demo_images(folder: Path, count: int = 4, size: int = 64) -> None:
+    """A few pictures of one 'subject' (a red disc with a yellow dot) on different backgrounds, with captions."""
+    from PIL import Image, ImageDraw
+
+    backgrounds = [(40, 90, 160), (60, 140, 70), (200, 200, 190), (90, 60, 120), (30, 30, 30), (230, 180, 120)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), backgrounds[i % len(backgrounds)])
+        draw = ImageDraw.Draw(image)
+        r = size // 4 + (i % 3) * 2
+        cx, cy = size // 2 + (i - count // 2) * 3, size // 2 - (i % 2) * 4
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(210, 40, 40))
+        draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=(250, 220, 40))
+        target = folder / f"disc_{i}.png"
+        with atomic_path(target) as tmp:
+            image.save(tmp, format="PNG")
+        (folder / f"disc_{i}.txt").write_text("a red disc", encoding="utf-8")
+
+
+def write_starter_kit(root: DataRoot) -> str:
+    """The built-in tiny v1 checkpoint (into models/Stable-diffusion) and a folder of demo images."""
+    root.ensure()
+    checkpoint = root.checkpoints / TINY_CHECKPOINT
+    if not checkpoint.is_file():
+        run_cli(root, "tiny-checkpoint", "--family", "v1", "--out", str(checkpoint))
+    images = root.root / DEMO_IMAGES
+    if not any(images.glob("*.png")):
+        _draw_demo_images(images)
+    return (f"Wrote the tiny model {checkpoint.name} (pick it under 'From a checkpoint') and demo images in "
+            f"{images} (use it as a concept's instance images folder).")

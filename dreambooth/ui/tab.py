@@ -1,0 +1,377 @@
+"""The DreamBooth tab: Model, Concepts, Parameters and Output panels, every setting widget built from config.py.
+
+The tab holds no state of its own: the selected model's config.json, the job file and the event log are read again on
+every action and poll, so a page reload or a restarted UI shows the same thing. Training, creating and exporting run
+in child processes (dreambooth.worker).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import gradio as gr
+
+from .. import worker
+from ..config import (CONCEPT_SETTINGS, FAMILIES, GROUPS, MIN_CONCEPTS, MODEL_SETTINGS, PARAMETER_SETTINGS, Config,
+                      Setting)
+from ..errors import UserError
+from ..host import Host
+from ..store import atomic_write_text
+from . import compat, views
+from .sources import detect_source_family, write_starter_kit
+
+CONCEPT_PARTS = (("instance", "Instance"), ("class", "Class"), ("sample", "Sample"))
+POLL_SECONDS = 1.0
+
+
+# ---------------------------------------------------------------- widgets from declarations
+
+
+def widget(setting: Setting, elem_id: str):
+    """One gradio component for one declared setting: label, default, range and tooltip come from the declaration."""
+    common = dict(label=setting.label, info=setting.tooltip, value=setting.default, elem_id=elem_id)
+    if setting.type is bool:
+        return gr.Checkbox(**common)
+    if setting.choices:
+        return gr.Dropdown(choices=list(setting.choices), **common)
+    if setting.type in (int, float):
+        bounded = setting.min is not None and setting.max is not None and setting.step is not None
+        if bounded and (setting.max - setting.min) / setting.step <= 10000:
+            return gr.Slider(minimum=setting.min, maximum=setting.max, step=setting.step, **common)
+        return gr.Number(minimum=setting.min, maximum=setting.max, precision=0 if setting.type is int else None,
+                         **common)
+    return gr.Textbox(lines=2 if setting.kind == "prompt" else 1, max_lines=4, **common)
+
+
+def _coerce(setting: Setting, value):
+    """Gradio gives floats for whole numbers and None for an emptied field; the config check names what is left."""
+    if setting.type is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if setting.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+class Fields:
+    """The setting widgets in one fixed order, and the mapping between their values and a Config."""
+
+    def __init__(self):
+        self.model: list = []  # one per MODEL_SETTINGS
+        self.concepts: list[list] = []  # MIN_CONCEPTS lists, one per CONCEPT_SETTINGS
+        self.parameters: dict = {}  # name -> component
+
+    @property
+    def components(self) -> list:
+        return self.model + [c for concept in self.concepts for c in concept] + [
+            self.parameters[s.name] for s in PARAMETER_SETTINGS]
+
+    def to_config(self, values) -> Config:
+        values = list(values)
+        n_model, n_concept = len(MODEL_SETTINGS), len(CONCEPT_SETTINGS)
+        model = {s.name: _coerce(s, v) for s, v in zip(MODEL_SETTINGS, values[:n_model])}
+        concepts = []
+        rest = values[n_model:]
+        for i in range(MIN_CONCEPTS):
+            chunk = rest[i * n_concept:(i + 1) * n_concept]
+            concept = {s.name: _coerce(s, v) for s, v in zip(CONCEPT_SETTINGS, chunk)}
+            if any(concept[s.name] != s.default for s in CONCEPT_SETTINGS):  # untouched slots are not saved
+                concepts.append(concept)
+        params_values = rest[MIN_CONCEPTS * n_concept:]
+        parameters = {s.name: _coerce(s, v) for s, v in zip(PARAMETER_SETTINGS, params_values)}
+        return Config.from_dict({"model": model, "concepts": concepts, "parameters": parameters})
+
+    @staticmethod
+    def values(config: Config) -> list:
+        model = asdict(config.model)
+        out = [model[s.name] for s in MODEL_SETTINGS]
+        for i in range(MIN_CONCEPTS):
+            concept = asdict(config.concepts[i]) if i < len(config.concepts) else {}
+            out += [concept.get(s.name, s.default) for s in CONCEPT_SETTINGS]
+        params = asdict(config.parameters)
+        return out + [params[s.name] for s in PARAMETER_SETTINGS]
+
+
+def _error(e: Exception) -> str:
+    return f'<div class="db-error" id="db_error">Error: {_escape(str(e))}</div>'
+
+
+def _info(text: str) -> str:
+    return f'<div class="db-info">{_escape(text)}</div>'
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+# ---------------------------------------------------------------- the tab
+
+
+def build(host: Host) -> gr.Blocks:
+    root = host.root
+    fields = Fields()
+
+    with compat.blocks(analytics_enabled=False, title="DreamBooth", elem_id="dreambooth_tab") as tab:
+        with gr.Row(elem_id="db_top_row"):
+            load_btn = gr.Button("Load settings", elem_id="db_load")
+            save_btn = gr.Button("Save settings", elem_id="db_save")
+            train_btn = gr.Button("Train", variant="primary", elem_id="db_train")
+            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="db_cancel")
+            pause_btn = gr.Button("Pause / Resume", elem_id="db_pause")
+            save_now_btn = gr.Button("Save now", elem_id="db_save_now")
+            sample_now_btn = gr.Button("Sample now", elem_id="db_sample_now")
+            export_btn = gr.Button("Export checkpoint", elem_id="db_export")
+        message = gr.HTML(elem_id="db_message")
+
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs(elem_id="db_panels"):
+                    with gr.Tab("Model", elem_id="db_model_panel"):
+                        with gr.Row():
+                            model_select = gr.Dropdown(label="Model", choices=root.model_names(), value=None,
+                                                       elem_id="db_model_select",
+                                                       info="The DreamBooth model to edit and train; its settings load into the panels.")
+                            refresh_btn = gr.Button("Refresh", elem_id="db_refresh", scale=0)
+                        with gr.Row():
+                            delete_confirm = gr.Checkbox(label="Yes, delete this model and its files", value=False,
+                                                         elem_id="db_delete_confirm")
+                            delete_btn = gr.Button("Delete model", variant="stop", elem_id="db_delete")
+                        for s in MODEL_SETTINGS:  # of the selected model: set when it was created
+                            w = widget(s, f"db_model_{s.name}")
+                            w.interactive = False
+                            fields.model.append(w)
+                        with gr.Accordion("Create a model", open=True, elem_id="db_create"):
+                            new_name = gr.Textbox(label="New model name", elem_id="db_new_name",
+                                                  info="Letters, digits, spaces, '_', '-' and '.'.")
+                            checkpoint = gr.Dropdown(label="From a checkpoint", choices=list(host.checkpoints()),
+                                                     value=None, elem_id="db_checkpoint",
+                                                     info="The host's checkpoint list (models/Stable-diffusion).")
+                            source_text = gr.Textbox(label="Or a file, a diffusers folder or a hub id",
+                                                     elem_id="db_source",
+                                                     info="Used instead of the list when filled in.")
+                            with gr.Row():
+                                family = gr.Dropdown(label="Model family", choices=["auto", *FAMILIES], value="auto",
+                                                     elem_id="db_family",
+                                                     info="auto: detected from the checkpoint. Override it for a 768 v-prediction v2 model without a yaml.")
+                                detected = gr.Markdown(elem_id="db_detected")
+                            create_btn = gr.Button("Create model", variant="primary", elem_id="db_create_btn")
+                            starter_btn = gr.Button("Get the built-in tiny model and demo images",
+                                                    elem_id="db_starter", visible=not host.checkpoints())
+                    with gr.Tab("Concepts", elem_id="db_concepts_panel"):
+                        with gr.Row():
+                            concepts_path = gr.Textbox(label="Concepts JSON file", elem_id="db_concepts_path",
+                                                       info="A list of concepts, as in a model's config.json.")
+                            load_concepts_btn = gr.Button("Load concepts", elem_id="db_load_concepts", scale=0)
+                            save_concepts_btn = gr.Button("Save concepts", elem_id="db_save_concepts", scale=0)
+                        with gr.Tabs():
+                            for i in range(MIN_CONCEPTS):
+                                with gr.Tab(f"Concept {i + 1}", elem_id=f"db_concept_{i}"):
+                                    by_name = {}
+                                    with gr.Tabs():
+                                        for group, title in CONCEPT_PARTS:
+                                            with gr.Tab(title, elem_id=f"db_concept_{i}_{group}"):
+                                                for s in CONCEPT_SETTINGS:
+                                                    if s.group == group:
+                                                        by_name[s.name] = widget(s, f"db_c{i}_{s.name}")
+                                    fields.concepts.append([by_name[s.name] for s in CONCEPT_SETTINGS])
+                    with gr.Tab("Parameters", elem_id="db_parameters_panel"):
+                        groups = list(GROUPS) + sorted({s.group for s in PARAMETER_SETTINGS} - set(GROUPS))
+                        for group in groups:
+                            with gr.Accordion(group.capitalize(), open=group in GROUPS[:3],
+                                              elem_id=f"db_group_{group.replace(' ', '_')}"):
+                                for s in PARAMETER_SETTINGS:
+                                    if s.group == group:
+                                        fields.parameters[s.name] = widget(s, f"db_p_{s.name}")
+            with gr.Column(scale=2, elem_id="db_output_panel"):
+                status_md = gr.Markdown(views.status_line(None), elem_id="db_status")
+                progress = gr.HTML(views.progress_bar(None), elem_id="db_progress_box")
+                chart = gr.HTML(views.loss_chart([]), elem_id="db_chart_box")
+                gallery = gr.Gallery(label="Previews", columns=3, height=300, elem_id="db_gallery")
+                checkpoints_md = gr.Markdown("No checkpoint written yet.", elem_id="db_checkpoints")
+                log_box = gr.Textbox(label="Log tail", lines=6, max_lines=12, interactive=False, elem_id="db_log")
+                shown = gr.State(None)  # what this page shows now, so a poll only sends what changed
+
+        settings = fields.components
+
+        # ------------------------------------------------------------ handlers
+
+        def select_model(name):
+            """Load a model's config into the panels."""
+            if not name:
+                return [compat.unchanged()] * len(settings) + [""]
+            try:
+                config = Config.load(root.model(name).config_path)
+            except UserError as e:
+                return [compat.unchanged()] * len(settings) + [_error(e)]
+            return Fields.values(config) + [_info(f"Loaded the settings of {name}.")]
+
+        def save_settings(name, *values) -> str:
+            if not name:
+                raise UserError("no model selected: create one or select one in the Model panel")
+            model = root.model(name)
+            if not model.exists():
+                raise UserError(f"model {name!r}: not found")
+            config = fields.to_config(values)
+            config.save(model.config_path)
+            return f"Saved the settings of {name} to {model.config_path}."
+
+        def on_save(name, *values):
+            try:
+                return _info(save_settings(name, *values))
+            except UserError as e:
+                return _error(e)
+
+        def on_train(name, *values):
+            try:
+                save_settings(name, *values)  # what the trainer uses is what the panels show
+                job = worker.start(root, name, host)
+                return _info(f"Training {job['name']} started (pid {job['pid']}).")
+            except UserError as e:
+                return _error(e)
+
+        def control(what):
+            def handler(name):
+                job = worker.running_job(root)
+                try:
+                    return _info(worker.request(root, job["name"] if job else (name or ""), what))
+                except UserError as e:
+                    return _error(e)
+            return handler
+
+        def on_export(name, *values):
+            try:
+                if not name:
+                    raise UserError("no model selected")
+                params = fields.to_config(values).parameters
+                path = worker.export(root, name, params.checkpoint_format, params.save_half,
+                                     params.use_ema and params.save_ema_weights, host)
+                return _info(path)
+            except UserError as e:
+                return _error(e)
+
+        def model_choices(selected=None):
+            names = root.model_names()
+            return compat.update(choices=names, value=selected if selected in names else None)
+
+        def on_refresh(name):
+            return model_choices(name), compat.update(choices=list(host.checkpoints()))
+
+        def on_delete(name, confirmed):
+            try:
+                if not name:
+                    raise UserError("no model selected")
+                if not confirmed:
+                    raise UserError("tick 'Yes, delete this model' first")
+                worker.delete_model(root, name)
+                return model_choices(None), False, _info(f"Deleted {name}.")
+            except UserError as e:
+                return compat.unchanged(), compat.unchanged(), _error(e)
+
+        def on_source(checkpoint_title, text):
+            source = (text or "").strip() or host.checkpoints().get(checkpoint_title or "", "")
+            return detect_source_family(source) if source else ""
+
+        def on_create(name, checkpoint_title, text, family_choice):
+            try:
+                source = (text or "").strip() or host.checkpoints().get(checkpoint_title or "", checkpoint_title or "")
+                worker.create(root, (name or "").strip(), source, family_choice)
+                model = root.model(name.strip())
+                config = Config.load(model.config_path)
+                fmt = host.default_format()
+                if fmt != config.parameters.checkpoint_format:
+                    config = config.with_parameters(checkpoint_format=fmt)
+                    config.save(model.config_path)
+                return [model_choices(model.name)] + Fields.values(config) + [
+                    _info(f"Created {model.name} ({config.model.family}) from {source}.")]
+            except UserError as e:
+                return [compat.unchanged()] + [compat.unchanged()] * len(settings) + [_error(e)]
+
+        def on_starter():
+            try:
+                text = write_starter_kit(root)
+                return compat.update(choices=list(host.checkpoints())), compat.update(visible=False), _info(text)
+            except UserError as e:
+                return compat.unchanged(), compat.unchanged(), _error(e)
+
+        def on_load_concepts(path):
+            try:
+                file = Path((path or "").strip()).expanduser()
+                if not file.is_file():
+                    raise UserError(f"concepts file {str(file)!r}: not found")
+                try:
+                    data = json.loads(file.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"concepts file {str(file)!r}: not valid JSON ({e})") from None
+                if isinstance(data, dict) and "concepts" in data:  # a whole config.json is fine too
+                    data = data["concepts"]
+                config = Config.from_dict({"concepts": data})
+                if len(config.concepts) > MIN_CONCEPTS:
+                    raise UserError(f"concepts file: {len(config.concepts)} concepts, the tab has {MIN_CONCEPTS} slots")
+                values = Fields.values(config)[len(MODEL_SETTINGS):len(MODEL_SETTINGS) + MIN_CONCEPTS * len(CONCEPT_SETTINGS)]
+                return values + [_info(f"Loaded {len(config.concepts)} concept(s) from {file}.")]
+            except UserError as e:
+                return [compat.unchanged()] * (MIN_CONCEPTS * len(CONCEPT_SETTINGS)) + [_error(e)]
+
+        def on_save_concepts(path, *values):
+            try:
+                if not (path or "").strip():
+                    raise UserError("concepts file: enter a path to save to")
+                config = fields.to_config(values)
+                file = Path(path.strip()).expanduser()
+                atomic_write_text(file, json.dumps(config.to_dict()["concepts"], indent=2) + "\n")
+                return _info(f"Saved {len(config.concepts)} concept(s) to {file}.")
+            except (UserError, OSError) as e:
+                return _error(e)
+
+        def poll(name, last):
+            """Status of the running job (re-attach), else of the selected model. Only changed parts are sent."""
+            job = worker.running_job(root)
+            watched = job["name"] if job else name
+            st = worker.status(root, watched) if watched and root.model(watched).path.is_dir() else None
+            now = {
+                "status": views.status_line(st),
+                "progress": views.progress_bar(st),
+                "chart": views.loss_chart(st.losses if st else []),
+                "gallery": list(st.samples[-12:]) if st else [],
+                "checkpoints": views.checkpoint_list(st.checkpoints if st else []),
+                "log": st.log_tail if st else "",
+            }
+            last = last or {}
+            out = [now[k] if now[k] != last.get(k) else compat.unchanged() for k in now]
+            # On a fresh page (or after a reload) show the running model in the selector.
+            select = compat.update(value=watched) if job and name != watched else compat.unchanged()
+            return out + [now, select]
+
+        # ------------------------------------------------------------ wiring
+
+        model_select.change(select_model, [model_select], settings + [message])
+        load_btn.click(select_model, [model_select], settings + [message])
+        save_btn.click(on_save, [model_select] + settings, [message])
+        train_btn.click(on_train, [model_select] + settings, [message])
+        for btn, what in ((cancel_btn, "cancel"), (pause_btn, "pause"), (save_now_btn, "save"),
+                          (sample_now_btn, "sample")):
+            btn.click(control(what), [model_select], [message])
+        export_btn.click(on_export, [model_select] + settings, [message])
+        refresh_btn.click(on_refresh, [model_select], [model_select, checkpoint])
+        delete_btn.click(on_delete, [model_select, delete_confirm], [model_select, delete_confirm, message])
+        checkpoint.change(on_source, [checkpoint, source_text], [detected])
+        source_text.change(on_source, [checkpoint, source_text], [detected])
+        create_btn.click(on_create, [new_name, checkpoint, source_text, family], [model_select] + settings + [message])
+        starter_btn.click(on_starter, [], [checkpoint, starter_btn, message])
+        concept_components = [c for concept in fields.concepts for c in concept]
+        load_concepts_btn.click(on_load_concepts, [concepts_path], concept_components + [message])
+        save_concepts_btn.click(on_save_concepts, [concepts_path] + settings, [message])
+        poll_outputs = [status_md, progress, chart, gallery, checkpoints_md, log_box, shown, model_select]
+        compat.every(tab, POLL_SECONDS, poll, [model_select, shown], poll_outputs)
+
+        def on_page_load():
+            job = worker.running_job(root)
+            names = root.model_names()
+            selected = job["name"] if job else (names[0] if names else None)
+            return [compat.update(choices=names, value=selected), compat.update(choices=list(host.checkpoints())),
+                    compat.update(visible=not host.checkpoints())]
+
+        tab.load(on_page_load, [], [model_select, checkpoint, starter_btn])
+    return tab
