@@ -1,0 +1,79 @@
+"""The working model's parts, loaded for training: what trains, what stays frozen, and how attention runs."""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .state import recover_folder
+
+log = logging.getLogger("dreambooth")
+
+
+@dataclass
+class Components:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: tuple
+    tokenizers: tuple
+    noise_scheduler: object
+    sdxl: bool
+    text_encoders_trainable: bool
+
+
+def set_attention(unet, backend: str) -> str:
+    """Apply the attention backend; xformers falls back to SDPA (one warning) where it cannot run."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend == "xformers":
+        try:
+            import xformers  # noqa: F401
+            available = torch.cuda.is_available()
+            reason = "no CUDA GPU"
+        except ImportError:
+            available, reason = False, "xformers is not installed"
+        if available:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        warnings.warn(f"attention xformers: {reason}; using PyTorch SDPA instead", stacklevel=2)
+        backend = "sdpa"
+    unet.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+    return backend
+
+
+def load_components(working: Path, family: str, device, params) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    working = Path(working)
+    for part in ("unet", "text_encoder", "text_encoder_2", "unet_ema"):
+        recover_folder(working / part)
+    if not (working / "unet").is_dir():
+        raise UserError(f"{working}: the working model is missing its unet folder (re-create the model)")
+    sdxl = (working / "text_encoder_2").is_dir() or family == "sdxl"
+    f32 = torch.float32
+    unet = UNet2DConditionModel.from_pretrained(working, subfolder="unet", torch_dtype=f32)
+    vae = AutoencoderKL.from_pretrained(working, subfolder="vae", torch_dtype=f32)
+    encoders = [CLIPTextModel.from_pretrained(working, subfolder="text_encoder", torch_dtype=f32)]
+    tokenizers = [CLIPTokenizer.from_pretrained(working, subfolder="tokenizer")]
+    if sdxl:
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(working, subfolder="text_encoder_2", torch_dtype=f32))
+        tokenizers.append(CLIPTokenizer.from_pretrained(working, subfolder="tokenizer_2"))
+    noise_scheduler = DDPMScheduler.from_pretrained(working, subfolder="scheduler")
+
+    set_attention(unet, params.attention)
+    unet.train().requires_grad_(True).to(device)
+    trainable = params.train_text_encoder_ratio > 0
+    for te in encoders:
+        te.requires_grad_(trainable).train(trainable).to(device)
+    vae.requires_grad_(False).eval().to(device)
+    if params.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if trainable:
+            for te in encoders:
+                te.gradient_checkpointing_enable()
+    return Components(unet, vae, tuple(encoders), tuple(tokenizers), noise_scheduler, sdxl, trainable)

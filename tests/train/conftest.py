@@ -1,0 +1,22 @@
+"""Fixtures for tests/train. Helpers live in train_helpers.py (put on sys.path here for importlib mode)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory) -> Path:
+    """A tiny v1 checkpoint file (engineer A's writer), made once per session."""
+    from dreambooth.checkpoint.tiny import write_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("source") / "tiny-v1.safetensors"
+    return write_tiny_checkpoint("v1", out, seed=0)
+
+
