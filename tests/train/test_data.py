@@ -1,0 +1,124 @@
+"""Images, captions, [filewords], buckets and epoch planning: the data pipeline on real files."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth.config import Config, Parameters
+from dreambooth.data import captions
+from dreambooth.data.buckets import make_buckets, nearest_bucket
+from dreambooth.data.dataset import Example, TrainingData, collect_instances
+from dreambooth.data.images import ImageWarning, find_images, load_image, readable_images
+from dreambooth.errors import UserError
+
+
+def test_filewords_insert_tokens_like_the_seed():
+    assert captions.instance_prompt("[filewords]", "a dog on grass", "zwx", "dog") == "a zwx dog on grass"
+    assert captions.instance_prompt("photo, [filewords]", "a cat", "zwx", "dog") == "photo, zwx dog, a cat"
+    assert captions.instance_prompt("[filewords]", "a zwx dog", "zwx", "dog") == "a zwx dog"
+    assert captions.instance_prompt("a photo of zwx dog", "anything", "zwx", "dog") == "a photo of zwx dog"
+    assert captions.class_prompt("[filewords]", "a zwx dog on grass", "zwx") == "a dog on grass"
+    assert captions.class_prompt("a photo of a dog", "x", "zwx") == "a photo of a dog"
+
+
+def test_caption_from_txt_else_file_name(tmp_path):
+    a, b = tmp_path / "a red dog (3).jpg", tmp_path / "0001-some_thing.png"
+    (tmp_path / "a red dog (3).txt").write_text("  a dog\non grass ")
+    assert captions.caption_of(a) == "a dog on grass"
+    assert captions.caption_of(b) == "some thing"
+
+
+def test_find_images_is_recursive_and_filters(tmp_path):
+    for rel in ("a.png", "sub/b.JPG", "sub/deeper/c.webp", "d.jpeg", "notes.txt", ".hidden/e.png", "f.gif"):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+    names = [p.name for p in find_images(tmp_path)]
+    assert sorted(names) == ["a.png", "b.JPG", "c.webp", "d.jpeg"]
+
+
+def test_odd_images_become_upright_rgb(tmp_path):
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (40, 20), (0, 255, 255, 0)).save(cmyk)
+    sixteen = tmp_path / "grey16.png"
+    Image.fromarray(np.full((20, 40), 65535, dtype=np.uint16)).save(sixteen)
+    alpha = tmp_path / "alpha.png"
+    Image.new("RGBA", (40, 20), (255, 0, 0, 0)).save(alpha)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 on display
+    Image.new("RGB", (40, 20), (0, 0, 255)).save(rotated, exif=exif)
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (5000, 1000), (9, 9, 9)).save(huge)
+
+    red = load_image(cmyk)
+    assert red.mode == "RGB" and red.getpixel((5, 5))[0] > 200 and red.getpixel((5, 5))[1] < 60
+    assert load_image(sixteen).getpixel((3, 3)) == (255, 255, 255)  # not clipped to grey or black
+    assert load_image(alpha).getpixel((3, 3)) == (255, 255, 255)  # transparent -> white
+    assert load_image(rotated).size == (20, 40)  # EXIF orientation applied
+    assert max(load_image(huge).size) == 4096 and load_image(huge).size[0] / load_image(huge).size[1] == pytest.approx(5, rel=0.01)
+
+
+def test_broken_images_are_skipped_and_named(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32)).save(good)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
+    full = tmp_path / "full.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(full)
+    (tmp_path / "truncated.png").write_bytes(full.read_bytes()[:300])
+    full.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = readable_images(find_images(tmp_path))
+    assert ok == [good]
+    messages = " ".join(str(w.message) for w in caught if issubclass(w.category, ImageWarning))
+    for name in ("empty.png", "garbage.jpg", "truncated.png"):
+        assert name in messages
+
+
+def concept_config(folder):
+    return Config.from_dict({"concepts": [{"instance_data_dir": str(folder), "instance_token": "zwx", "class_token": "dog"}]})
+
+
+def test_instance_folder_errors(tmp_path):
+    with pytest.raises(UserError, match=r"concepts\[0\]\.instance_data_dir: .* is not a folder"):
+        collect_instances(concept_config(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no png, jpg or webp images"):
+        collect_instances(concept_config(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UserError, match="none of the images .* can be read"):
+            collect_instances(concept_config(tmp_path / "bad"))
+
+
+def test_prompts_from_captions(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a dog on grass.png")
+    [[example]] = collect_instances(concept_config(tmp_path))
+    assert example.prompt == "a zwx dog on grass"
+
+
+def test_buckets_follow_aspect_ratio():
+    buckets = make_buckets(512, True)
+    assert (512, 512) in buckets and all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in buckets)
+    assert nearest_bucket((1200, 600), buckets)[0] > nearest_bucket((1200, 600), buckets)[1]
+    assert nearest_bucket((600, 1200), buckets)[0] < nearest_bucket((600, 1200), buckets)[1]
+    assert make_buckets(512, False) == [(512, 512)]
+
+
+def test_epochs_split_into_equal_shares_for_each_process(tmp_path):
+    examples = [Example(tmp_path / f"{i}.png", "p", 0, (64, 64) if i % 2 else (96, 48)) for i in range(5)]
+    params = Parameters(resolution=64, train_batch_size=2, gradient_accumulation_steps=1)
+    one = TrainingData([examples], {}, params)
+    assert one.steps_per_epoch == 3  # buckets of 2 and 3 images: ceil(2/2) + ceil(3/2) batches
+    assert one.epoch_batches(0) == one.epoch_batches(0) and one.epoch_batches(0) != one.epoch_batches(1)
+    shares = [TrainingData([examples], {}, params, num_processes=2, process_index=r) for r in range(2)]
+    assert shares[0].steps_per_epoch == shares[1].steps_per_epoch == 2
+    seen = {e.example.path for s in shares for b in s.epoch_batches(0) for e in b}
+    assert seen == {e.path for e in examples}
