@@ -116,8 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_bench_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """argparse's REMAINDER drops a leading option (`bench --case X`), so bench's own arguments are split off first."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--root" else 1
+    if i < len(argv) and argv[i] == "bench":
+        return argv[: i + 1], argv[i + 1:]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, bench_args = _split_bench_args(argv)
     args = build_parser().parse_args(argv)
+    if args.verb == "bench":
+        args.bench_args = bench_args
     try:
         return args.run(args)
     except UserError as e:

@@ -1,0 +1,585 @@
+"""`python -m dreambooth bench`: time the trainer's step against a diffusers-style reference step.
+
+Both loops run on full-size random-weight architectures (SD1.5: UNet, VAE and CLIP-L text encoder; SDXL: UNet and
+VAE, text embeddings cached) built in code from the published architecture numbers, so nothing is downloaded.
+
+- "ours" is `dreambooth.train.step.TrainStep`, the unit the trainer runs, set up the way the trainer sets it up
+  (latents and, when the text encoder is frozen, text embeddings computed once; optimizer from the trainer's
+  settings).
+- "reference" is a step written the way diffusers' examples/dreambooth/train_dreambooth.py writes it: VAE encode every
+  step, text encoder forward every step, noise, timesteps, add_noise, UNet forward, MSE, accelerator.backward, clip,
+  optimizer.step, lr_scheduler.step, zero_grad, and a `loss.item()` for the progress bar.
+
+Every (case, loop) runs in its own subprocess so peak memory (RSS on CPU, peak allocated VRAM on CUDA) does not mix.
+Warm-up steps are excluded from the timing. On CUDA the time is taken with CUDA events around the timed steps and
+one synchronize at the end; model FLOP utilisation (MFU) = samples/s x UNet forward+backward FLOP per sample divided by
+the throughput of a large bf16 matmul measured on the same device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import UserError
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+# UNet forward + backward FLOP per sample at the family's native resolution (from the issue).
+UNET_FLOP_PER_SAMPLE = {("sd15", 512): 2.41e12, ("sdxl", 1024): 20.2e12}
+NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+ARCH_LABEL = {"sd15": "SD1.5", "sdxl": "SDXL", "tiny": "tiny"}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    arch: str                 # "sd15", "sdxl" or "tiny" (tests only)
+    resolution: int
+    batch: int
+    precision: str            # "no", "fp16" or "bf16" (mixed precision, as the trainer's setting)
+    optimizer: str            # "adamw" or "adamw_8bit"
+    cache_latents: bool       # ours: VAE latents computed once; the reference always encodes every step
+    train_text_encoder: bool  # False: text encoder frozen, ours caches its output
+    gradient_checkpointing: bool = False
+
+
+def _sd15(name, res, batch, precision, optimizer, cache, gc=False):
+    return Case(name, "sd15", res, batch, precision, optimizer, cache, True, gc)
+
+
+CASES = {c.name: c for c in (
+    # CPU: the same settings on both sides (latents encoded every step, text encoder trained), a few steps.
+    _sd15("sd15-256-cpu", 256, 1, "no", "adamw_8bit", False),
+    _sd15("sd15-256-cpu-cached", 256, 1, "no", "adamw_8bit", True),
+    # GPU: SD1.5 at 512, UNet + text encoder.
+    _sd15("sd15-512-b1-bf16-adamw", 512, 1, "bf16", "adamw", False),
+    _sd15("sd15-512-b1-bf16-adamw-cached", 512, 1, "bf16", "adamw", True),
+    _sd15("sd15-512-b1-fp16-adamw-cached", 512, 1, "fp16", "adamw", True),
+    _sd15("sd15-512-b1-bf16-adamw8bit-cached", 512, 1, "bf16", "adamw_8bit", True),
+    _sd15("sd15-512-b1-fp16-adamw8bit-gc-cached", 512, 1, "fp16", "adamw_8bit", True, gc=True),
+    _sd15("sd15-512-b8-bf16-adamw", 512, 8, "bf16", "adamw", False),
+    _sd15("sd15-512-b8-bf16-adamw-cached", 512, 8, "bf16", "adamw", True),
+    _sd15("sd15-512-b8-fp16-adamw-cached", 512, 8, "fp16", "adamw", True),
+    _sd15("sd15-512-b8-bf16-adamw8bit-cached", 512, 8, "bf16", "adamw_8bit", True),
+    # SDXL at 1024, UNet only (text encoders frozen, embeddings cached), 8-bit AdamW, gradient checkpointing.
+    Case("sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sdxl", 1024, 1, "bf16", "adamw_8bit", True, False, True),
+    Case("sdxl-1024-b1-bf16-adamw8bit-gc", "sdxl", 1024, 1, "bf16", "adamw_8bit", False, False, True),
+    # Tiny architecture for the smoke test.
+    Case("tiny", "tiny", 64, 2, "no", "adamw", False, True),
+)}
+DEFAULT_CASES = {"cpu": ["sd15-256-cpu"],
+                 "cuda": [n for n, c in CASES.items() if c.arch != "tiny" and not n.endswith(("-cpu", "-cpu-cached"))]}
+LOOPS = ("ours", "reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures: diffusers / transformers configs written from the published model numbers.
+
+def _unet_config(arch: str) -> dict:
+    if arch == "sd15":
+        return dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                    block_out_channels=(320, 640, 1280, 1280),
+                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                    cross_attention_dim=768, attention_head_dim=8)
+    if arch == "sdxl":
+        return dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                    block_out_channels=(320, 640, 1280),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2,
+                norm_num_groups=32)
+
+
+def _vae_config(arch: str) -> dict:
+    if arch == "tiny":
+        return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                    norm_num_groups=32, sample_size=64)
+    # SD1.5 and SDXL share the VAE architecture; SDXL's latents use a different scale.
+    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=NATIVE_RESOLUTION[arch],
+                scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
+
+
+def _text_encoder_config(arch: str) -> dict:
+    if arch == "tiny":
+        return dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
+    # CLIP ViT-L/14 text tower (SD1.5).
+    return dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+
+
+@dataclass
+class Models:
+    unet: object
+    vae: object
+    text_encoder: object | None   # None for SDXL: the bench keeps SDXL's text encoders frozen and cached
+    noise_scheduler: object
+    sdxl: bool
+    context_dim: int
+
+
+def build_models(arch: str, device) -> Models:
+    """Random-weight models in fp32, created directly on `device` (fast init on a GPU)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**_unet_config(arch))
+        vae = AutoencoderKL(**_vae_config(arch))
+        text_encoder = None if arch == "sdxl" else CLIPTextModel(CLIPTextConfig(**_text_encoder_config(arch)))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon")
+    context_dim = _unet_config(arch)["cross_attention_dim"]
+    return Models(unet, vae, text_encoder, scheduler, arch == "sdxl", context_dim)
+
+
+def make_inputs(case: Case, models: Models, device) -> dict:
+    """One fixed batch: pixels in [-1, 1], token ids, and for SDXL cached embeddings and size conditioning."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    b, r = case.batch, case.resolution
+    inputs = {"pixels": (torch.rand(b, 3, r, r, generator=g) * 2 - 1).to(device)}
+    if models.text_encoder is not None:
+        vocab = models.text_encoder.config.vocab_size
+        ids = torch.randint(0, vocab - 2, (b, 77), generator=g)
+        ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1  # start and end tokens in their usual places
+        inputs["input_ids"] = ids.to(device)
+    else:
+        # SDXL: both text encoders frozen; their outputs (2048-wide hidden states, 1280 pooled) are precomputed.
+        inputs["prompt_embeds"] = torch.randn(b, 77, models.context_dim, generator=g).to(device)
+        inputs["pooled_embeds"] = torch.randn(b, 1280, generator=g).to(device)
+        inputs["add_time_ids"] = torch.tensor([[r, r, 0, 0, r, r]] * b, dtype=torch.float32).to(device)
+    return inputs
+
+
+def _weight_dtype(precision: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two loops. Each builder returns a function that runs one training step.
+
+def build_ours(case: Case, models: Models, inputs: dict, device):
+    """The trainer's TrainStep, set up as the trainer sets it up for these settings."""
+    import torch
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from .config import Parameters
+    from .train.step import Batch, TrainStep
+
+    params = Parameters(optimizer=case.optimizer, mixed_precision=case.precision, train_batch_size=case.batch,
+                        resolution=case.resolution, cache_latents=case.cache_latents,
+                        gradient_checkpointing=case.gradient_checkpointing, lr_scheduler="constant",
+                        train_text_encoder_ratio=1.0 if case.train_text_encoder else 0.0)
+    accelerator = Accelerator(mixed_precision=params.mixed_precision, cpu=str(device) == "cpu")
+    weight_dtype = _weight_dtype(case.precision)
+    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+    vae.requires_grad_(False)
+    vae.to(device, dtype=weight_dtype)
+    text_encoders = (text_encoder,) if text_encoder is not None else ()
+    if text_encoder is not None and not case.train_text_encoder:
+        text_encoder.requires_grad_(False)
+        text_encoder.to(dtype=weight_dtype)
+    if case.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None and case.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    batch = Batch(pixels=inputs["pixels"], input_ids=(inputs["input_ids"],) if "input_ids" in inputs else (),
+                  prompt_embeds=inputs.get("prompt_embeds"), pooled_embeds=inputs.get("pooled_embeds"),
+                  add_time_ids=inputs.get("add_time_ids"))
+    if case.cache_latents:
+        with torch.no_grad():
+            latents = vae.encode(batch.pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        batch = replace(batch, latents=latents.float(), pixels=None)
+        vae.to("cpu")  # cached latents: the trainer does not keep the VAE on the device
+    if text_encoder is not None and not case.train_text_encoder:
+        with torch.no_grad():
+            hidden = text_encoder(batch.input_ids[0])[0]
+        batch = replace(batch, input_ids=(), prompt_embeds=hidden.float())
+
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
+    if case.train_text_encoder and text_encoder is not None:
+        groups.append({"params": list(text_encoder.parameters()), "lr": params.text_encoder_learning_rate})
+    optimizer = _make_optimizer(groups, params, device)
+    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer)
+    models_to_prepare = [unet] + ([text_encoder] if case.train_text_encoder and text_encoder is not None else [])
+    prepared = accelerator.prepare(*models_to_prepare, optimizer, lr_scheduler)
+    unet = prepared[0]
+    if case.train_text_encoder and text_encoder is not None:
+        text_encoders = (prepared[1],)
+    optimizer, lr_scheduler = prepared[-2], prepared[-1]
+    unet.train()
+    step = TrainStep(unet, text_encoders, models.noise_scheduler, params, sdxl=models.sdxl,
+                     vae=None if case.cache_latents else vae, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                     accelerator=accelerator,
+                     trainable_params=[p for g in groups for p in g["params"]])
+
+    def run():
+        return step(batch, train_text_encoder=case.train_text_encoder).loss
+
+    return run
+
+
+def _make_optimizer(groups, params, device):
+    import torch
+
+    kwargs = dict(betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_epsilon,
+                  weight_decay=params.weight_decay)
+    if params.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_reference(case: Case, models: Models, inputs: dict, device):
+    """A step written the way diffusers' examples/dreambooth/train_dreambooth.py writes its loop body."""
+    import itertools
+
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    accelerator = Accelerator(mixed_precision=case.precision, cpu=str(device) == "cpu")
+    weight_dtype = _weight_dtype(case.precision)
+    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+    noise_scheduler = models.noise_scheduler
+    vae.requires_grad_(False)
+    # The SDXL scripts keep the VAE in fp32 under fp16 (it overflows there); otherwise it runs in the weight dtype.
+    vae.to(device, dtype=torch.float32 if models.sdxl and case.precision == "fp16" else weight_dtype)
+    train_te = case.train_text_encoder and text_encoder is not None
+    if text_encoder is not None and not train_te:
+        text_encoder.requires_grad_(False)
+        text_encoder.to(device, dtype=weight_dtype)
+    if case.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+
+    params_to_optimize = itertools.chain(unet.parameters(), text_encoder.parameters()) if train_te \
+        else unet.parameters()
+    kwargs = dict(lr=2e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if case.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params_to_optimize, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params_to_optimize, **kwargs)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    if train_te:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet.train()
+    if train_te:
+        text_encoder.train()
+
+    pixels, input_ids = inputs["pixels"], inputs.get("input_ids")
+
+    def run():
+        with accelerator.accumulate(unet):
+            model_input = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist.sample()
+            model_input = model_input * vae.config.scaling_factor
+            noise = torch.randn_like(model_input)
+            bsz = model_input.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,),
+                                      device=model_input.device).long()
+            noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
+            extra = {}
+            if input_ids is not None:
+                encoder_hidden_states = text_encoder(input_ids)[0]
+            else:
+                encoder_hidden_states = inputs["prompt_embeds"]
+                extra["added_cond_kwargs"] = {"text_embeds": inputs["pooled_embeds"],
+                                              "time_ids": inputs["add_time_ids"]}
+            model_pred = unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False, **extra)[0]
+            target = noise  # epsilon prediction
+            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                params_to_clip = itertools.chain(unet.parameters(), text_encoder.parameters()) if train_te \
+                    else unet.parameters()
+                accelerator.clip_grad_norm_(params_to_clip, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=False)
+        loss.detach().item()  # the script logs the loss on its progress bar every step
+        return loss
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement (inside the child process).
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def measure(case: Case, loop: str, steps: int, warmup: int, device: str) -> dict:
+    """Build the models, run `warmup` untimed steps then `steps` timed ones; return the numbers."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    t0 = time.perf_counter()
+    models = build_models(case.arch, device)
+    inputs = make_inputs(case, models, device)
+    build = build_ours if loop == "ours" else build_reference
+    run = build(case, models, inputs, device)
+    setup_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        loss = run()
+    # Per-step times: CUDA events recorded between steps (no host sync until the end), wall clock on CPU.
+    # steps/s comes from the median step, which a shared machine's occasional stalls do not move.
+    if cuda:
+        torch.cuda.synchronize()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        for i in range(steps):
+            loss = run()
+            marks[i + 1].record()
+        torch.cuda.synchronize()
+        step_seconds = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+    else:
+        step_seconds = []
+        for _ in range(steps):
+            t1 = time.perf_counter()
+            loss = run()
+            step_seconds.append(time.perf_counter() - t1)
+    median = statistics.median(step_seconds)
+    loss_value = float(loss.detach().float().item())
+    if cuda:
+        peak, peak_kind = torch.cuda.max_memory_allocated(device), "VRAM"
+    else:
+        peak, peak_kind = _peak_rss_bytes(), "RSS"
+    return dict(case=case.name, loop=loop, steps=steps, warmup=warmup, step_seconds=step_seconds,
+                steps_per_s=1 / median, samples_per_s=case.batch / median,
+                mean_steps_per_s=steps / sum(step_seconds), peak_bytes=peak,
+                peak_kind=peak_kind, loss=loss_value, setup_s=setup_s, device=_device_name(device),
+                torch=torch.__version__)
+
+
+def measure_matmul_peak(device: str, n: int = 8192, iters: int = 50) -> float:
+    """Throughput in FLOP/s of a large bf16 matmul: the denominator of MFU."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1000)
+
+
+def unet_flop_per_sample(case: Case) -> float | None:
+    """The issue's figures at native resolution; other resolutions scale with the latent area (approximate)."""
+    base = UNET_FLOP_PER_SAMPLE.get((case.arch, NATIVE_RESOLUTION.get(case.arch)))
+    if base is None:
+        return None
+    return base * (case.resolution / NATIVE_RESOLUTION[case.arch]) ** 2
+
+
+def _child_main(args) -> int:
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    if args.child == "matmul-peak":
+        result = {"matmul_peak_flops": measure_matmul_peak(args.device)}
+    else:
+        result = measure(CASES[args.case[0]], args.child, args.steps, args.warmup, args.device)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: one subprocess per (case, loop), then one table.
+
+def _run_child(extra: list[str], timeout: float) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "dreambooth.bench", *extra]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()
+    reason = tail[-1] if tail else f"exit status {proc.returncode}"
+    if proc.returncode < 0:
+        reason = f"killed by signal {-proc.returncode} (out of memory?)"
+    return {"error": reason}
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table, two rows per case (ours, reference), the ratio on the ours row."""
+    header = ["case", "model", "res", "batch", "precision", "optimizer", "latents", "text enc", "grad ckpt", "loop",
+              "steps/s", "samples/s", "peak mem", "MFU", "ours/ref"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        c = CASES[row["case"]]
+        for loop in LOOPS:
+            r = row[loop]
+            settings = [c.name, ARCH_LABEL[c.arch], str(c.resolution), str(c.batch), c.precision, c.optimizer,
+                        ("cached" if c.cache_latents else "encoded") if loop == "ours" else "encoded",
+                        "trained" if c.train_text_encoder else ("cached" if loop == "ours" or c.arch == "sdxl"
+                                                                 else "frozen"),
+                        "on" if c.gradient_checkpointing else "off", loop]
+            if "error" in r:
+                numbers = [f"failed: {r['error']}"[:80], "", "", "", ""]
+            else:
+                mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+                ratio = f"{row['ratio']:.2f}x" if loop == "ours" and row.get("ratio") is not None else ""
+                numbers = [f"{r['steps_per_s']:.3f}", f"{r['samples_per_s']:.3f}",
+                           f"{_fmt_bytes(r['peak_bytes'])} {r['peak_kind']}", mfu, ratio]
+            lines.append("| " + " | ".join(settings + numbers) + " |")
+    return "\n".join(lines)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dreambooth bench", description=__doc__.splitlines()[0])
+    p.add_argument("--case", action="append", default=None,
+                   help="case name (repeatable, or comma-separated); default: the device's list. See --list")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per loop (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on CUDA)")
+    p.add_argument("--loops", default="ours,reference", help="which loops to run (default: ours,reference)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per (case, loop) subprocess")
+    p.add_argument("--json", help="also write the raw results to this JSON file")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--child", choices=LOOPS + ("matmul-peak",), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name, c in CASES.items():
+            print(f"{name:42s} {asdict(c)}")
+        return 0
+    device = _default_device() if args.device == "auto" else args.device
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device: {device!r} is not cpu, cuda or cuda:N")
+    cuda = device.startswith("cuda")
+    names = [n for item in (args.case or DEFAULT_CASES["cuda" if cuda else "cpu"]) for n in item.split(",") if n]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise UserError(f"--case: unknown case {', '.join(unknown)} (see --list)")
+    loops = [x for x in args.loops.split(",") if x]
+    if not loops or any(x not in LOOPS for x in loops):
+        raise UserError(f"--loops: {args.loops!r} must name ours and/or reference")
+    steps = args.steps if args.steps is not None else (20 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    if steps < 1 or warmup < 0:
+        raise UserError(f"--steps must be at least 1 and --warmup at least 0 (got {steps}, {warmup})")
+    if args.child:
+        args.case, args.steps, args.warmup, args.device = names, steps, warmup, device
+        return _child_main(args)
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device: {device!r} requested but torch sees no CUDA device")
+
+    common = ["--device", device, "--steps", str(steps), "--warmup", str(warmup)]
+    peak_flops = None
+    if cuda:
+        peak = _run_child(["--child", "matmul-peak", *common], args.timeout)
+        peak_flops = peak.get("matmul_peak_flops")
+        if peak_flops:
+            print(f"bf16 matmul peak on this device: {peak_flops / 1e12:.1f} TFLOP/s", flush=True)
+    rows = []
+    for name in names:
+        case = CASES[name]
+        row = {"case": name}
+        for loop in LOOPS:
+            if loop not in loops:
+                row[loop] = {"error": "not run"}
+                continue
+            print(f"running {name} / {loop} ...", file=sys.stderr, flush=True)
+            r = _run_child(["--child", loop, "--case", name, *common], args.timeout)
+            flop = unet_flop_per_sample(case)
+            if "error" not in r and peak_flops and flop:
+                r["mfu"] = r["samples_per_s"] * flop / peak_flops
+            row[loop] = r
+        if "error" not in row["ours"] and "error" not in row["reference"]:
+            row["ratio"] = row["ours"]["steps_per_s"] / row["reference"]["steps_per_s"]
+        rows.append(row)
+    dev = next((r[loop]["device"] for r in rows for loop in LOOPS if "device" in r[loop]), device)
+    print(f"\n{time.strftime('%Y-%m-%d', time.gmtime())}, {dev}, {steps} timed steps after {warmup} warm-up"
+          + (f", bf16 matmul peak {peak_flops / 1e12:.1f} TFLOP/s" if peak_flops else ""))
+    print(format_table(rows), flush=True)
+    if args.json:
+        from .store import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps({"device": dev, "peak_flops": peak_flops, "rows": rows},
+                                                      indent=2) + "\n")
+    failed = [r["case"] for r in rows if any("error" in r[loop] and loop in loops for loop in LOOPS)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
