@@ -1,0 +1,95 @@
+"""Run by the webui (with its own python and `launch` importable) when the extension loads.
+
+Installs only what is missing or older than the extension needs, from pyproject.toml's dependencies (plus
+bitsandbytes, which the default 8-bit AdamW optimizer uses). It never installs, upgrades or downgrades torch,
+torchvision or xformers: their installed versions are pinned as constraints for every pip call, so pip fails rather
+than touch them. A package the webui pins is only upgraded where its version is below our minimum (none is, with
+A1111 1.10). A second start finds everything installed and runs no pip at all.
+"""
+import os
+import re
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NEVER_TOUCH = ("torch", "torchvision", "xformers")
+EXTRAS = ("bitsandbytes",)  # optional-dependency groups the webui install gets too
+PROVIDED_BY_THE_WEBUI = ("gradio",)  # the webui brings its own; we never replace it
+
+
+def _strings(block: str) -> list:
+    return re.findall(r'"([^"]+)"', block)
+
+
+def requirements(pyproject: Path = HERE / "pyproject.toml") -> list:
+    """The dependency strings of pyproject.toml (read with a regex: tomllib is Python 3.11+)."""
+    text = pyproject.read_text(encoding="utf-8")
+    found = re.search(r"^dependencies\s*=\s*\[(.*?)\]", text, re.S | re.M)
+    reqs = _strings(found.group(1)) if found else []
+    for extra in EXTRAS:
+        group = re.search(rf"^{extra}\s*=\s*\[(.*?)\]", text, re.M)
+        reqs += _strings(group.group(1)) if group else []
+    return reqs
+
+
+def _split(req: str):
+    name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
+    minimum = re.search(r">=\s*([0-9][0-9A-Za-z.]*)", req)
+    return name, (minimum.group(1) if minimum else None)
+
+
+def _version_tuple(version: str) -> tuple:
+    parts = []
+    for piece in version.split("."):
+        digits = re.match(r"\d+", piece)
+        if not digits:
+            break
+        parts.append(int(digits.group(0)))
+    return tuple(parts)
+
+
+def installed_version(name: str):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def plan(reqs=None) -> list:
+    """The requirement strings pip must install: missing ones, and ones older than our minimum."""
+    todo = []
+    for req in requirements() if reqs is None else reqs:
+        name, minimum = _split(req)
+        if name.lower() in NEVER_TOUCH or name.lower() in PROVIDED_BY_THE_WEBUI:
+            continue
+        have = installed_version(name)
+        if have is None or (minimum and _version_tuple(have) < _version_tuple(minimum)):
+            todo.append(req)
+    return todo
+
+
+def pinned_constraints() -> str:
+    """pip constraints that keep torch, torchvision and xformers exactly as they are."""
+    lines = [f"{name}=={version}" for name in NEVER_TOUCH if (version := installed_version(name))]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import launch  # the webui's; only importable when the webui runs this file
+
+    todo = plan()
+    if not todo:
+        return
+    fd, constraints = tempfile.mkstemp(prefix="dreambooth-constraints-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(pinned_constraints())
+    try:
+        for req in todo:
+            launch.run_pip(f'install "{req}" -c "{constraints}"', f"DreamBooth requirement: {req}")
+    finally:
+        os.unlink(constraints)
+
+
+if __name__ == "__main__":
+    main()

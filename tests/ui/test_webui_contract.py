@@ -1,0 +1,235 @@
+"""The extension inside the webui: scripts/, preload.py and install.py against a faithful stand-in of the webui's
+`modules` and `launch` (tests/ui/webui_stub), from a copy of the extension in a folder with an unusual name."""
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STUB = Path(__file__).with_name("webui_stub")
+FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
+OWNED_MODULES = ("modules", "dreambooth", "launch")
+
+
+def copy_extension(target: Path) -> Path:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    target.mkdir(parents=True)
+    for item in ("scripts", "dreambooth", "javascript"):
+        if (REPO / item).is_dir():
+            shutil.copytree(REPO / item, target / item, ignore=ignore)
+    for item in ("install.py", "preload.py", "style.css", "pyproject.toml"):
+        shutil.copy2(REPO / item, target / item)
+    return target
+
+
+def load_file(path: Path, name: str):
+    """How the webui loads an extension's script (modules/script_loading.load_module)."""
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch):
+    """A webui folder with one checkpoint and the extension installed as 'extensions/my db ext (2)'."""
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in OWNED_MODULES}
+    for k in saved:
+        del sys.modules[k]
+    saved_path = list(sys.path)
+    home = tmp_path / "webui home"
+    (home / "models" / "Stable-diffusion").mkdir(parents=True)
+    (home / "models" / "Stable-diffusion" / "base.safetensors").write_bytes(b"stand-in for a checkpoint file")
+    ext = copy_extension(home / "extensions" / "my db ext (2)")
+    monkeypatch.setenv("STUB_WEBUI_DIR", str(home))
+    sys.path.insert(0, str(STUB))
+    from modules import paths, sd_models, shared
+
+    paths.models_path = str(home / "models")
+    sd_models.list_models()
+    yield {"home": home, "ext": ext, "paths": paths, "shared": shared, "sd_models": sd_models}
+    sys.path[:] = saved_path
+    for k in [k for k in sys.modules if k.split(".")[0] in OWNED_MODULES]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def start_webui(webui, argv):
+    """What the webui does at start: preload flags, parse, load scripts, settings, tabs, app."""
+    shared = webui["shared"]
+    preload = load_file(webui["ext"] / "preload.py", "preload")
+    parser = shared.parser
+    preload.preload(parser)
+    shared.cmd_opts = parser.parse_args(argv)
+    script = load_file(webui["ext"] / "scripts" / "dreambooth_tab.py", "dreambooth_tab.py")
+    from modules import script_callbacks
+
+    script_callbacks.ui_settings_callback()
+    tabs = script_callbacks.ui_tabs_callback()
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    script_callbacks.app_started_callback(None, app)
+    return script, tabs, app
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_tab_settings_routes_and_host_hooks(webui, monkeypatch):
+    import gradio as gr
+    from fastapi.testclient import TestClient
+
+    home, sd_models, shared = webui["home"], webui["sd_models"], webui["shared"]
+    script, tabs, app = start_webui(webui, ["--api-auth", "alice:secret"])
+
+    # the package came from the extension's own (oddly named) folder
+    import dreambooth
+    assert Path(dreambooth.__file__).resolve().is_relative_to(webui["ext"].resolve())
+    assert script.data_root().root == home  # so <root>/models/Stable-diffusion is the webui's folder
+
+    # the tab
+    assert len(tabs) == 1
+    blocks, title, elem_id = tabs[0]
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("DreamBooth", "dreambooth")
+    labels = {getattr(b, "label", None) for b in blocks.blocks.values()}
+    assert {"From a checkpoint", "UNet learning rate", "Instance images folder", "Previews"} <= labels
+    checkpoint = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "db_checkpoint")
+    assert [c[0] if isinstance(c, (tuple, list)) else c for c in checkpoint.choices] == ["base.safetensors"]
+
+    # the settings section
+    for key in ("dreambooth_data_dir", "dreambooth_checkpoint_format"):
+        assert shared.opts.data_labels[key].section == ("dreambooth", "DreamBooth")
+    assert shared.opts.dreambooth_checkpoint_format == "safetensors"
+
+    # the routes, behind the webui's API auth
+    client = TestClient(app)
+    assert client.get("/dreambooth/models").status_code == 401
+    assert client.get("/dreambooth/models", auth=("alice", "wrong")).status_code == 401
+    auth = ("alice", "secret")
+    assert client.get("/dreambooth/models", auth=auth).json() == {"models": [], "running": None}
+
+    # a model (made by hand: creating one is the CLI's job, tested with the real checkpoint code elsewhere)
+    from dreambooth import worker
+    from dreambooth.config import Concept, Config
+    from dreambooth.store import DataRoot
+
+    assert Path(worker.__file__).resolve().is_relative_to(webui["ext"].resolve())
+    root = DataRoot(home)
+    model = root.model("dog")
+    model.path.mkdir(parents=True)
+    Config().save(model.config_path)
+    assert client.get("/dreambooth/models", auth=auth).json()["models"] == ["dog"]
+    assert client.get("/dreambooth/config/nope", auth=auth).status_code == 404
+
+    # bad config: 400 naming the field, nothing written
+    bad = client.post("/dreambooth/config/dog", auth=auth, json={"parameters": {"learning_rate": "fast"}})
+    assert bad.status_code == 400 and "learning_rate" in bad.json()["detail"]
+    assert client.get("/dreambooth/config/dog", auth=auth).json() == Config().to_dict()
+    missing = client.post("/dreambooth/config/dog", auth=auth,
+                          json={"concepts": [{"instance_data_dir": str(home / "no such folder")}]})
+    assert missing.status_code == 200
+    refused = client.post("/dreambooth/start/dog", auth=auth)
+    assert refused.status_code == 400 and "no such folder" in refused.json()["detail"]
+    assert "unload" not in sd_models.calls
+
+    images = home / "images"
+    images.mkdir()
+    config = Config(concepts=(Concept(instance_data_dir=str(images)),)).to_dict()
+    assert client.post("/dreambooth/config/dog", auth=auth, json=config).json() == config
+
+    # start over HTTP; the trainer is a stand-in here (the browser test runs the real one)
+    monkeypatch.setattr(worker, "trainer_command",
+                        lambda r, name: [sys.executable, str(FAKE_TRAINER), str(r.model(name).path), "wait"])
+    sd_models.calls.clear()
+    try:
+        job = client.post("/dreambooth/start/dog", auth=auth).json()
+        assert job["name"] == "dog"
+        assert sd_models.calls[:1] == ["unload"] and sd_models.model_data.sd_model is None
+        again = client.post("/dreambooth/start/dog", auth=auth)
+        assert again.status_code == 409 and "'dog'" in again.json()["detail"]
+        wait_for(lambda: client.get("/dreambooth/status", auth=auth).json().get("step", 0) >= 2)
+        worker.request(root, "dog", "save")  # the trainer writes a checkpoint: the webui's list is refreshed
+        wait_for(lambda: client.get("/dreambooth/status/dog", auth=auth).json()["checkpoints"])
+        wait_for(lambda: "list_models" in sd_models.calls)
+        assert client.post("/dreambooth/cancel", auth=auth).json()["name"] == "dog"
+        wait_for(lambda: client.get("/dreambooth/status/dog", auth=auth).json()["state"] == "cancelled")
+        wait_for(lambda: "reload" in sd_models.calls)
+        assert sd_models.model_data.sd_model == "loaded"
+        assert client.post("/dreambooth/cancel", auth=auth).status_code == 409
+    finally:
+        job = worker.running_job(root)
+        if job:
+            os.kill(job["pid"], signal.SIGKILL)
+
+
+def test_data_dir_flag_and_default_format_setting(webui, tmp_path):
+    other = tmp_path / "elsewhere"
+    script, _, app = start_webui(webui, ["--dreambooth-dir", str(other)])
+    assert script.data_root().root == other
+    assert (other / "models" / "dreambooth").is_dir()
+    webui["shared"].opts.data["dreambooth_checkpoint_format"] = "ckpt"
+    assert script.webui_host().default_format() == "ckpt"
+    from fastapi.testclient import TestClient
+
+    assert TestClient(app).get("/dreambooth/models").status_code == 200  # no --api-auth: open like the webui's API
+
+
+def run_installer(ext: Path, site: Path, log: Path) -> list:
+    """The webui runs install.py as a subprocess with its own python and its folder on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(STUB), str(site)]), "STUB_SITE": str(site),
+           "STUB_PIP_LOG": str(log)}
+    # -S: no site-packages, so the environment is exactly what STUB_SITE holds (a webui 1.10 stand-in)
+    subprocess.run([sys.executable, "-S", str(ext / "install.py")], env=env, check=True, cwd=ext)
+    lines = log.read_text().splitlines() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return lines
+
+
+def fake_dist(site: Path, name: str, version: str) -> None:
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_install_only_what_is_missing_and_never_torch(webui, tmp_path):
+    site = tmp_path / "site"
+    # what webui 1.10 ships (the parts we care about), plus an accelerate older than we can work with
+    for name, version in (("torch", "2.1.2"), ("torchvision", "0.16.2"), ("xformers", "0.0.23"),
+                          ("transformers", "4.30.2"), ("gradio", "3.41.2"), ("safetensors", "0.4.2"),
+                          ("accelerate", "0.18.0"), ("Pillow", "9.5.0"), ("tqdm", "4.66.1")):
+        fake_dist(site, name, version)
+    log = tmp_path / "pip.log"
+    first = run_installer(webui["ext"], site, log)
+    installed = [line.split('"')[1] for line in first]
+    assert sorted(installed) == sorted(["diffusers>=0.27", "accelerate>=0.21", "pyyaml", "tensorboard",
+                                        "bitsandbytes"])
+    for line in first:  # torch & co are pinned to what is installed for every pip call
+        constraints = line.split('-c "')[1].rstrip('"')
+        assert not Path(constraints).exists()  # cleaned up after the run
+    assert not any(name in " ".join(installed) for name in ("torch", "xformers", "transformers", "gradio"))
+    assert run_installer(webui["ext"], site, log) == []  # the second start installs nothing
+
+
+def test_installer_pins_torch_family():
+    install = load_file(REPO / "install.py", "db_install")
+    pins = install.pinned_constraints()
+    import torch
+
+    assert f"torch=={torch.__version__}" in pins.splitlines()
+    assert install.plan(["torch>=99", "torchvision", "xformers", "gradio>=99"]) == []

@@ -1,0 +1,58 @@
+"""modules/shared.py: command-line options, settings (opts) and refresh_checkpoints."""
+import argparse
+
+from modules import sd_models
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--api-auth", type=str, default=None, help='Set authentication for API like "username:password"')
+cmd_opts = parser.parse_args([])  # the test re-parses after preload() added the extension's flags
+
+
+class OptionInfo:
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
+                 category_id=None):
+        self.default = default
+        self.label = label
+        self.component = component
+        self.component_args = component_args
+        self.onchange = onchange
+        self.section = section
+        self.category_id = category_id
+        self.refresh = refresh
+
+
+def options_section(section_identifier, options_dict):
+    for v in options_dict.values():
+        v.section = section_identifier
+    return options_dict
+
+
+options_templates = {}
+
+
+class Options:
+    def __init__(self, data_labels):
+        self.data_labels = data_labels
+        self.data = {k: v.default for k, v in data_labels.items()}
+
+    def add_option(self, key, info):
+        self.data_labels[key] = info
+        if key not in self.data and not getattr(info, "do_not_save", False):
+            self.data[key] = info.default
+
+    def __getattr__(self, item):
+        if item in ("data", "data_labels"):
+            raise AttributeError(item)
+        if item in self.data:
+            return self.data[item]
+        if item in self.data_labels:
+            return self.data_labels[item].default
+        raise AttributeError(item)
+
+
+opts = Options(options_templates)
+
+
+def refresh_checkpoints():
+    sd_models.list_models()
