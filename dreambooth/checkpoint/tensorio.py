@@ -1,0 +1,209 @@
+"""Reading checkpoints lazily and writing them one tensor at a time, so memory stays near one copy of the model.
+
+A `TensorSource` gives names, shapes and dtypes without loading anything, and one tensor on request.
+`write_safetensors` writes the header first and then each tensor as it is produced, so no second full copy of the
+model is ever held (safetensors' own save_file serialises everything into memory first).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import UserError
+
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+NAMED_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class TensorSource:
+    """Named tensors: keys(), shape(k), dtype(k), get(k)."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, key: str) -> bool:
+        return key in set(self.keys())
+
+    def close(self) -> None:
+        pass
+
+
+class DictSource(TensorSource):
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def keys(self):
+        return list(self.tensors)
+
+    def __contains__(self, key):
+        return key in self.tensors
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key):
+        return self.tensors[key].dtype
+
+    def get(self, key):
+        return self.tensors[key]
+
+
+class SafetensorsSource(TensorSource):
+    """One or more .safetensors files (a sharded folder is several), read lazily through safe_open."""
+
+    def __init__(self, paths: Iterable[Path]):
+        from safetensors import safe_open
+
+        self.handles = []
+        self.where: dict[str, object] = {}
+        for path in paths:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for a bad header
+                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+            self.handles.append(handle)
+            for key in handle.keys():
+                self.where[key] = handle
+
+    def keys(self):
+        return list(self.where)
+
+    def __contains__(self, key):
+        return key in self.where
+
+    def shape(self, key):
+        return tuple(self.where[key].get_slice(key).get_shape())
+
+    def dtype(self, key):
+        return NAMED_DTYPES[self.where[key].get_slice(key).get_dtype()]
+
+    def get(self, key):
+        return self.where[key].get_tensor(key)
+
+    def metadata(self) -> dict:
+        return (self.handles[0].metadata() or {}) if self.handles else {}
+
+
+def open_checkpoint(path: Path) -> TensorSource:
+    """A single-file checkpoint (.safetensors, or a .ckpt/.pt read with weights_only=True) as a TensorSource."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        return _open_torch(path)
+    if len(head) < 8:
+        raise UserError(f"{path}: not a checkpoint (file too short)")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > 100_000_000 or header_len + 8 > path.stat().st_size:
+        raise UserError(f"{path}: not a checkpoint or truncated (bad safetensors header)")
+    source = SafetensorsSource([path])
+    _check_complete(path, source)
+    return source
+
+
+def _check_complete(path: Path, source: SafetensorsSource) -> None:
+    """A truncated safetensors file still opens; its data section is shorter than the header promises."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > path.stat().st_size:
+        raise UserError(f"{path}: truncated ({path.stat().st_size} bytes, the header needs {8 + header_len + end})")
+
+
+def _open_torch(path: Path) -> TensorSource:
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a checkpoint (not a torch zip archive; legacy pickles are not read)")
+    try:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt zip, a truncated entry, or a pickle with non-tensor objects
+        raise UserError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a checkpoint (holds a {type(data).__name__}, not a state dict)")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path}: not a checkpoint (no tensors)")
+    return DictSource(tensors)
+
+
+# ---- writing ----
+
+class Entry:
+    """One tensor of an output file: its name, shape, dtype and how to produce it."""
+
+    __slots__ = ("key", "shape", "dtype", "make")
+
+    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, make: Callable[[], torch.Tensor]):
+        self.key, self.shape, self.dtype, self.make = key, tuple(shape), dtype, make
+
+    def tensor(self) -> torch.Tensor:
+        t = self.make().to(self.dtype).contiguous()
+        if tuple(t.shape) != self.shape:
+            raise RuntimeError(f"{self.key}: produced shape {tuple(t.shape)}, planned {self.shape}")
+        return t
+
+
+def _nbytes(entry: Entry) -> int:
+    n = 1
+    for d in entry.shape:
+        n *= d
+    return n * torch.empty((), dtype=entry.dtype).element_size()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes | memoryview:
+    if t.numel() == 0:
+        return b""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = None) -> None:
+    """Write entries to path (the caller makes it atomic), one tensor in memory at a time."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for e in entries:
+        size = _nbytes(e)
+        header[e.key] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in entries:
+            f.write(_tensor_bytes(e.tensor()))
+
+
+def write_ckpt(path: Path, entries: list[Entry]) -> None:
+    """A .ckpt the webui's restricted unpickler accepts: {"state_dict": OrderedDict of plain tensors}."""
+    state = OrderedDict((e.key, e.tensor()) for e in entries)
+    torch.save({"state_dict": state}, str(path))

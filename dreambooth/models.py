@@ -1,0 +1,126 @@
+"""Create a DreamBooth model from a checkpoint, and export it back to one file.
+
+create: `<root>/models/dreambooth/NAME/` gets `working/` (a standard diffusers folder) and `config.json`. It is built
+in a temp folder beside the final one and renamed at the end, so a failure leaves nothing half-created and
+--overwrite replaces the old model only once the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import Config, FAMILY_RESOLUTION, ModelSettings, Parameters
+from .errors import UserError
+from .families import check_family_choice, family
+from .store import DataRoot, ModelDir
+
+TRAINING_FILE = "training.json"
+
+
+def _import_diffusers(source: str, working: Path, forced: str) -> dict:
+    """A diffusers folder or hub id: load the pipeline and save it as the working folder."""
+    import diffusers
+
+    from .checkpoint.convert import MODEL_INFO_FILE, read_family
+
+    local = Path(source).expanduser()
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else source)
+    except Exception as e:  # hub errors, missing files, bad configs: all one line for the user
+        raise UserError(f"{source}: cannot load as a diffusers model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+        raise UserError(f"{source}: not a Stable Diffusion pipeline ({type(pipe).__name__})")
+    pipe.save_pretrained(str(working), safe_serialization=True)
+    (working / MODEL_INFO_FILE).unlink(missing_ok=True)
+    found = read_family(working)
+    name = family(forced).name if forced != "auto" else found
+    if name != found and {name, found} != {"v2", "v2-v"}:
+        raise UserError(f"{source}: family {name!r} does not fit this model, which is a {found} model")
+    if name != found:  # v2 <-> v2-v: the scheduler carries the prediction type
+        from diffusers import DDIMScheduler
+        DDIMScheduler.from_pretrained(str(working), subfolder="scheduler",
+                                      prediction_type=family(name).prediction_type).save_config(str(working / "scheduler"))
+    info = {"family": name, "detected": "forced by the user" if forced != "auto" else "from the diffusers configs",
+            "source": source, "extras": 0, "yaml_beside_source": False}
+    (working / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def create_model(root: DataRoot, name: str, source: str, family: str = "auto", overwrite: bool = False) -> ModelDir:
+    from .checkpoint.convert import import_single_file
+
+    model = root.model(name)  # checks the name
+    check_family_choice(family)
+    if model.path.exists() and not overwrite:
+        raise UserError(f"model {name!r} already exists at {model.path} (use --overwrite to replace it)")
+    if not isinstance(source, str) or not source.strip():
+        raise UserError("source: must not be empty")
+    path = Path(source).expanduser()
+    looks_like_path = path.exists() or os.sep in source or source.startswith(".") or path.suffix.lower() in (
+        ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+    if looks_like_path and not path.exists():
+        raise UserError(f"source {source!r}: no such file or folder")
+    root.dreambooth.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".creating", dir=root.dreambooth))
+    try:
+        working = tmp / "working"
+        if path.is_file():
+            info = import_single_file(path, working, family)
+        else:
+            info = _import_diffusers(str(path) if path.is_dir() else source, working, family)
+        config = Config(model=ModelSettings(source=str(path.resolve()) if path.exists() else source, family=info["family"]),
+                        parameters=Parameters(resolution=FAMILY_RESOLUTION[info["family"]]))
+        config.save(tmp / "config.json")
+        if model.path.exists():  # --overwrite: swap in the complete new model, then drop the old one
+            old = model.path.with_name(f".{name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(model.path, old)
+            os.replace(tmp, model.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, model.path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def read_training(working: Path) -> dict:
+    path = Path(working) / TRAINING_FILE
+    if not path.is_file():
+        return {"step": 0, "epoch": 0}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {"step": 0, "epoch": 0}
+
+
+def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool = False, ema: bool = False,
+                 out: Path | None = None) -> Path:
+    from .checkpoint.export import FORMATS, modelspec, write_single_file
+
+    model = root.model(name)
+    if not model.exists() or not (model.working / "model_index.json").is_file():
+        raise UserError(f"model {name!r}: not found under {root.dreambooth}")
+    if fmt not in FORMATS:
+        raise UserError(f"format {fmt!r}: must be one of {', '.join(FORMATS)}")
+    training = read_training(model.working)
+    step = int(training.get("step", 0))
+    out = Path(out).expanduser() if out else root.checkpoints / f"{name}_{step}.{fmt}"
+    state_dicts = None
+    if ema:
+        ema_folder = model.working / "unet_ema"
+        if not (ema_folder / "config.json").is_file():
+            raise UserError(f"model {name!r}: has no EMA weights (working/unet_ema); train with use_ema first")
+        from safetensors.torch import load_file
+        state_dicts = {"unet": {}}
+        for f in sorted(ema_folder.glob("*.safetensors")):
+            state_dicts["unet"].update(load_file(str(f)))
+    family_name = Config.load(model.config_path).model.family
+    meta = modelspec(family_name, out.stem, {**training, "model": name, "ema": ema} if training.get("step") else None)
+    return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts, metadata=meta)
