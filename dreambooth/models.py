@@ -51,6 +51,7 @@ def _import_diffusers(source: str, working: Path, forced: str) -> dict:
 
 def create_model(root: DataRoot, name: str, source: str, family: str = "auto", overwrite: bool = False) -> ModelDir:
     from .checkpoint.convert import import_single_file
+    from .checkpoint.export import current_umask
 
     model = root.model(name)  # checks the name
     check_family_choice(family)
@@ -65,6 +66,7 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
         raise UserError(f"source {source!r}: no such file or folder")
     root.dreambooth.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".creating", dir=root.dreambooth))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
     try:
         working = tmp / "working"
         if path.is_file():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..families import family
-from ..store import atomic_path, atomic_write_text
+from ..store import atomic_path
 from .convert import (EXTRAS_FILE, canonical_source, components_of, component_source, plan_export, read_configs, read_family)
 from .layout import render_yaml
 from .tensorio import Entry, SafetensorsSource, write_ckpt, write_safetensors
@@ -52,15 +52,21 @@ def write_entries(out: Path, entries: list[Entry], fmt: str, metadata: dict | No
         _readable(tmp)
     yaml_path = out.with_suffix(".yaml")
     if yaml_text:
-        atomic_write_text(yaml_path, yaml_text)
+        with atomic_path(yaml_path) as tmp:
+            tmp.write_text(yaml_text, encoding="utf-8")
+            _readable(tmp)
     return out
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _readable(path: Path) -> None:
     """The temp file is private (0600); a checkpoint is a normal file that the webui and others read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def write_single_file(working: Path, out: Path, fmt: str = "safetensors", half: bool = False,

@@ -203,7 +203,37 @@ def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = 
             f.write(_tensor_bytes(e.tensor()))
 
 
+# Records newer torch writes that the webui's restricted loader does not allow (its allowlist predates them).
+NEW_TORCH_RECORDS = (".format_version", ".storage_alignment")
+ALIGNMENT = 64  # torch aligns each tensor's bytes to 64 so that the file can be memory-mapped
+
+
 def write_ckpt(path: Path, entries: list[Entry]) -> None:
-    """A .ckpt the webui's restricted unpickler accepts: {"state_dict": OrderedDict of plain tensors}."""
-    state = OrderedDict((e.key, e.tensor()) for e in entries)
-    torch.save({"state_dict": state}, str(path))
+    """A .ckpt the webui's restricted unpickler accepts: {"state_dict": OrderedDict of plain tensors}.
+
+    torch.save writes the archive; it is then copied record by record without the records that the webui's
+    zip-name allowlist rejects, keeping each tensor 64-byte aligned.
+    """
+    path = Path(path)
+    raw = path.with_name(path.name + ".torch")
+    try:
+        state = OrderedDict((e.key, e.tensor()) for e in entries)
+        with open(raw, "wb") as f:  # a file object: the archive folder is then named "archive"
+            torch.save({"state_dict": state}, f)
+        del state
+        with zipfile.ZipFile(raw) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+            for info in zin.infolist():
+                if info.filename.split("/", 1)[-1] in NEW_TORCH_RECORDS:
+                    continue
+                _write_aligned(zout, info.filename, zin.read(info))
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def _write_aligned(zout: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    start = zout.fp.tell() + 30 + len(name.encode("utf-8")) + 4  # local header + name + the padding field's header
+    padding = -start % ALIGNMENT
+    info.extra = b"FB" + struct.pack("<H", padding) + b"Z" * padding
+    zout.writestr(info, data)

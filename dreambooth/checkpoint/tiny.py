@@ -21,7 +21,8 @@ TINY_HEAD_CHANNELS = 16
 
 def _text_config(full: bool, openclip: bool, sdxl_second: bool) -> dict:
     if not full:
-        hidden, layers, intermediate = 32, 2, 64
+        # SDXL's two encoders differ in width (as 768 vs 1280 do): loaders tell them apart by it.
+        hidden, layers, intermediate = (64, 2, 128) if sdxl_second else (32, 2, 64)
     elif sdxl_second:
         hidden, layers, intermediate = 1280, 32, 5120
     elif openclip:
