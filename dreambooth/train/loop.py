@@ -83,6 +83,20 @@ def choose_precision(requested: str, on_gpu: bool) -> str:
     return requested
 
 
+def plan_total_steps(params, steps_per_epoch: int, override: int | None = None) -> int:
+    """Optimizer steps of the whole run: --max-steps, else max_train_steps, else epochs x steps per epoch."""
+    return override or params.max_train_steps or params.num_train_epochs * steps_per_epoch
+
+
+def make_ema(params, unet):
+    """An exponential moving average of the UNet weights (None when EMA is off)."""
+    if not params.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=params.ema_decay)
+
+
 class Trainer:
     def __init__(self, root: DataRoot, model: ModelDir, config: Config, max_steps: int | None = None):
         from accelerate import Accelerator
@@ -143,7 +157,7 @@ class Trainer:
         self.instances = instances
 
         steps_per_epoch = data.steps_per_epoch
-        total = self.max_steps_override or p.max_train_steps or p.num_train_epochs * steps_per_epoch
+        total = plan_total_steps(p, steps_per_epoch, self.max_steps_override)
         self.total_steps = total
         te_steps = int(p.train_text_encoder_ratio * total) if c.text_encoders_trainable else 0
         self.te_steps = te_steps
@@ -155,12 +169,7 @@ class Trainer:
         if te_steps > 0:
             text_encoders = [acc.prepare(te) for te in text_encoders]
         self.unet, self.text_encoders, self.optimizer, self.lr_scheduler = unet, text_encoders, optimizer, lr_scheduler
-        ema = None
-        if p.use_ema:
-            from diffusers.training_utils import EMAModel
-
-            ema = EMAModel(acc.unwrap_model(unet).parameters(), decay=p.ema_decay)
-        self.ema = ema
+        self.ema = ema = make_ema(p, acc.unwrap_model(unet))
 
         step = 0
         resumed = load_state(self.model.state, acc, optimizer, lr_scheduler, ema, total)
