@@ -1,0 +1,105 @@
+"""Full size, on the meta device: the real SD1.5, SD2.1 (512 and 768-v) and SDXL base architectures.
+
+The original releases' key names and shapes come from ldm_reference (built module by module from the reference
+yamls, independently of the product's key table). Import must read the right diffusers configs from those shapes
+and map every tensor onto the diffusers model; export from a plain diffusers model must give back exactly the
+release's keys and shapes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dreambooth.checkpoint.convert import (canonical_key, configs_from_single_file, meta_model, plan_export,
+                                           plan_import)
+from dreambooth.checkpoint.tensorio import TensorSource
+
+from ldm_reference import release_keys
+
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+RELEASES = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml",
+            "sdxl": "sd_xl_base.yaml"}
+
+
+class ShapeSource(TensorSource):
+    """Names and shapes only: nothing is ever loaded."""
+
+    def __init__(self, shapes: dict):
+        self.shapes = shapes
+
+    def keys(self):
+        return list(self.shapes)
+
+    def __contains__(self, key):
+        return key in self.shapes
+
+    def shape(self, key):
+        return tuple(self.shapes[key])
+
+    def dtype(self, key):
+        return torch.float16
+
+    def get(self, key):
+        raise AssertionError("a full-size test must not load tensors")
+
+
+def _release(fam):
+    path = REFERENCE / "ldm-configs" / RELEASES[fam]
+    return release_keys(path), yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("fam", list(RELEASES))
+def test_import_reads_the_release_architecture(fam):
+    shapes, yaml_data = _release(fam)
+    configs = configs_from_single_file(ShapeSource(shapes), fam, yaml_data)
+    unet = configs["unet"]
+    assert unet["layers_per_block"] == 2
+    if fam == "sdxl":
+        assert unet["block_out_channels"] == [320, 640, 1280]
+        assert unet["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+        assert unet["transformer_layers_per_block"] == [1, 2, 10]
+        assert unet["attention_head_dim"] == [5, 10, 20] and unet["cross_attention_dim"] == 2048
+        assert unet["addition_time_embed_dim"] == 256 and unet["projection_class_embeddings_input_dim"] == 2816
+        assert configs["text_encoder_2"]["num_hidden_layers"] == 32
+        assert configs["text_encoder_2"]["projection_dim"] == 1280
+        assert configs["vae"]["scaling_factor"] == 0.13025
+    else:
+        assert unet["block_out_channels"] == [320, 640, 1280, 1280]
+        assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+        if fam == "v1":
+            assert unet["attention_head_dim"] == [8] * 4 and not unet["use_linear_projection"]
+            assert unet["cross_attention_dim"] == 768 and configs["text_encoder"]["num_hidden_layers"] == 12
+        else:  # SD 2 conditions on OpenCLIP's penultimate layer: diffusers keeps 23 of 24
+            assert unet["attention_head_dim"] == [5, 10, 20, 20] and unet["use_linear_projection"]
+            assert unet["cross_attention_dim"] == 1024 and configs["text_encoder"]["num_hidden_layers"] == 23
+            assert configs["text_encoder"]["hidden_act"] == "gelu"
+    plans, extras = plan_import(ShapeSource(shapes), fam, configs)
+    extra_keys = {e.key for e in extras}
+    if fam == "v1":
+        assert extra_keys == set()
+    elif fam == "sdxl":
+        assert extra_keys == {"conditioner.embedders.1.model.logit_scale"}
+    else:
+        prefix = "cond_stage_model.model."
+        assert {prefix + "text_projection", prefix + "logit_scale"} <= extra_keys
+        assert all(k.startswith(prefix + "transformer.resblocks.23.") for k in extra_keys - {prefix + "text_projection", prefix + "logit_scale"})
+        assert len(extra_keys) == 2 + 12
+
+
+@pytest.mark.parametrize("fam", list(RELEASES))
+def test_export_gives_the_release_keys_and_shapes(fam):
+    shapes, yaml_data = _release(fam)
+    configs = configs_from_single_file(ShapeSource(shapes), fam, yaml_data)
+    sources = {}
+    for component, config in configs.items():  # a plain diffusers model, as a hub folder would hold it
+        state = meta_model(component, config, fam).state_dict()
+        sources[component] = ShapeSource({canonical_key(component, k): tuple(v.shape) for k, v in state.items()})
+    entries = plan_export(fam, configs, sources, extras=None, include_ema=False, half=True)
+    exported = {e.key: e.shape for e in entries}
+    assert set(exported) - set(shapes) == set()
+    assert set(shapes) - set(exported) == set()
+    assert exported == shapes
+    assert all(e.dtype == torch.float16 for e in entries)
