@@ -252,6 +252,12 @@ class Trainer:
         else:
             self.emit("error", message=message)
         acc.end_training()
+        if acc.num_processes == 1:
+            # accelerate's settings are process-wide: let a later run in this process choose its own.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
         return TrainResult(status == "done", status, step, total, message, self.checkpoints, self.sample_paths)
 
     # -- pieces of the loop -------------------------------------------------------------------------------------

@@ -20,3 +20,12 @@ def tiny_source(tmp_path_factory) -> Path:
     return write_tiny_checkpoint("v1", out, seed=0)
 
 
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state (precision, accumulation); each test starts clean."""
+    from train_helpers import reset_accelerate
+
+    yield
+    reset_accelerate()

@@ -79,3 +79,11 @@ def make_model(root_path: Path, source: Path, name: str = "m", concepts=None, fa
 def read_events(model) -> list[dict]:
     path = model.path / "logs" / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide state (precision, accumulation): forget it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,254 @@
+"""Each training setting changes what it should, checked where it takes effect (no full run needed here).
+
+Settings that only show in a whole run (EMA export, format, schedule, cache, text-encoder ratio, class and sample
+settings, save on end/cancel) are checked in test_training.py.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth.config import Config, Parameters
+from dreambooth.data.dataset import Example, Item, TrainingData
+from dreambooth.errors import UserError
+from dreambooth.train.components import set_attention
+from dreambooth.train.loop import choose_precision, make_ema, plan_total_steps
+from dreambooth.train.optim import make_lr_scheduler, make_optimizer
+from dreambooth.train.step import Batch, TrainStep
+
+from train_helpers import reset_accelerate, tiny_text_encoder, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return tiny_unet(), tiny_text_encoder()
+
+
+def test_separate_learning_rates_are_param_groups(modules):
+    unet, te = modules
+    opt = make_optimizer(Parameters(optimizer="adamw", learning_rate=3e-4, text_encoder_learning_rate=7e-5), unet, (te,))
+    assert [g["lr"] for g in opt.param_groups] == [3e-4, 7e-5]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in te.parameters()}
+    assert len(make_optimizer(Parameters(optimizer="adamw"), unet, ()).param_groups) == 1  # frozen encoder: no group
+
+
+def test_adam_settings_reach_the_optimizer(modules):
+    unet, _ = modules
+    opt = make_optimizer(Parameters(optimizer="adamw", adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
+                                    weight_decay=0.2), unet, ())
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6 and group["weight_decay"] == 0.2
+
+
+@pytest.mark.parametrize("name,cls", [("adamw", "AdamW"), ("adamw_8bit", "AdamW8bit"), ("adafactor", "Adafactor")])
+def test_optimizer_choice(modules, name, cls):
+    unet, te = modules
+    opt = make_optimizer(Parameters(optimizer=name, learning_rate=1e-4, text_encoder_learning_rate=1e-5), unet, (te,))
+    assert type(opt).__name__ == cls
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-5]
+
+
+def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(modules, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(UserError, match="parameters.optimizer: adamw_8bit needs bitsandbytes"):
+        make_optimizer(Parameters(optimizer="adamw_8bit"), modules[0], ())
+
+
+def lr_curve(**kw):
+    p = Parameters(optimizer="adamw", learning_rate=1.0, **kw)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_lr_scheduler(p, opt, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(round(sched.get_last_lr()[0], 6))
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_lr_schedulers_warmup_cycles_and_power():
+    assert lr_curve(lr_scheduler="constant", lr_warmup_steps=3) == [1.0] * 10  # constant ignores warmup
+    warm = lr_curve(lr_scheduler="constant_with_warmup", lr_warmup_steps=4)
+    assert warm[:5] == [0.0, 0.25, 0.5, 0.75, 1.0] and warm[-1] == 1.0
+    linear = lr_curve(lr_scheduler="linear")
+    assert linear[0] == 1.0 and linear[5] == 0.5
+    cosine = lr_curve(lr_scheduler="cosine")
+    assert cosine[5] == pytest.approx(0.5) and cosine[2] > linear[2]
+    assert lr_curve(lr_scheduler="cosine_with_restarts", lr_cycles=2)[5] == 1.0  # restarted
+    assert lr_curve(lr_scheduler="cosine_with_restarts", lr_cycles=1) == cosine
+    assert lr_curve(lr_scheduler="polynomial", lr_power=2.0)[5] < lr_curve(lr_scheduler="polynomial", lr_power=1.0)[5]
+
+
+def test_epochs_and_max_steps():
+    assert plan_total_steps(Parameters(num_train_epochs=3), steps_per_epoch=4) == 12
+    assert plan_total_steps(Parameters(num_train_epochs=3, max_train_steps=5), steps_per_epoch=4) == 5
+    assert plan_total_steps(Parameters(num_train_epochs=3, max_train_steps=5), steps_per_epoch=4, override=2) == 2
+
+
+def examples(tmp_path, count=4, size=(64, 64)):
+    from train_helpers import draw_images
+
+    folder = draw_images(tmp_path / "img", count=count, size=size)
+    return [Example(p, "a zwx dog", 0, size) for p in sorted(folder.iterdir())]
+
+
+def test_batch_size_and_accumulation_set_steps_per_epoch(tmp_path):
+    ex = examples(tmp_path, count=4)
+    assert TrainingData([ex], {}, Parameters(resolution=64, train_batch_size=1)).steps_per_epoch == 4
+    data = TrainingData([ex], {}, Parameters(resolution=64, train_batch_size=2))
+    assert data.steps_per_epoch == 2 and all(len(b) == 2 for b in data.epoch_batches(0))
+    assert TrainingData([ex], {}, Parameters(resolution=64, train_batch_size=1,
+                                             gradient_accumulation_steps=2)).steps_per_epoch == 2
+
+
+def test_accumulation_steps_the_optimizer_every_k_micro_batches():
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    unet, te = tiny_unet(), tiny_text_encoder()
+    acc = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    opt = acc.prepare(torch.optim.SGD(unet.parameters(), lr=0.1))
+    step = TrainStep(unet, (te,), DDPMScheduler(), Parameters(), sdxl=False, optimizer=opt, accelerator=acc)
+    batch = Batch(latents=torch.randn(1, 4, 8, 8), input_ids=(torch.randint(0, 1000, (1, 77)),))
+    before = unet.conv_in.weight.detach().clone()
+    step(batch, train_text_encoder=False)
+    assert torch.equal(unet.conv_in.weight, before)  # accumulating
+    step(batch, train_text_encoder=False)
+    assert not torch.equal(unet.conv_in.weight, before)
+
+
+def test_max_grad_norm_clips_the_update():
+    from diffusers import DDPMScheduler
+
+    moved = {}
+    for norm in (0.0, 1e-3):
+        unet, te = tiny_unet(), tiny_text_encoder()
+        before = [p.detach().clone() for p in unet.parameters()]
+        opt = torch.optim.SGD(unet.parameters(), lr=1.0)
+        step = TrainStep(unet, (te,), DDPMScheduler(), Parameters(max_grad_norm=norm), sdxl=False, optimizer=opt)
+        torch.manual_seed(0)
+        step(Batch(latents=torch.randn(2, 4, 8, 8), input_ids=(torch.randint(0, 1000, (2, 77)),)), train_text_encoder=False)
+        moved[norm] = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(unet.parameters(), before))).item()
+    assert moved[1e-3] == pytest.approx(1e-3, rel=1e-3) and moved[0.0] > 10 * moved[1e-3]
+
+
+def test_frozen_text_encoder_does_not_change_but_still_conditions():
+    from diffusers import DDPMScheduler
+
+    unet, te = tiny_unet(), tiny_text_encoder()
+    opt = make_optimizer(Parameters(optimizer="adamw", learning_rate=1e-2, text_encoder_learning_rate=1e-2), unet, (te,))
+    step = TrainStep(unet, (te,), DDPMScheduler(), Parameters(), sdxl=False, optimizer=opt)
+    batch = Batch(latents=torch.randn(2, 4, 8, 8), input_ids=(torch.randint(0, 1000, (2, 77)),))
+    te_before = [p.detach().clone() for p in te.parameters()]
+    step(batch, train_text_encoder=True)
+    assert any(not torch.equal(a, b) for a, b in zip(te.parameters(), te_before))
+    te_now = [p.detach().clone() for p in te.parameters()]
+    step(batch, train_text_encoder=False)
+    assert all(torch.equal(a, b) for a, b in zip(te.parameters(), te_now))
+
+
+def test_mixed_precision_bf16_autocasts_and_fp16_falls_back_on_cpu():
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    with pytest.warns(UserWarning, match="fp16 needs a GPU"):
+        assert choose_precision("fp16", on_gpu=False) == "no"
+    assert choose_precision("fp16", on_gpu=True) == "fp16"
+    assert choose_precision("bf16", on_gpu=False) == "bf16"
+    seen = {}
+    for precision in ("no", "bf16"):
+        reset_accelerate()
+        unet, te = tiny_unet(), tiny_text_encoder()
+        acc = Accelerator(mixed_precision=precision, cpu=True)
+        unet.conv_in.register_forward_hook(lambda m, i, o, precision=precision: seen.__setitem__(precision, o.dtype))
+        TrainStep(unet, (te,), DDPMScheduler(), Parameters(), sdxl=False, accelerator=acc)(
+            Batch(latents=torch.randn(1, 4, 8, 8), input_ids=(torch.randint(0, 1000, (1, 77)),)))
+    assert seen == {"no": torch.float32, "bf16": torch.bfloat16}
+
+
+def test_attention_backends():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet = tiny_unet()
+    set_attention(unet, "default")
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor}
+    set_attention(unet, "sdpa")
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    set_attention(unet, "default")
+    with pytest.warns(UserWarning, match="attention xformers: .*using PyTorch SDPA instead"):
+        assert set_attention(unet, "xformers") == "sdpa"  # no xformers / no CUDA here
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+
+
+def test_ema_decay():
+    unet = tiny_unet()
+    assert make_ema(Parameters(use_ema=False), unet) is None
+    for decay in (0.0, 0.9):
+        ema = make_ema(Parameters(use_ema=True, ema_decay=decay), unet)
+        for _ in range(3):  # (the very first update copies the weights: diffusers' EMA warm-up)
+            with torch.no_grad():
+                for p in unet.parameters():
+                    p.add_(1.0)
+            ema.step(unet.parameters())
+        shadow, param = ema.shadow_params[0], next(unet.parameters())
+        if decay == 0.0:
+            assert torch.equal(shadow, param)
+        else:
+            assert (param - shadow).abs().min() > 0.05  # lags behind the weights
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.sub_(3.0)
+
+
+def item_pixels(data, item, epoch=0):
+    return data.load_item(item, epoch)[0]
+
+
+def test_resolution_bucketing_crop_flip_seed(tmp_path):
+    wide = examples(tmp_path, count=1, size=(160, 64))
+    ex = wide[0]
+    square = TrainingData([wide], {}, Parameters(resolution=64, aspect_ratio_bucketing=False))
+    bucketed = TrainingData([wide], {}, Parameters(resolution=64, aspect_ratio_bucketing=True))
+    assert square.bucket_of[ex.path] == (64, 64)
+    w, h = bucketed.bucket_of[ex.path]
+    assert w > h
+    big = TrainingData([wide], {}, Parameters(resolution=128, aspect_ratio_bucketing=False))
+    assert item_pixels(big, Item(ex, big.bucket_of[ex.path], False)).shape == (3, 128, 128)
+
+    def pixels(**kw):
+        data = TrainingData([wide], {}, Parameters(resolution=64, aspect_ratio_bucketing=False, cache_latents=False, **kw))
+        return [item_pixels(data, Item(ex, (64, 64), False), epoch) for epoch in range(6)]
+
+    center = pixels(crop="center")
+    assert all(torch.equal(center[0], c) for c in center)
+    random_crop = pixels(crop="random")
+    assert any(not torch.equal(random_crop[0], c) for c in random_crop)
+    flipped = pixels(crop="center", hflip=True)
+    assert any(torch.equal(f, torch.flip(center[0], dims=[2])) for f in flipped)
+    assert any(torch.equal(f, center[0]) for f in flipped)
+    assert [torch.equal(a, b) for a, b in zip(pixels(crop="random", seed=1), pixels(crop="random", seed=2))] != [True] * 6
+    # With cached latents the random crop is drawn once per image: the cache stays valid.
+    data = TrainingData([wide], {}, Parameters(resolution=64, aspect_ratio_bucketing=False, crop="random", cache_latents=True))
+    cached = [item_pixels(data, Item(ex, (64, 64), False), epoch) for epoch in range(3)]
+    assert all(torch.equal(cached[0], c) for c in cached)
+
+
+def test_seed_sets_the_epoch_order(tmp_path):
+    ex = examples(tmp_path, count=4)
+    order = lambda seed: [b[0].example.path for b in TrainingData([ex], {}, Parameters(resolution=64, seed=seed)).epoch_batches(0)]  # noqa: E731
+    assert order(1) == order(1)
+    assert any(order(1) != order(s) for s in (2, 3, 4))
+
+
+def test_every_parameter_setting_is_covered_by_a_test():
+    """A guard against dead settings: every declared parameter is named in a trainer test."""
+    from dreambooth.config import CONCEPT_SETTINGS, PARAMETER_SETTINGS
+
+    text = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    missing = [s.name for s in PARAMETER_SETTINGS + CONCEPT_SETTINGS if s.name not in text.replace(
+        "test_every_parameter_setting_is_covered_by_a_test", "")]
+    assert not missing, f"settings no trainer test names: {missing}"
