@@ -134,6 +134,9 @@ def _check_complete(path: Path, source: SafetensorsSource) -> None:
 
 def _open_torch(path: Path) -> TensorSource:
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK":
+                raise UserError(f"{path}: truncated or damaged (a zip archive without its directory)")
         raise UserError(f"{path}: not a checkpoint (not a torch zip archive; legacy pickles are not read)")
     try:
         try:
