@@ -128,11 +128,15 @@ class TrainingData:
         batches = [batches[i % len(batches)] for i in range(needed)]
         return batches[self.process_index::self.num_processes]
 
+    def item_seed(self, item: Item, epoch: int) -> int:
+        """Seeds crop, flip and the VAE's latent sample of one item: the same on a resumed run.
+
+        With cached latents they are drawn once per image, so a cached latent stays valid."""
+        key = (self.params.seed, str(item.example.path), item.bucket)
+        return _stable_int(*key) if self.params.cache_latents else _stable_int(*key, epoch)
+
     def augmentation_rng(self, item: Item, epoch: int) -> random.Random:
-        # With cached latents the crop and flip are drawn once per image, so a cached latent stays valid.
-        key = (self.params.seed, str(item.example.path), item.bucket) if self.params.cache_latents else \
-            (self.params.seed, str(item.example.path), item.bucket, epoch)
-        return random.Random(_stable_int(*key))
+        return random.Random(self.item_seed(item, epoch))
 
     def load_item(self, item: Item, epoch: int):
         """(pixels (3, H, W) in [-1, 1], SDXL time ids (6,))."""

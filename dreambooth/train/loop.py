@@ -272,7 +272,8 @@ class Trainer:
                 pixels, ids = self.data.load_item(item, epoch)
                 with torch.no_grad():
                     pixels = pixels.unsqueeze(0).to(self.accelerator.device, c.vae.dtype)
-                    latent = c.vae.encode(pixels).latent_dist.sample()[0] * c.vae.config.scaling_factor
+                    noise = torch.Generator(pixels.device).manual_seed(self.data.item_seed(item, epoch) % 2**63)
+                    latent = c.vae.encode(pixels).latent_dist.sample(noise)[0] * c.vae.config.scaling_factor
                 if p.cache_latents:
                     self.latent_cache[key] = (latent, ids)
             latents.append(latent)

@@ -1,0 +1,242 @@
+"""Whole training runs on the tiny v1 model: schedule, outputs, settings that only show in a run, controls, failures.
+
+Every run is a real one (real files, real diffusers models, the real exporter); runs are kept to a few steps.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth.events import Controls
+from dreambooth.train import train_model
+
+from train_helpers import draw_images, make_model, read_events
+
+UNET, VAE, TE = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+
+
+def load_checkpoint(path: Path) -> dict:
+    if path.suffix == ".ckpt":
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return data.get("state_dict", data)
+    return load_file(path)
+
+
+def same(a: dict, b: dict, prefix: str) -> bool:
+    keys = [k for k in b if k.startswith(prefix)]
+    assert keys and all(k in a for k in keys), prefix
+    return all(torch.equal(a[k].float(), b[k].to(a[k].dtype).float()) for k in keys)
+
+
+def concept(root: Path, **changes) -> dict:
+    base = {"instance_data_dir": str(draw_images(root / "instance", count=2)), "instance_token": "zwx",
+            "class_token": "dog", "num_samples": 0}
+    return {**base, **changes}
+
+
+def kinds(model) -> list[str]:
+    return [e["kind"] for e in read_events(model)]
+
+
+def test_full_run_prior_previews_schedule_and_checkpoint(tmp_path, tiny_source):
+    concepts = [concept(tmp_path, class_prompt="[filewords]", class_negative_prompt="blurry", num_class_images_per_image=1,
+                        class_guidance_scale=3.0, class_infer_steps=2, sample_prompt="[filewords] on the moon",
+                        sample_negative_prompt="ugly", num_samples=2, sample_seed=7, sample_guidance_scale=4.0,
+                        sample_infer_steps=2)]
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=concepts, num_train_epochs=2,
+                             save_every_n_epochs=1, sample_every_n_epochs=1, checkpoint_format="ckpt", save_half=True,
+                             train_text_encoder_ratio=0.5)
+    result = train_model(root, "m")
+    assert result.ok and result.step == 4, result.summary()
+
+    # Class images: generated once with their prompt beside them (instance token removed), settings in the PNG info.
+    [folder] = model.class_images.iterdir()
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == 2
+    assert {p.with_suffix(".txt").read_text().strip() for p in images} == {"a red dog on grass"}
+    info = Image.open(images[0]).info["parameters"]
+    assert "Negative prompt: blurry" in info and "Steps: 2" in info and "CFG scale: 3.0" in info
+
+    # Previews every epoch, named <step>-<concept>-<i>, prompt/seed/settings in the PNG info.
+    names = sorted(p.name for p in model.samples.iterdir())
+    assert names == ["2-0-0.png", "2-0-1.png", "4-0-0.png", "4-0-1.png"]
+    infos = [Image.open(model.samples / n).info["parameters"] for n in names[:2]]
+    assert infos[0].startswith("a red zwx dog on grass on the moon\nNegative prompt: ugly\n")
+    assert "Seed: 7" in infos[0] and "Seed: 8" in infos[1] and "CFG scale: 4.0" in infos[0] and "Steps: 2" in infos[0]
+    assert Image.open(model.samples / names[0]).size == (64, 64)
+
+    # Checkpoints every epoch and at the end, as .ckpt in fp16; trained parts differ from the base, frozen ones match.
+    assert [p.name for p in result.checkpoints] == ["m_2.ckpt", "m_4.ckpt"]
+    assert all(p.exists() for p in result.checkpoints)
+    trained, base = load_checkpoint(result.checkpoints[-1]), load_file(tiny_source)
+    assert {v.dtype for v in trained.values() if v.is_floating_point()} == {torch.float16}
+    assert not same(trained, base, UNET) and not same(trained, base, TE)
+    assert same(trained, base, VAE)
+    assert json.loads((model.working / "training.json").read_text())["text_encoder_steps"] == 2
+
+    events = kinds(model)
+    assert events[0] == "class_images" and "start" in events and events[-1] == "done"
+    assert events.count("step") == 4 and events.count("sample") == 2 and events.count("checkpoint") == 2
+    step_event = next(e for e in read_events(model) if e["kind"] == "step")
+    assert {"step", "epoch", "loss", "lr", "it_per_s", "eta_s", "memory_mb"} <= set(step_event)
+    assert list((model.logs / "tensorboard").iterdir())
+
+    # Next time: class images are reused, nothing is generated again; the finished run has nothing left to do.
+    mtimes = [p.stat().st_mtime_ns for p in images]
+    again = train_model(root, "m")
+    assert again.ok and "nothing to do" in again.message
+    assert "class_images" not in kinds(model) and [p.stat().st_mtime_ns for p in images] == mtimes
+
+
+@pytest.mark.parametrize("save_ema_weights,cache_latents,gradient_checkpointing",
+                         [(True, True, True), (False, False, False)])
+def test_ema_export_cache_and_checkpointing(tmp_path, tiny_source, monkeypatch, save_ema_weights, cache_latents,
+                                            gradient_checkpointing):
+    import torch.utils.checkpoint
+    from diffusers import AutoencoderKL
+
+    calls = {"encode": 0, "checkpoint": 0}
+    encode, checkpoint = AutoencoderKL.encode, torch.utils.checkpoint.checkpoint
+
+    def counting_encode(self, *a, **k):
+        calls["encode"] += 1
+        return encode(self, *a, **k)
+
+    def counting_checkpoint(*a, **k):
+        calls["checkpoint"] += 1
+        return checkpoint(*a, **k)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=2,
+                             use_ema=True, ema_decay=0.5, save_ema_weights=save_ema_weights, cache_latents=cache_latents,
+                             gradient_checkpointing=gradient_checkpointing, train_text_encoder_ratio=0.0)
+    result = train_model(root, "m")
+    assert result.ok and result.checkpoints[-1].suffix == ".safetensors"
+    assert calls["encode"] == (2 if cache_latents else 4)  # 2 images x 2 epochs
+    assert (calls["checkpoint"] > 0) == gradient_checkpointing
+
+    ema = load_file(model.working / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(model.working / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(ema[k], raw[k]) for k in raw)
+    exported, base = load_checkpoint(result.checkpoints[-1]), load_file(tiny_source)
+    assert exported["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.float32  # save_half off
+    chosen = ema if save_ema_weights else raw
+    assert torch.equal(exported["model.diffusion_model.input_blocks.0.0.weight"], chosen["conv_in.weight"])
+    assert same(exported, base, TE) and same(exported, base, VAE)  # text encoder ratio 0: never trained
+
+
+def wait_for(model, kind: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for event in read_events(model):
+            if event["kind"] == kind:
+                return event
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind} event within {timeout} s: {kinds(model)}")
+
+
+def test_controls_pause_sample_save_cancel(tmp_path, tiny_source):
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path, num_samples=1,
+                             sample_infer_steps=1)], max_train_steps=50, save_on_cancel=True)
+    controls = Controls(model.path)
+    controls.request("cancel")  # stale from an earlier run: cleared at start
+
+    def drive():
+        wait_for(model, "step")
+        controls.request("pause")
+        wait_for(model, "paused")
+        controls.request("sample")
+        controls.request("save")
+        time.sleep(0.5)
+        controls.withdraw("pause")
+        wait_for(model, "checkpoint")
+        controls.request("cancel")
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    result = train_model(root, "m")
+    driver.join(5)
+    assert result.status == "cancelled" and not result.ok and result.step < 50
+    events = kinds(model)
+    assert events.index("paused") < events.index("resumed") < events.index("cancelled")
+    assert "sample" in events and events.count("checkpoint") >= 1
+    saved = [e["step"] for e in read_events(model) if e["kind"] == "checkpoint"]
+    assert saved[-1] == result.step  # save_on_cancel: the cancelled step is saved
+    assert not controls.pending()
+
+
+def test_cancel_without_save_and_no_save_at_end(tmp_path, tiny_source):
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], max_train_steps=50,
+                             save_on_cancel=False)
+    controls = Controls(model.path)
+
+    def cancel():
+        wait_for(model, "step")
+        controls.request("cancel")
+
+    threading.Thread(target=cancel, daemon=True).start()
+    result = train_model(root, "m")
+    assert result.status == "cancelled" and result.checkpoints == [] and not list(root.checkpoints.iterdir())
+
+    # save_on_end off, with a user-supplied class folder used as is (nothing generated).
+    class_dir = draw_images(tmp_path / "my-dogs", count=2, seed=9)
+    root, model = make_model(tmp_path / "root2", tiny_source, concepts=[concept(tmp_path, class_data_dir=str(class_dir),
+                             num_class_images_per_image=1)], max_train_steps=2, save_on_end=False)
+    result = train_model(root, "m")
+    assert result.ok and result.step == 2 and result.checkpoints == [] and not list(root.checkpoints.iterdir())
+    assert not model.class_images.exists() and "class_images" not in kinds(model)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_save(tmp_path, tiny_source, monkeypatch):
+    from dreambooth.train import step as step_module
+
+    original = step_module.TrainStep.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = original(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(step_module.TrainStep, "compute_loss", poisoned)
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=3,
+                             save_every_n_epochs=1)
+    result = train_model(root, "m")
+    assert result.status == "error" and not result.ok
+    assert "loss became nan at step 3" in result.message and "last good save is step 2" in result.message
+    assert [p.name for p in root.checkpoints.glob("*.safetensors")] == ["m_2.safetensors"]
+    assert json.loads((model.working / "training.json").read_text())["step"] == 2
+    assert read_events(model)[-1]["kind"] == "error"
+
+
+def test_failing_save_keeps_the_previous_checkpoint(tmp_path, tiny_source, monkeypatch):
+    from dreambooth.checkpoint import export
+
+    write = export.write_single_file
+    calls = {"n": 0}
+
+    def disk_full_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return write(*a, **k)
+
+    monkeypatch.setattr(export, "write_single_file", disk_full_on_second)
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=2,
+                             save_every_n_epochs=1)
+    result = train_model(root, "m")
+    assert result.status == "error" and "No space left on device" in result.message
+    assert "previous save (step 2) is intact" in result.message
+    files = sorted(p.name for p in root.checkpoints.iterdir())
+    assert files == ["m_2.safetensors", "m_2.yaml"] or files == ["m_2.safetensors"]
+    assert load_checkpoint(root.checkpoints / "m_2.safetensors")  # still a whole, readable file
