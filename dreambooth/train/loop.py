@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -106,6 +107,8 @@ class Trainer:
         self.max_steps_override = max_steps
         on_gpu = torch.cuda.is_available()
         self.accelerator = Accelerator(
+            # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
+            cpu=not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
             mixed_precision=choose_precision(self.p.mixed_precision, on_gpu),
             gradient_accumulation_steps=self.p.gradient_accumulation_steps,
             # SDXL's first encoder contributes its penultimate layer only: its last layer gets no gradient.

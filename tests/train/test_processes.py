@@ -1,0 +1,97 @@
+"""The trainer as real processes: resume after a kill, two data-parallel processes (gloo on CPU), the demo."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from train_helpers import draw_images, make_model, read_events
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def train_cmd(root: Path, name: str = "m") -> list[str]:
+    return [sys.executable, "-m", "dreambooth", "--root", str(root), "train", name]
+
+
+def unet_weights(model) -> dict:
+    return load_file(model.working / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_source):
+    settings = dict(num_train_epochs=4, save_every_n_epochs=1, use_ema=True, lr_scheduler="linear", seed=3)
+    concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "instance_token": "zwx",
+                 "class_token": "dog", "num_samples": 0}]
+    root, model = make_model(tmp_path / "a", tiny_source, concepts=concepts, **settings)
+
+    proc = subprocess.Popen(train_cmd(root.root), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not any(e["kind"] == "checkpoint" and e["step"] >= 4 for e in read_events(model)):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its second save"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = max(e["step"] for e in read_events(model) if e["kind"] == "checkpoint")
+
+    resumed = subprocess.run(train_cmd(root.root), env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    start = next(e for e in read_events(model) if e["kind"] == "start")
+    assert start["step"] == saved and start["total_steps"] == 8
+    assert read_events(model)[-1] == {**read_events(model)[-1], "kind": "done", "step": 8}
+
+    # The same run without the kill gives the same weights: optimizer, scheduler, EMA, step and RNG were restored.
+    other_root, other = make_model(tmp_path / "b", tiny_source, concepts=concepts, **settings)
+    whole = subprocess.run(train_cmd(other_root.root), env=env(), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    a, b = unet_weights(model), unet_weights(other)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    ema_a = load_file(model.working / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    ema_b = load_file(other.working / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    for key in ema_a:
+        torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_train_data_parallel_and_only_rank0_writes(tmp_path, tiny_source):
+    concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=4)), "instance_token": "zwx",
+                 "class_token": "dog", "num_samples": 1, "sample_infer_steps": 1}]
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=concepts, num_train_epochs=2,
+                             save_every_n_epochs=1, sample_every_n_epochs=2, train_text_encoder_ratio=0.5)
+    # No CUDA here: --multi_gpu picks accelerate's torchrun launcher, and the trainer falls back to gloo on CPUs.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth", "--root", str(root.root), "train", "m"]
+    run = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    events = read_events(model)
+    start = next(e for e in events if e["kind"] == "start")
+    assert start["steps_per_epoch"] == 2 and start["total_steps"] == 4  # 4 images shared by 2 processes
+    kinds = [e["kind"] for e in events]
+    assert kinds.count("start") == 1 and kinds.count("step") == 4 and kinds.count("done") == 1
+    assert sorted(p.name for p in root.checkpoints.glob("*.safetensors")) == ["m_2.safetensors", "m_4.safetensors"]
+    assert sorted(p.name for p in model.samples.iterdir()) == ["4-0-0.png"]
+
+
+def test_demo_runs_the_whole_flow(tmp_path):
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "dreambooth", "--root", str(tmp_path), "demo"], env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    checkpoints = [Path(line.split("checkpoint ", 1)[1]) for line in lines if line.startswith("demo: checkpoint ")]
+    assert checkpoints and all(p.is_file() for p in checkpoints)
+    previews = tmp_path / "models" / "dreambooth" / "demo" / "samples"
+    assert len(list(previews.glob("*.png"))) >= 2
+    assert len(list((tmp_path / "models" / "dreambooth" / "demo" / "class_images").rglob("*.png"))) == 4
+    print(f"demo took {time.time() - started:.0f} s")
