@@ -66,21 +66,21 @@ class DictSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """One or more .safetensors files (a sharded folder is several), read lazily through safe_open."""
+    """One or more .safetensors files (a sharded folder is several), read tensor by tensor with plain reads.
+
+    Not memory-mapped on purpose: every mapped page a conversion touches would count in the process's resident
+    memory until the end, so importing a 7 GB file would hold 7 GB. A read copies one tensor and frees it.
+    """
 
     def __init__(self, paths: Iterable[Path]):
-        from safetensors import safe_open
-
-        self.handles = []
-        self.where: dict[str, object] = {}
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        self._metadata: dict = {}
         for path in paths:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for a bad header
-                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-            self.handles.append(handle)
-            for key in handle.keys():
-                self.where[key] = handle
+            header, data_start = read_header(Path(path))
+            self._metadata = self._metadata or header.pop("__metadata__", None) or {}
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self.where[key] = (Path(path), data_start, info)
 
     def keys(self):
         return list(self.where)
@@ -89,16 +89,54 @@ class SafetensorsSource(TensorSource):
         return key in self.where
 
     def shape(self, key):
-        return tuple(self.where[key].get_slice(key).get_shape())
+        return tuple(self.where[key][2]["shape"])
 
     def dtype(self, key):
-        return NAMED_DTYPES[self.where[key].get_slice(key).get_dtype()]
+        return NAMED_DTYPES[self.where[key][2]["dtype"]]
 
     def get(self, key):
-        return self.where[key].get_tensor(key)
+        path, data_start, info = self.where[key]
+        begin, end = info["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            raw = bytearray(f.read(end - begin))
+        if len(raw) != end - begin:
+            raise UserError(f"{path}: truncated inside tensor {key}")
+        dtype = NAMED_DTYPES[info["dtype"]]
+        if not raw:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(info["shape"])
 
     def metadata(self) -> dict:
-        return (self.handles[0].metadata() or {}) if self.handles else {}
+        return self._metadata
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header dict, offset of the data section) of a safetensors file; UserError if it is not one."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: not a checkpoint (file too short)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > 100_000_000 or header_len + 8 > size:
+            raise UserError(f"{path}: not a checkpoint or truncated (bad safetensors header)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path}: not a checkpoint (the safetensors header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a checkpoint (bad safetensors header)")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in NAMED_DTYPES or "data_offsets" not in info:
+            raise UserError(f"{path}: not a checkpoint (bad entry {key!r} in the safetensors header)")
+        end = max(end, info["data_offsets"][1])
+    if 8 + header_len + end > size:
+        raise UserError(f"{path}: truncated ({size} bytes, the header needs {8 + header_len + end})")
+    return header, 8 + header_len
 
 
 def open_checkpoint(path: Path) -> TensorSource:
@@ -112,24 +150,7 @@ def open_checkpoint(path: Path) -> TensorSource:
         head = f.read(8)
     if head[:2] == b"PK" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         return _open_torch(path)
-    if len(head) < 8:
-        raise UserError(f"{path}: not a checkpoint (file too short)")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len > 100_000_000 or header_len + 8 > path.stat().st_size:
-        raise UserError(f"{path}: not a checkpoint or truncated (bad safetensors header)")
-    source = SafetensorsSource([path])
-    _check_complete(path, source)
-    return source
-
-
-def _check_complete(path: Path, source: SafetensorsSource) -> None:
-    """A truncated safetensors file still opens; its data section is shorter than the header promises."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > path.stat().st_size:
-        raise UserError(f"{path}: truncated ({path.stat().st_size} bytes, the header needs {8 + header_len + end})")
+    return SafetensorsSource([path])
 
 
 def _open_torch(path: Path) -> TensorSource:
