@@ -22,7 +22,7 @@ from ..families import detect_family, family, family_from_keys
 from . import keymap
 from .keymap import CONV1X1, QKV, SAME, TRANSPOSE
 from .layout import text_config, unet_config, vae_config
-from .tensorio import DictSource, Entry, SafetensorsSource, TensorSource, open_checkpoint, write_safetensors
+from .tensorio import DictSource, Entry, RenamedSource, SafetensorsSource, TensorSource, open_checkpoint, write_safetensors
 
 EXTRAS_FILE = "ldm_extras.safetensors"
 MODEL_INFO_FILE = "dreambooth_model.json"
@@ -233,11 +233,12 @@ def read_configs(working: Path, family_name: str) -> dict[str, dict]:
             for c in components_of(family_name)}
 
 
-def component_source(folder: Path) -> TensorSource:
+def component_source(folder: Path, component: str) -> TensorSource:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no .safetensors weights (the working model is incomplete)")
-    return SafetensorsSource(files)
+    source = SafetensorsSource(files)
+    return RenamedSource(source, {canonical_key(component, k): k for k in source.keys()})
 
 
 def plan_export(family_name: str, configs: dict[str, dict], sources: dict[str, TensorSource],

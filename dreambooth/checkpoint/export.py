@@ -83,7 +83,7 @@ def write_single_file(working: Path, out: Path, fmt: str = "safetensors", half: 
         if component in state_dicts:
             sources[component] = canonical_source(component, state_dicts[component])
         else:
-            sources[component] = component_source(working / component)
+            sources[component] = component_source(working / component, component)
     extras_path = working / EXTRAS_FILE
     extras = SafetensorsSource([extras_path]) if extras_path.is_file() else None
     # The source's EMA copy describes the untrained UNet: keep it only while the UNet is untouched.

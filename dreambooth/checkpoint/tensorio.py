@@ -111,6 +111,28 @@ class SafetensorsSource(TensorSource):
         return self._metadata
 
 
+class RenamedSource(TensorSource):
+    """Another source under new names: {new name: old name}."""
+
+    def __init__(self, source: TensorSource, names: dict[str, str]):
+        self.source, self.names = source, names
+
+    def keys(self):
+        return list(self.names)
+
+    def __contains__(self, key):
+        return key in self.names
+
+    def shape(self, key):
+        return self.source.shape(self.names[key])
+
+    def dtype(self, key):
+        return self.source.dtype(self.names[key])
+
+    def get(self, key):
+        return self.source.get(self.names[key])
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """(header dict, offset of the data section) of a safetensors file; UserError if it is not one."""
     size = path.stat().st_size

@@ -127,3 +127,15 @@ def test_trainer_hooks(tiny_sources, tmp_path):
     unet.save_pretrained(str(model.working / "unet_ema"))
     ema = load_file(str(export_model(root, "hooks", ema=True, out=tmp_path / "ema.safetensors")))
     assert torch.equal(ema["model.diffusion_model.out.2.weight"], unet.conv_out.weight)
+
+
+def test_text_encoder_saved_without_the_text_model_prefix(tiny_sources, tmp_path):
+    """transformers 5 may save CLIPTextModel without `text_model.`; export still finds every tensor."""
+    root = DataRoot(tmp_path / "root")
+    model = create_model(root, "plain", str(tiny_sources["v1"]))
+    weights = model.working / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k.removeprefix("text_model."): v for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    out = load_file(str(export_model(root, "plain", out=tmp_path / "out.safetensors")))
+    source = load_file(str(tiny_sources["v1"]))
+    assert set(out) == set(source) and all(torch.equal(out[k], v) for k, v in source.items())
