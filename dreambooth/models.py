@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,9 @@ from .families import check_family_choice, family
 from .store import DataRoot, ModelDir
 
 TRAINING_FILE = "training.json"
+# "owner/name" on the Hugging Face hub; anything else that does not exist is a missing file or folder.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def _import_diffusers(source: str, working: Path, forced: str) -> dict:
@@ -60,9 +64,7 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
     if not isinstance(source, str) or not source.strip():
         raise UserError("source: must not be empty")
     path = Path(source).expanduser()
-    looks_like_path = path.exists() or os.sep in source or source.startswith(".") or path.suffix.lower() in (
-        ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-    if looks_like_path and not path.exists():
+    if not path.exists() and (not HUB_ID.match(source) or path.suffix.lower() in CHECKPOINT_SUFFIXES):
         raise UserError(f"source {source!r}: no such file or folder")
     root.dreambooth.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".creating", dir=root.dreambooth))

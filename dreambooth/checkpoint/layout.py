@@ -58,8 +58,10 @@ def unet_config(source: TensorSource, prefix: str, family_name: str, yaml_data: 
     if attention[-1] and mid_depth != depths[-1]:
         raise UserError(f"unknown checkpoint layout: middle block depth {mid_depth} differs from the last level's {depths[-1]}")
     depths[-1] = mid_depth
-    attn_key = next(k for k in keys if k.endswith("attn2.to_k.weight"))
-    proj_in = next(k for k in keys if k.endswith(".proj_in.weight"))
+    attn_key = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((k for k in keys if k.endswith(".proj_in.weight")), None)
+    if attn_key is None or proj_in is None:
+        raise UserError("unknown checkpoint layout: the UNet has no cross-attention transformer")
 
     params = _yaml_unet_params(yaml_data)
     if params.get("num_head_channels", -1) not in (-1, None):
