@@ -186,6 +186,9 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
         yaml_data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
     by_keys = family_from_keys(source.keys())
     if by_keys is None:
+        if any(k.startswith(EMA_PREFIX) for k in source.keys()):
+            raise UserError(f"{path}: holds only EMA weights (model_ema.*, names without dots), which cannot be "
+                            "mapped back; use a file with model.diffusion_model.* weights")
         raise UserError(f"{path}: unknown checkpoint layout (no Stable Diffusion v1 / v2 / SDXL keys)")
     name = detect_family(source.keys(), yaml_path if yaml_data is not None else None, forced)
     if by_keys != name and {by_keys, name} != {"v2", "v2-v"}:

@@ -211,7 +211,7 @@ class Entry:
         self.key, self.shape, self.dtype, self.make = key, tuple(shape), dtype, make
 
     def tensor(self) -> torch.Tensor:
-        t = self.make().to(self.dtype).contiguous()
+        t = self.make().detach().to(device="cpu", dtype=self.dtype).contiguous()  # the trainer's may be on a GPU
         if tuple(t.shape) != self.shape:
             raise RuntimeError(f"{self.key}: produced shape {tuple(t.shape)}, planned {self.shape}")
         return t

@@ -39,6 +39,9 @@ def _bad_sources(tmp_path, tiny_sources) -> dict:
     whole = (tmp_path / "whole.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(whole[: len(whole) - 200])
     save_file({"foo.weight": torch.zeros(3)}, str(tmp_path / "unknown.safetensors"))
+    save_file({"model_ema.diffusion_modelout2weight": torch.zeros(3), "first_stage_model.quant_conv.bias": torch.zeros(8)},
+              str(tmp_path / "emaonly.safetensors"))
+    (tmp_path / "folder.safetensors").mkdir()
     return {
         "missing.safetensors": "no such file",
         "notes.safetensors": "not a checkpoint",
@@ -46,6 +49,8 @@ def _bad_sources(tmp_path, tiny_sources) -> dict:
         "random.ckpt": "not a checkpoint",
         "truncated.ckpt": "truncated",
         "unknown.safetensors": "unknown checkpoint layout",
+        "emaonly.safetensors": "only EMA weights",
+        "folder.safetensors": "cannot load as a diffusers model",
     }
 
 
