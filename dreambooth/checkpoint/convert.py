@@ -141,6 +141,12 @@ def write_component(folder: Path, component: str, config: dict, entries: list[En
         model.save_config(str(folder))
     else:
         model.config.save_pretrained(str(folder))
+        # Load in float32 by default, as diffusers loads the UNet and VAE; transformers 5 would otherwise load an
+        # fp16 file as fp16 and a pipeline would mix dtypes. The file keeps the source's dtype.
+        config_path = folder / "config.json"
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        data.update(dtype="float32", torch_dtype="float32")
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_safetensors(folder / WEIGHT_FILES[component], entries, metadata={"format": "pt"})
 
 

@@ -36,6 +36,12 @@ def test_fp16_source_stays_fp16(tiny_sources, tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     out = load_file(str(export_model(root, "half", out=tmp_path / "out.safetensors")))
     assert set(out) == set(half) and all(out[k].dtype == torch.float16 and torch.equal(out[k], v) for k, v in half.items())
+    # The folder still loads as one dtype by default (transformers 5 would pick fp16 for the text encoder alone).
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(model.working), local_files_only=True)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+    image = pipe("a dog", num_inference_steps=1, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_ckpt_source_round_trips(tmp_path):
