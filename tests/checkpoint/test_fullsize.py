@@ -103,3 +103,26 @@ def test_export_gives_the_release_keys_and_shapes(fam):
     assert set(shapes) - set(exported) == set()
     assert exported == shapes
     assert all(e.dtype == torch.float16 for e in entries)
+
+
+@pytest.mark.parametrize("fam", list(RELEASES))
+def test_yaml_only_where_a_host_could_not_guess(fam):
+    from dreambooth.checkpoint.layout import render_yaml
+
+    shapes, yaml_data = _release(fam)
+    configs = configs_from_single_file(ShapeSource(shapes), fam, yaml_data)
+    text, needed = render_yaml(fam, configs["unet"], configs["vae"])
+    assert needed == (fam == "v2-v")  # standard widths: hosts guess them; v-prediction they cannot
+    assert yaml.safe_load(text) == yaml_data
+
+
+def test_the_package_ships_its_own_copies_of_the_reference_data():
+    from dreambooth.families import BPE_PATH, RESOURCES, clip_vocab_and_merges
+
+    for name in RELEASES.values():
+        assert (RESOURCES / "ldm" / name).read_bytes() == (REFERENCE / "ldm-configs" / name).read_bytes()
+    assert BPE_PATH.read_bytes() == (REFERENCE / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    assert (RESOURCES / "CLIP_BPE_LICENSE.txt").is_file()
+    vocab, merges = clip_vocab_and_merges()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
