@@ -32,12 +32,17 @@ def _import_diffusers(source: str, working: Path, forced: str) -> dict:
 
     local = Path(source).expanduser()
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else source)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else source,
+                                                           torch_dtype=_folder_dtype(local))
     except Exception as e:  # hub errors, missing files, bad configs: all one line for the user
         raise UserError(f"{source}: cannot load as a diffusers model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
         raise UserError(f"{source}: not a Stable Diffusion pipeline ({type(pipe).__name__})")
     pipe.save_pretrained(str(working), safe_serialization=True)
+    for config_path in working.glob("text_encoder*/config.json"):  # load as float32 by default, like the UNet
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+        data.update(dtype="float32", torch_dtype="float32")
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (working / MODEL_INFO_FILE).unlink(missing_ok=True)
     found = read_family(working)
     name = family(forced).name if forced != "auto" else found
@@ -51,6 +56,23 @@ def _import_diffusers(source: str, working: Path, forced: str) -> dict:
             "source": source, "extras": 0, "yaml_beside_source": False}
     (working / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def _folder_dtype(folder: Path):
+    """The dtype of a local diffusers folder's UNet weights, so that fp16 stays fp16 (None: the loader's default)."""
+    import torch
+
+    from .checkpoint.tensorio import SafetensorsSource
+
+    files = sorted((folder / "unet").glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    try:
+        source = SafetensorsSource(files[:1])
+    except UserError:
+        return None
+    dtypes = {source.dtype(k) for k in source.keys()}
+    return dtypes.pop() if len(dtypes) == 1 and torch.float32 not in dtypes else None
 
 
 def create_model(root: DataRoot, name: str, source: str, family: str = "auto", overwrite: bool = False) -> ModelDir:

@@ -145,3 +145,16 @@ def test_text_encoder_saved_without_the_text_model_prefix(tiny_sources, tmp_path
     out = load_file(str(export_model(root, "plain", out=tmp_path / "out.safetensors")))
     source = load_file(str(tiny_sources["v1"]))
     assert set(out) == set(source) and all(torch.equal(out[k], v) for k, v in source.items())
+
+
+def test_fp16_diffusers_folder_stays_fp16(tiny_sources, tmp_path):
+    src = tiny_sources["v2"]
+    half = _copy_with_yaml(src, tmp_path / "half.safetensors", {k: v.half() for k, v in load_file(str(src)).items()})
+    root = DataRoot(tmp_path / "root")
+    first = create_model(root, "first", str(half))
+    second = create_model(root, "second", str(first.working))
+    with safe_open(str(second.working / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    out = load_file(str(export_model(root, "second", out=tmp_path / "out.safetensors")))
+    source = load_file(str(half))
+    assert set(out) == set(source) and all(torch.equal(out[k], v) for k, v in source.items())
