@@ -67,7 +67,11 @@ def run_demo(root: DataRoot | None) -> int:
     from .models import create_model
     from .train import train_model
 
+    import torch
+
     started = time.time()
+    # The demo model is tiny: starting threads costs more than the work, and several threads fight over a busy CPU.
+    torch.set_num_threads(1)
     root = (root or DataRoot(DEMO_ROOT.resolve())).ensure()
     demo_dir = root.root / "demo-inputs"
     print(f"demo: data root {root.root}")

@@ -45,7 +45,8 @@ def set_attention(unet, backend: str) -> str:
     return backend
 
 
-def load_components(working: Path, family: str, device, params) -> Components:
+def load_components(working: Path, family: str, device, params, resume_from: Path | None = None) -> Components:
+    """The model's parts from working/; trained parts from `resume_from` (a saved state folder) where it has them."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -56,12 +57,16 @@ def load_components(working: Path, family: str, device, params) -> Components:
         raise UserError(f"{working}: the working model is missing its unet folder (re-create the model)")
     sdxl = (working / "text_encoder_2").is_dir() or family == "sdxl"
     f32 = torch.float32
-    unet = UNet2DConditionModel.from_pretrained(working, subfolder="unet", torch_dtype=f32)
+    def home(part: str) -> Path:
+        return resume_from if resume_from is not None and (Path(resume_from) / part).is_dir() else working
+
+    unet = UNet2DConditionModel.from_pretrained(home("unet"), subfolder="unet", torch_dtype=f32)
     vae = AutoencoderKL.from_pretrained(working, subfolder="vae", torch_dtype=f32)
-    encoders = [CLIPTextModel.from_pretrained(working, subfolder="text_encoder", torch_dtype=f32)]
+    encoders = [CLIPTextModel.from_pretrained(home("text_encoder"), subfolder="text_encoder", torch_dtype=f32)]
     tokenizers = [CLIPTokenizer.from_pretrained(working, subfolder="tokenizer")]
     if sdxl:
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(working, subfolder="text_encoder_2", torch_dtype=f32))
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(home("text_encoder_2"), subfolder="text_encoder_2",
+                                                                    torch_dtype=f32))
         tokenizers.append(CLIPTokenizer.from_pretrained(working, subfolder="tokenizer_2"))
     noise_scheduler = DDPMScheduler.from_pretrained(working, subfolder="scheduler")
 

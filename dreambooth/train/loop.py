@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from ..data.dataset import TrainingData, class_examples_from, collect_instances,
 from . import pipeline as gen
 from .components import Components, load_components
 from .optim import make_lr_scheduler, make_optimizer
-from .state import load_state, save_state, swap_folder
+from .state import link_tree, load_state, save_state, saved_step, swap_folder
 from .step import Batch, TrainStep
 
 log = logging.getLogger("dreambooth")
@@ -144,17 +145,30 @@ class Trainer:
             self.controls.clear_all()
             self.events.clear()
         acc.wait_for_everyone()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._run()
+        except Exception as e:  # bad input found late, or a crash: the watcher learns why, then it propagates
+            self.emit("error", message=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if acc.num_processes == 1:
+                # accelerate's settings are process-wide: let a later run in this process choose its own.
+                from accelerate.state import AcceleratorState, GradientState
+
+                AcceleratorState._reset_state(reset_partial_state=True)
+                GradientState._reset_state()
 
     def _run(self) -> TrainResult:
         acc, p = self.accelerator, self.p
-        self.c = c = load_components(self.model.working, self.config.model.family, acc.device, p)
-        instances = collect_instances(self.config)
+        instances = collect_instances(self.config)  # bad images are reported before the models load
+        # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
+        resume_from = self.model.state if saved_step(self.model.state) is not None else None
+        self.c = c = load_components(self.model.working, self.config.model.family, acc.device, p, resume_from)
         classes = self.prepare_class_images(instances)
         self.data = data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
         self.instances = instances
@@ -255,12 +269,6 @@ class Trainer:
         else:
             self.emit("error", message=message)
         acc.end_training()
-        if acc.num_processes == 1:
-            # accelerate's settings are process-wide: let a later run in this process choose its own.
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
         return TrainResult(status == "done", status, step, total, message, self.checkpoints, self.sample_paths)
 
     # -- pieces of the loop -------------------------------------------------------------------------------------
@@ -441,21 +449,32 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def save(self, step: int, epoch: int) -> None:
-        """Trained weights into working/, resume state into state/, then a single-file checkpoint. Main only."""
+        """Resume state (with the trained weights) into state/, the weights into working/, then a checkpoint file.
+
+        state/ is the commit point: it is replaced in one rename and holds weights, optimizer, scheduler, EMA, step
+        and RNG together, so a kill at any moment resumes from a consistent save. working/ gets hard links to the
+        same weight files (no extra disk), for `export` and the UI. Main process only writes.
+        """
         acc, p = self.accelerator, self.p
         if self.main:
             from ..checkpoint.export import write_single_file
 
             unet = acc.unwrap_model(self.unet)
-            working = self.model.working
-            swap_folder(working / "unet", lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
-            state_dicts = {"unet": unet.state_dict()}
-            names = ("text_encoder", "text_encoder_2")
+            trained = {"unet": unet}
             if self.te_steps > 0:
-                for name, te in zip(names, self.text_encoders):
-                    te = acc.unwrap_model(te)
-                    swap_folder(working / name, lambda tmp, te=te: te.save_pretrained(tmp, safe_serialization=True))
-                    state_dicts[name] = te.state_dict()
+                for name, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+                    trained[name] = acc.unwrap_model(te)
+
+            def write_weights(tmp: Path) -> None:
+                for name, module in trained.items():
+                    module.save_pretrained(tmp / name, safe_serialization=True)
+
+            save_state(self.model.state, step, self.total_steps, self.optimizer, self.lr_scheduler, self.ema,
+                       write_weights)
+            working = self.model.working
+            for name in trained:
+                swap_folder(working / name, lambda tmp, name=name: link_tree(self.model.state / name, tmp))
+            state_dicts = {name: module.state_dict() for name, module in trained.items()}
             if self.ema is not None:
                 ema_unet = self._ema_unet(unet)
                 swap_folder(working / "unet_ema", lambda tmp: ema_unet.save_pretrained(tmp, safe_serialization=True))
@@ -466,7 +485,6 @@ class Trainer:
                        "text_encoder_steps": self.te_steps, "ema": p.use_ema,
                        "instance_images": len(self.data.instances), "prompts": sorted({e.prompt for e in self.data.instances})[:8]}
             atomic_write_text(working / "training.json", json.dumps(summary, indent=2) + "\n")
-            save_state(self.model.state, step, self.total_steps, self.optimizer, self.lr_scheduler, self.ema)
             out = self.root.checkpoints / f"{self.model.name}_{step}.{p.checkpoint_format}"
             metadata = {"dreambooth.training": json.dumps(summary)}
             path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,

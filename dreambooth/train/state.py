@@ -1,12 +1,14 @@
 """Resume state and crash-safe folder replacement.
 
-<model>/state/ holds what the weights alone do not: optimizer, LR scheduler, EMA, step and the torch RNG.
+<model>/state/ holds the trained weights together with what they alone do not: optimizer, LR scheduler, EMA,
+step and the torch RNG.
 Every save writes a complete new folder beside the old one and swaps it in with renames, so a kill or a full disk
 during a save leaves the previous state (and weights) usable; `recover_folder` finishes an interrupted swap.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -49,8 +51,25 @@ def swap_folder(final: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(_old(final), ignore_errors=True)
 
 
-def save_state(folder: Path, step: int, total_steps: int, optimizer, lr_scheduler, ema) -> None:
+def link_tree(source: Path, target: Path) -> None:
+    """Fill `target` with hard links to the files of `source` (copies where links are not possible)."""
+    for path in Path(source).rglob("*"):
+        dest = Path(target) / path.relative_to(source)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+
+
+def save_state(folder: Path, step: int, total_steps: int, optimizer, lr_scheduler, ema,
+               write_weights: Callable[[Path], None] | None = None) -> None:
     def write(tmp: Path) -> None:
+        if write_weights is not None:
+            write_weights(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if ema is not None:

@@ -240,3 +240,25 @@ def test_failing_save_keeps_the_previous_checkpoint(tmp_path, tiny_source, monke
     files = sorted(p.name for p in root.checkpoints.iterdir())
     assert files == ["m_2.safetensors", "m_2.yaml"] or files == ["m_2.safetensors"]
     assert load_checkpoint(root.checkpoints / "m_2.safetensors")  # still a whole, readable file
+
+
+@pytest.mark.parametrize("family", ["v2", "v2-v", "sdxl"])
+def test_other_families_train_with_prior_and_previews(tmp_path, family):
+    """v2 (epsilon), v2-v (v-prediction) and SDXL (two encoders, pooled + size/crop conditioning) end to end."""
+    from dreambooth.checkpoint.tiny import write_tiny_checkpoint
+
+    source = write_tiny_checkpoint(family, tmp_path / f"tiny-{family}.safetensors", seed=0)
+    concepts = [concept(tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=1,
+                        num_samples=1, sample_infer_steps=1)]
+    root, model = make_model(tmp_path / "root", source, family=family, concepts=concepts, num_train_epochs=1,
+                             train_text_encoder_ratio=1.0)
+    scheduler = json.loads((model.working / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == ("v_prediction" if family == "v2-v" else "epsilon")
+    result = train_model(root, "m")
+    assert result.ok and result.step == 2, result.summary()
+    trained, base = load_checkpoint(result.checkpoints[-1]), load_file(source)
+    prefixes = ("model.diffusion_model.", "conditioner.embedders.1.model." if family == "sdxl" else "cond_stage_model.")
+    for prefix in prefixes:
+        assert not same(trained, base, prefix), prefix
+    assert same(trained, base, VAE)
+    assert len(list(model.class_images.rglob("*.png"))) == 2 and len(list(model.samples.glob("*.png"))) == 1
