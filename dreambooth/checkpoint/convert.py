@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError
 from ..families import detect_family, family, family_from_keys
 from . import keymap
-from .keymap import CONV1X1, QKV, SAME, TRANSPOSE
+from .keymap import CONV1X1, QKV, TRANSPOSE
 from .layout import text_config, unet_config, vae_config
 from .tensorio import DictSource, Entry, RenamedSource, SafetensorsSource, TensorSource, open_checkpoint, write_safetensors
 

@@ -13,9 +13,6 @@ from safetensors.torch import save_file
 from dreambooth import cli
 from dreambooth.checkpoint import tensorio
 from dreambooth.checkpoint.export import write_single_file
-from dreambooth.errors import UserError
-from dreambooth.models import create_model
-from dreambooth.store import DataRoot
 
 from webui_safe import check_zip_filenames
 
