@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from dreambooth.checkpoint.tiny import write_tiny_checkpoint
 from dreambooth.errors import UserError
 
-from ldm_reference import clip_keys, unet_keys
+from ldm_reference import clip_keys, unet_keys, vae_keys
 
 
 def test_seeded_and_deterministic(tiny_sources, tmp_path):
@@ -32,6 +32,10 @@ def test_small_and_described_by_its_yaml(fam, tiny_sources):
     prefix = "model.diffusion_model."
     ours = {k[len(prefix):]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
     assert unet_keys(unet) == ours
+    first = params["first_stage_config"]["params"]
+    prefix = "first_stage_model."
+    ours = {k[len(prefix):]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
+    assert vae_keys(first["ddconfig"], first["embed_dim"]) == ours
 
 
 def test_full_text_encoder_keeps_the_real_widths(tmp_path):
