@@ -251,7 +251,7 @@ def test_other_families_train_with_prior_and_previews(tmp_path, family):
     concepts = [concept(tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=1,
                         num_samples=1, sample_infer_steps=1)]
     root, model = make_model(tmp_path / "root", source, family=family, concepts=concepts, num_train_epochs=1,
-                             train_text_encoder_ratio=1.0)
+                             train_text_encoder_ratio=1.0, sample_every_n_epochs=1)
     scheduler = json.loads((model.working / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == ("v_prediction" if family == "v2-v" else "epsilon")
     result = train_model(root, "m")
