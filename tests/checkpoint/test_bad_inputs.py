@@ -129,3 +129,32 @@ def test_cli_in_a_real_process(tmp_path):
     failed = run("create", "bad/name", "--source", str(tmp_path / "t.safetensors"))
     assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [failed.stderr.strip()]
     assert "path separators" in failed.stderr
+
+
+def test_a_killed_export_leaves_the_previous_file(created, tmp_path):
+    """SIGKILL in the middle of writing: the final name still holds the previous file, never a partial one."""
+    import signal
+    import time
+
+    root, name = created["v1"]
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"previous file")
+    script = (
+        "import sys, time\n"
+        "from dreambooth.checkpoint import tensorio\n"
+        "from dreambooth.checkpoint.export import write_single_file\n"
+        "real = tensorio.Entry.tensor\n"
+        "def slow(self):\n"
+        "    time.sleep(0.02)\n"
+        "    return real(self)\n"
+        "tensorio.Entry.tensor = slow\n"
+        "write_single_file(sys.argv[1], sys.argv[2])\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(root.model(name).working), str(out)])
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
+        assert child.poll() is None and time.monotonic() < deadline, "the export ended before it could be killed"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert out.read_bytes() == b"previous file"
