@@ -262,3 +262,32 @@ def test_other_families_train_with_prior_and_previews(tmp_path, family):
         assert not same(trained, base, prefix), prefix
     assert same(trained, base, VAE)
     assert len(list(model.class_images.rglob("*.png"))) == 2 and len(list(model.samples.glob("*.png"))) == 1
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_source, capsys, monkeypatch):
+    import sys
+    import warnings
+
+    from dreambooth.cli import main
+
+    assert main(["--root", str(tmp_path / "empty-root"), "train", "nope"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: model 'nope': not found")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "zero.png").write_bytes(b"")
+    (broken / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[{"instance_data_dir": str(broken)}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["--root", str(root.root), "train", "m"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "concepts[0].instance_data_dir" in err and "none of the images" in err
+    assert {"zero.png", "cut.jpg"} <= {Path(str(w.message).split(":")[0].split()[-1]).name for w in caught}
+    assert read_events(model)[-1]["kind"] == "error"
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    root, model = make_model(tmp_path / "root8", tiny_source, concepts=[concept(tmp_path)], optimizer="adamw_8bit")
+    assert main(["--root", str(root.root), "train", "m"]) == 2
+    assert "parameters.optimizer: adamw_8bit needs bitsandbytes" in capsys.readouterr().err
+    assert not list(root.checkpoints.iterdir())
