@@ -42,6 +42,8 @@ def write_entries(out: Path, entries: list[Entry], fmt: str, metadata: dict | No
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r}: must be one of {', '.join(FORMATS)}")
     out = Path(out)
+    if out.suffix.lower() != f".{fmt}":
+        raise UserError(f"{out}: a {fmt} checkpoint must be named *.{fmt}")
     if out.is_dir():
         raise UserError(f"{out}: is a folder, expected a file path")
     with atomic_path(out) as tmp:

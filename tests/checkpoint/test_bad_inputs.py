@@ -82,6 +82,8 @@ def test_bad_names_and_existing_models(tmp_path, tiny_sources, capsys):
     assert code == 2 and "not found" in err
     code, err = _run(capsys, "--root", str(root), "export", "m", "--ema")
     assert code == 2 and "EMA" in err
+    code, err = _run(capsys, "--root", str(root), "export", "m", "--format", "ckpt", "--out", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "must be named *.ckpt" in err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_failed_export_leaves_no_partial_file(created, tmp_path, monkeypatch):
