@@ -169,7 +169,11 @@ class Trainer:
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
         resume_from = self.model.state if saved_step(self.model.state) is not None else None
         self.c = c = load_components(self.model.working, self.config.model.family, acc.device, p, resume_from)
-        classes = self.prepare_class_images(instances)
+        try:
+            classes = self.prepare_class_images(instances)
+        except StopTraining as stop:
+            self.emit(stop.status, step=0, message=stop.message)
+            return TrainResult(False, stop.status, 0, 0, stop.message)
         self.data = data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
         self.instances = instances
 
@@ -405,6 +409,9 @@ class Trainer:
 
             def progress(n, _total, offset=done):
                 self.emit("class_images", done=offset + n, total=total_missing)
+                if self.accelerator.num_processes == 1 and (self.interrupted or "cancel" in self.controls.pending()):
+                    self.controls.withdraw("cancel")  # the images made so far are kept and reused next time
+                    raise StopTraining("cancelled", f"cancelled while generating class images ({offset + n} made)")
 
             class_data.generate_missing(folder, missing, make, parameters, progress)
             done += len(missing)

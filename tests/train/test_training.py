@@ -291,3 +291,28 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_source, capsys, mon
     assert main(["--root", str(root.root), "train", "m"]) == 2
     assert "parameters.optimizer: adamw_8bit needs bitsandbytes" in capsys.readouterr().err
     assert not list(root.checkpoints.iterdir())
+
+
+def test_cancel_during_class_images_keeps_them_for_next_time(tmp_path, tiny_source):
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
+        tmp_path, class_prompt="a dog", num_class_images_per_image=3, class_infer_steps=1)], max_train_steps=1)
+    controls = Controls(model.path)
+
+    def cancel():
+        deadline = time.time() + 120
+        while not any(e["kind"] == "class_images" and e["done"] >= 1 for e in read_events(model)):
+            assert time.time() < deadline
+            time.sleep(0.02)
+        controls.request("cancel")
+
+    threading.Thread(target=cancel, daemon=True).start()
+    result = train_model(root, "m")
+    assert result.status == "cancelled" and "class images" in result.message
+    kept = len(list(model.class_images.rglob("*.png")))
+    assert 1 <= kept < 6 and read_events(model)[-1]["kind"] == "cancelled"
+
+    result = train_model(root, "m")
+    assert result.ok
+    progress = [e for e in read_events(model) if e["kind"] == "class_images"]
+    assert progress[-1] == {**progress[-1], "done": 6 - kept, "total": 6 - kept}  # only the missing ones
+    assert len(list(model.class_images.rglob("*.png"))) == 6
