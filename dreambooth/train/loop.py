@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -19,7 +18,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import Config, validate_for_training
@@ -30,7 +28,7 @@ from ..data import class_images as class_data
 from ..data import captions
 from ..data.dataset import TrainingData, class_examples_from, collect_instances, tokenize
 from . import pipeline as gen
-from .components import Components, load_components
+from .components import load_components
 from .optim import make_lr_scheduler, make_optimizer
 from .state import link_tree, load_state, save_state, saved_step, swap_folder
 from .step import Batch, TrainStep
@@ -140,7 +138,7 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        acc, p = self.accelerator, self.p
+        acc = self.accelerator
         if self.main:
             self.controls.clear_all()
             self.events.clear()
@@ -223,7 +221,7 @@ class Trainer:
                 epoch = step // steps_per_epoch
                 batches = data.epoch_batches(epoch)
                 first = (step - epoch * steps_per_epoch) * p.gradient_accumulation_steps
-                for micro, items in enumerate(batches[first:], start=first):
+                for items in batches[first:]:
                     batch = self.make_batch(items, epoch)
                     out = self.train_step(batch, train_text_encoder=step < te_steps)
                     if not acc.sync_gradients:

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
+
 
 def _new(final: Path) -> Path:
     return final.parent / f".{final.name}.new"
@@ -98,8 +100,13 @@ def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema, total_st
         return None
     folder = Path(folder)
     load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
-    optimizer.load_state_dict(load("optimizer.pt"))
-    lr_scheduler.load_state_dict(load("lr_scheduler.pt"))
+    try:
+        optimizer.load_state_dict(load("optimizer.pt"))
+        lr_scheduler.load_state_dict(load("lr_scheduler.pt"))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{folder}: the saved training state does not fit the current settings (optimizer or text "
+                        f"encoder training changed: {e}); put the settings back, or delete that folder to start a "
+                        "new run from the saved weights") from None
     if ema is not None and (folder / "ema.pt").exists():
         ema.load_state_dict(load("ema.pt"))
         ema.to(accelerator.device)

@@ -6,13 +6,12 @@ settings, save on end/cancel) are checked in test_training.py.
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from dreambooth.config import Config, Parameters
+from dreambooth.config import Parameters
 from dreambooth.data.dataset import Example, Item, TrainingData
 from dreambooth.errors import UserError
 from dreambooth.train.components import set_attention

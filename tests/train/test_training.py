@@ -316,3 +316,16 @@ def test_cancel_during_class_images_keeps_them_for_next_time(tmp_path, tiny_sour
     progress = [e for e in read_events(model) if e["kind"] == "class_images"]
     assert progress[-1] == {**progress[-1], "done": 6 - kept, "total": 6 - kept}  # only the missing ones
     assert len(list(model.class_images.rglob("*.png"))) == 6
+
+
+def test_resume_with_settings_that_no_longer_fit_is_a_clear_error(tmp_path, tiny_source):
+    from dreambooth.config import Config
+    from dreambooth.errors import UserError
+
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], max_train_steps=1,
+                             train_text_encoder_ratio=0.0)
+    assert train_model(root, "m").ok
+    config = Config.load(model.config_path)
+    config.with_parameters(max_train_steps=3, train_text_encoder_ratio=1.0).save(model.config_path)
+    with pytest.raises(UserError, match="saved training state does not fit the current settings"):
+        train_model(root, "m")
