@@ -46,7 +46,7 @@ class Case:
     precision: str            # "no", "fp16" or "bf16" (mixed precision, as the trainer's setting)
     optimizer: str            # "adamw" or "adamw_8bit"
     cache_latents: bool       # ours: VAE latents computed once; the reference always encodes every step
-    train_text_encoder: bool  # False: text encoder frozen, ours caches its output
+    train_text_encoder: bool  # False: text encoder(s) frozen
     gradient_checkpointing: bool = False
 
 
@@ -115,57 +115,68 @@ def _vae_config(arch: str) -> dict:
                 scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
 
 
-def _text_encoder_config(arch: str) -> dict:
+def _text_encoder_configs(arch: str) -> list[dict]:
     if arch == "tiny":
-        return dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
-    # CLIP ViT-L/14 text tower (SD1.5).
-    return dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+        return [dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)]
+    # CLIP ViT-L/14 text tower (SD1.5; SDXL's first encoder).
+    clip_l = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+    if arch == "sd15":
+        return [clip_l]
+    # OpenCLIP ViT-bigG/14 text tower (SDXL's second encoder, with projection).
+    big_g = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+    return [clip_l, big_g]
 
 
 @dataclass
 class Models:
     unet: object
     vae: object
-    text_encoder: object | None   # None for SDXL: the bench keeps SDXL's text encoders frozen and cached
+    text_encoders: tuple          # empty when the loop uses precomputed text embeddings
     noise_scheduler: object
     sdxl: bool
     context_dim: int
 
 
-def build_models(arch: str, device) -> Models:
+def build_models(arch: str, device, text_encoders: bool = True) -> Models:
     """Random-weight models in fp32, created directly on `device` (fast init on a GPU)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
+    encoders = []
     with torch.device(device):
         unet = UNet2DConditionModel(**_unet_config(arch))
         vae = AutoencoderKL(**_vae_config(arch))
-        text_encoder = None if arch == "sdxl" else CLIPTextModel(CLIPTextConfig(**_text_encoder_config(arch)))
+        if text_encoders:
+            configs = _text_encoder_configs(arch)
+            for i, config in enumerate(configs):
+                cls = CLIPTextModelWithProjection if arch == "sdxl" and i == 1 else CLIPTextModel
+                encoders.append(cls(CLIPTextConfig(**config)))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="epsilon")
     context_dim = _unet_config(arch)["cross_attention_dim"]
-    return Models(unet, vae, text_encoder, scheduler, arch == "sdxl", context_dim)
+    return Models(unet, vae, tuple(encoders), scheduler, arch == "sdxl", context_dim)
 
 
-def make_inputs(case: Case, models: Models, device) -> dict:
-    """One fixed batch: pixels in [-1, 1], token ids, and for SDXL cached embeddings and size conditioning."""
+def make_inputs(case: Case, device) -> dict:
+    """One fixed batch: pixels in [-1, 1], token ids per tokenizer, SDXL size conditioning and, for loops that
+    precompute them, SDXL text embeddings (random: only their shapes matter for timing)."""
     import torch
 
     g = torch.Generator().manual_seed(1)
     b, r = case.batch, case.resolution
-    inputs = {"pixels": (torch.rand(b, 3, r, r, generator=g) * 2 - 1).to(device)}
-    if models.text_encoder is not None:
-        vocab = models.text_encoder.config.vocab_size
-        ids = torch.randint(0, vocab - 2, (b, 77), generator=g)
-        ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1  # start and end tokens in their usual places
-        inputs["input_ids"] = ids.to(device)
-    else:
-        # SDXL: both text encoders frozen; their outputs (2048-wide hidden states, 1280 pooled) are precomputed.
-        inputs["prompt_embeds"] = torch.randn(b, 77, models.context_dim, generator=g).to(device)
+    vocab = _text_encoder_configs(case.arch)[0]["vocab_size"]
+    ids = torch.randint(0, vocab - 2, (b, 77), generator=g)
+    ids[:, 0], ids[:, -1] = vocab - 2, vocab - 1  # start and end tokens in their usual places
+    inputs = {"pixels": (torch.rand(b, 3, r, r, generator=g) * 2 - 1).to(device),
+              "input_ids": tuple(ids.to(device) for _ in _text_encoder_configs(case.arch))}
+    if case.arch == "sdxl":
+        context_dim = _unet_config(case.arch)["cross_attention_dim"]
+        inputs["prompt_embeds"] = torch.randn(b, 77, context_dim, generator=g).to(device)
         inputs["pooled_embeds"] = torch.randn(b, 1280, generator=g).to(device)
         inputs["add_time_ids"] = torch.tensor([[r, r, 0, 0, r, r]] * b, dtype=torch.float32).to(device)
     return inputs
@@ -181,78 +192,75 @@ def _weight_dtype(precision: str):
 # The two loops. Each builder returns a function that runs one training step.
 
 def build_ours(case: Case, models: Models, inputs: dict, device):
-    """The trainer's TrainStep, set up as the trainer sets it up for these settings."""
+    """The trainer's TrainStep with the trainer's own setup (train/components.py, optim.py, loop.py) and what its
+    loop does around each step (Trainer.make_batch: per-image VAE encode unless cached; the loss read back)."""
     import torch
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
 
     from .config import Parameters
+    from .train.components import set_attention
+    from .train.loop import choose_precision
+    from .train.optim import make_lr_scheduler, make_optimizer
     from .train.step import Batch, TrainStep
 
     params = Parameters(optimizer=case.optimizer, mixed_precision=case.precision, train_batch_size=case.batch,
                         resolution=case.resolution, cache_latents=case.cache_latents,
                         gradient_checkpointing=case.gradient_checkpointing, lr_scheduler="constant",
                         train_text_encoder_ratio=1.0 if case.train_text_encoder else 0.0)
-    accelerator = Accelerator(mixed_precision=params.mixed_precision, cpu=str(device) == "cpu")
-    weight_dtype = _weight_dtype(case.precision)
-    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
-    vae.requires_grad_(False)
-    vae.to(device, dtype=weight_dtype)
-    text_encoders = (text_encoder,) if text_encoder is not None else ()
-    if text_encoder is not None and not case.train_text_encoder:
-        text_encoder.requires_grad_(False)
-        text_encoder.to(dtype=weight_dtype)
-    if case.gradient_checkpointing:
+    cuda = str(device).startswith("cuda")
+    acc = Accelerator(mixed_precision=choose_precision(params.mixed_precision, cuda), cpu=not cuda)
+    unet, vae, encoders = models.unet, models.vae, list(models.text_encoders)
+
+    # As load_components does once the weights are loaded.
+    set_attention(unet, params.attention)
+    unet.train().requires_grad_(True).to(device)
+    trainable = params.train_text_encoder_ratio > 0
+    for te in encoders:
+        te.requires_grad_(trainable).train(trainable).to(device)
+    vae.requires_grad_(False).eval().to(device)
+    if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_encoder is not None and case.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        if trainable:
+            for te in encoders:
+                te.gradient_checkpointing_enable()
 
-    batch = Batch(pixels=inputs["pixels"], input_ids=(inputs["input_ids"],) if "input_ids" in inputs else (),
-                  prompt_embeds=inputs.get("prompt_embeds"), pooled_embeds=inputs.get("pooled_embeds"),
-                  add_time_ids=inputs.get("add_time_ids"))
-    if case.cache_latents:
-        with torch.no_grad():
-            latents = vae.encode(batch.pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-        batch = replace(batch, latents=latents.float(), pixels=None)
-        vae.to("cpu")  # cached latents: the trainer does not keep the VAE on the device
-    if text_encoder is not None and not case.train_text_encoder:
-        with torch.no_grad():
-            hidden = text_encoder(batch.input_ids[0])[0]
-        batch = replace(batch, input_ids=(), prompt_embeds=hidden.float())
+    # As Trainer._run does before its first step.
+    optimizer = make_optimizer(params, unet, encoders if trainable else ())
+    lr_scheduler = make_lr_scheduler(params, optimizer, 1000)
+    unet, optimizer = acc.prepare(unet, optimizer)
+    if trainable:
+        encoders = [acc.prepare(te) for te in encoders]
+    trainable_params = [q for q in unet.parameters() if q.requires_grad]
+    if trainable:
+        trainable_params += [q for te in encoders for q in te.parameters() if q.requires_grad]
+    step = TrainStep(unet, encoders, models.noise_scheduler, params, sdxl=models.sdxl, vae=vae, optimizer=optimizer,
+                     lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable_params)
 
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
-    if case.train_text_encoder and text_encoder is not None:
-        groups.append({"params": list(text_encoder.parameters()), "lr": params.text_encoder_learning_rate})
-    optimizer = _make_optimizer(groups, params, device)
-    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer)
-    models_to_prepare = [unet] + ([text_encoder] if case.train_text_encoder and text_encoder is not None else [])
-    prepared = accelerator.prepare(*models_to_prepare, optimizer, lr_scheduler)
-    unet = prepared[0]
-    if case.train_text_encoder and text_encoder is not None:
-        text_encoders = (prepared[1],)
-    optimizer, lr_scheduler = prepared[-2], prepared[-1]
-    unet.train()
-    step = TrainStep(unet, text_encoders, models.noise_scheduler, params, sdxl=models.sdxl,
-                     vae=None if case.cache_latents else vae, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                     accelerator=accelerator,
-                     trainable_params=[p for g in groups for p in g["params"]])
+    pixels = inputs["pixels"]
+    is_prior = torch.zeros(case.batch, dtype=torch.bool, device=device)
+    cache = []
+
+    def encode():
+        # As Trainer.make_batch: one image at a time through the VAE in its own dtype.
+        with torch.no_grad():
+            latents = [vae.encode(px.unsqueeze(0).to(device, vae.dtype)).latent_dist.sample()[0]
+                       * vae.config.scaling_factor for px in pixels]
+        return torch.stack(latents).float().to(device)
 
     def run():
-        return step(batch, train_text_encoder=case.train_text_encoder).loss
+        if case.cache_latents:
+            if not cache:
+                cache.append(encode())  # first epoch only; a warm-up step here
+            latents = cache[0]
+        else:
+            latents = encode()
+        batch = Batch(latents=latents, input_ids=inputs["input_ids"], add_time_ids=inputs.get("add_time_ids"),
+                      is_prior=is_prior)
+        out = step(batch, train_text_encoder=trainable)
+        acc.reduce(out.loss.detach().float(), reduction="mean").item()  # the loop reads the loss every step
+        return out.loss
 
     return run
-
-
-def _make_optimizer(groups, params, device):
-    import torch
-
-    kwargs = dict(betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_epsilon,
-                  weight_decay=params.weight_decay)
-    if params.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def build_reference(case: Case, models: Models, inputs: dict, device):
@@ -266,7 +274,8 @@ def build_reference(case: Case, models: Models, inputs: dict, device):
 
     accelerator = Accelerator(mixed_precision=case.precision, cpu=str(device) == "cpu")
     weight_dtype = _weight_dtype(case.precision)
-    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+    unet, vae = models.unet, models.vae
+    text_encoder = models.text_encoders[0] if models.text_encoders else None
     noise_scheduler = models.noise_scheduler
     vae.requires_grad_(False)
     # The SDXL scripts keep the VAE in fp32 under fp16 (it overflows there); otherwise it runs in the weight dtype.
@@ -298,7 +307,8 @@ def build_reference(case: Case, models: Models, inputs: dict, device):
     if train_te:
         text_encoder.train()
 
-    pixels, input_ids = inputs["pixels"], inputs.get("input_ids")
+    pixels = inputs["pixels"]
+    input_ids = None if models.sdxl else inputs["input_ids"][0]
 
     def run():
         with accelerator.accumulate(unet):
@@ -366,8 +376,9 @@ def measure(case: Case, loop: str, steps: int, warmup: int, device: str) -> dict
 
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()
-    models = build_models(case.arch, device)
-    inputs = make_inputs(case, models, device)
+    # The reference loop, like diffusers' SDXL scripts, precomputes SDXL's frozen text embeddings.
+    models = build_models(case.arch, device, text_encoders=not (loop == "reference" and case.arch == "sdxl"))
+    inputs = make_inputs(case, device)
     build = build_ours if loop == "ours" else build_reference
     run = build(case, models, inputs, device)
     setup_s = time.perf_counter() - t0
@@ -479,7 +490,7 @@ def format_table(rows: list[dict]) -> str:
             r = row[loop]
             settings = [c.name, ARCH_LABEL[c.arch], str(c.resolution), str(c.batch), c.precision, c.optimizer,
                         ("cached" if c.cache_latents else "encoded") if loop == "ours" else "encoded",
-                        "trained" if c.train_text_encoder else ("cached" if loop == "ours" or c.arch == "sdxl"
+                        "trained" if c.train_text_encoder else ("cached" if loop == "reference" and c.arch == "sdxl"
                                                                  else "frozen"),
                         "on" if c.gradient_checkpointing else "off", loop]
             if "error" in r:
@@ -503,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreambooth bench", description=__doc__.splitlines()[0])
     p.add_argument("--case", action="append", default=None,
                    help="case name (repeatable, or comma-separated); default: the device's list. See --list")
-    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per loop (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--device", default="auto", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per loop (default: 2 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on CUDA)")
     p.add_argument("--loops", default="ours,reference", help="which loops to run (default: ours,reference)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per (case, loop) subprocess")
@@ -521,9 +532,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:42s} {asdict(c)}")
         return 0
     device = _default_device() if args.device == "auto" else args.device
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"--device: {device!r} is not cpu, cuda or cuda:N")
-    cuda = device.startswith("cuda")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device: {device!r} is not cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES)")
+    cuda = device == "cuda"
     names = [n for item in (args.case or DEFAULT_CASES["cuda" if cuda else "cpu"]) for n in item.split(",") if n]
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -531,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     loops = [x for x in args.loops.split(",") if x]
     if not loops or any(x not in LOOPS for x in loops):
         raise UserError(f"--loops: {args.loops!r} must name ours and/or reference")
-    steps = args.steps if args.steps is not None else (20 if cuda else 3)
+    steps = args.steps if args.steps is not None else (20 if cuda else 2)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be at least 1 and --warmup at least 0 (got {steps}, {warmup})")

@@ -1,0 +1,113 @@
+"""Smoke test of `python -m dreambooth bench` at tiny size: the table comes out with sane numbers.
+
+Runs the real command (real subprocesses, real TrainStep, real reference loop) on the tiny architecture; the
+full-size cases are benchmarks, not tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "dreambooth", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    proc = run_cli("bench", "--case", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_table_has_both_loops_and_a_ratio(tiny_run):
+    stdout, _ = tiny_run
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    for column in ("model", "res", "batch", "precision", "optimizer", "steps/s", "samples/s", "peak mem", "MFU",
+                   "ours/ref"):
+        assert column in header
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    assert [r["loop"] for r in rows] == ["ours", "reference"]
+    ours, ref = rows
+    for r in rows:
+        assert (r["model"], r["res"], r["batch"], r["precision"], r["optimizer"]) == ("tiny", "64", "2", "no", "adamw")
+        assert r["peak mem"].endswith("RSS")
+        assert r["MFU"] == "-"  # no MFU on a CPU: there is no matmul peak to divide by
+    ratio = float(ours["ours/ref"].rstrip("x"))
+    assert ratio == pytest.approx(float(ours["steps/s"]) / float(ref["steps/s"]), rel=0.02)
+
+
+def test_numbers_are_sane(tiny_run):
+    _, results = tiny_run
+    (row,) = results["rows"]
+    for loop in ("ours", "reference"):
+        r = row[loop]
+        assert r["steps"] == 3 and len(r["step_seconds"]) == 3
+        assert all(0 < s < 120 for s in r["step_seconds"])
+        assert r["samples_per_s"] == pytest.approx(2 * r["steps_per_s"])
+        # A process holding torch, diffusers and the tiny models: more than 100 MiB, far below 8 GiB.
+        assert r["peak_kind"] == "RSS" and 100 * 2**20 < r["peak_bytes"] < 8 * 2**30
+        assert r["loss"] == r["loss"] and 0 < r["loss"] < 100  # finite: the steps really trained
+    assert row["ratio"] == pytest.approx(row["ours"]["steps_per_s"] / row["reference"]["steps_per_s"])
+
+
+def test_bad_options_are_one_line_errors():
+    proc = run_cli("bench", "--case", "no-such-case", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --case: unknown case no-such-case (see --list)"]
+    proc = run_cli("bench", "--case", "tiny", "--steps", "0", timeout=60)
+    assert proc.returncode == 2 and "--steps" in proc.stderr
+
+
+def test_list_names_the_issue_cases():
+    proc = run_cli("bench", "--list", timeout=60)
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert "sd15-256-cpu" in names
+    assert any(n.startswith("sd15-512-b1") for n in names) and any(n.startswith("sd15-512-b8") for n in names)
+    assert any(n.startswith("sdxl-1024-b1") for n in names)
+
+
+def test_mfu_uses_the_issue_flop_counts_and_shows_in_the_table():
+    from dreambooth import bench
+
+    sd15 = bench.CASES["sd15-512-b8-bf16-adamw-cached"]
+    sdxl = bench.CASES["sdxl-1024-b1-bf16-adamw8bit-gc-cached"]
+    assert bench.unet_flop_per_sample(sd15) == 2.41e12
+    assert bench.unet_flop_per_sample(sdxl) == 20.2e12
+    assert bench.unet_flop_per_sample(bench.CASES["sd15-256-cpu"]) == pytest.approx(2.41e12 / 4)
+    assert bench.unet_flop_per_sample(bench.CASES["tiny"]) is None
+    # A GPU-shaped result (the GPU path cannot run here): 8 samples/s at 2.41 TFLOP against a 100 TFLOP/s peak.
+    result = dict(steps_per_s=1.0, samples_per_s=8.0, peak_bytes=6 * 2**30, peak_kind="VRAM", mfu=8 * 2.41e12 / 1e14)
+    table = bench.format_table([{"case": sd15.name, "ours": result, "reference": {"error": "not run"},
+                                 "ratio": None}])
+    ours_row = table.splitlines()[2]
+    assert "| 19.3% |" in ours_row and "6.00 GiB VRAM" in ours_row
+    assert "failed: not run" in table.splitlines()[3]
+
+
+def test_full_size_architectures_have_the_published_parameter_counts():
+    # Built on the meta device: shapes only, no memory, no arithmetic.
+    from dreambooth import bench
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    sd15 = bench.build_models("sd15", "meta")
+    assert count(sd15.unet) == 859_520_964
+    assert count(sd15.vae) == 83_653_863
+    assert [count(t) for t in sd15.text_encoders] == [123_060_480]  # CLIP ViT-L/14 text tower
+    sdxl = bench.build_models("sdxl", "meta")
+    assert count(sdxl.unet) == 2_567_463_684
+    assert [count(t) for t in sdxl.text_encoders] == [123_060_480, 694_659_840]  # CLIP-L and OpenCLIP bigG
