@@ -1,0 +1,1 @@
+"""Training data: images, captions and [filewords], aspect buckets, epoch planning, class images."""
