@@ -75,11 +75,18 @@ def train_model(root: DataRoot, name: str, max_steps: int | None = None) -> Trai
     return Trainer(root, model, config, max_steps).run()
 
 
-def choose_precision(requested: str, on_gpu: bool) -> str:
-    """fp16 autocast on a CPU is slow and poorly supported: run fp32 there instead (said in one line)."""
+def choose_precision(requested: str, on_gpu: bool, gpu_has_bf16: bool = True) -> str:
+    """The precision that can run here, said in one line when it differs from the request.
+
+    fp16 autocast on a CPU is slow and poorly supported: fp32 there instead. bf16 on a GPU without it (before
+    Ampere): fp16 instead. bf16 on a CPU works.
+    """
     if requested == "fp16" and not on_gpu:
         warnings.warn("mixed_precision fp16 needs a GPU; training in full precision (fp32) on the CPU", stacklevel=2)
         return "no"
+    if requested == "bf16" and on_gpu and not gpu_has_bf16:
+        warnings.warn("mixed_precision bf16: this GPU has no bf16 support; using fp16", stacklevel=2)
+        return "fp16"
     return requested
 
 
@@ -108,7 +115,7 @@ class Trainer:
         self.accelerator = Accelerator(
             # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
             cpu=not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            mixed_precision=choose_precision(self.p.mixed_precision, on_gpu),
+            mixed_precision=choose_precision(self.p.mixed_precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported()),
             gradient_accumulation_steps=self.p.gradient_accumulation_steps,
             # SDXL's first encoder contributes its penultimate layer only: its last layer gets no gradient.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],

@@ -158,6 +158,9 @@ def test_mixed_precision_bf16_autocasts_and_fp16_falls_back_on_cpu():
         assert choose_precision("fp16", on_gpu=False) == "no"
     assert choose_precision("fp16", on_gpu=True) == "fp16"
     assert choose_precision("bf16", on_gpu=False) == "bf16"
+    assert choose_precision("bf16", on_gpu=True, gpu_has_bf16=True) == "bf16"
+    with pytest.warns(UserWarning, match="no bf16 support; using fp16"):
+        assert choose_precision("bf16", on_gpu=True, gpu_has_bf16=False) == "fp16"
     seen = {}
     for precision in ("no", "bf16"):
         reset_accelerate()
