@@ -18,7 +18,6 @@ from .errors import UserError
 from .families import check_family_choice, family
 from .store import DataRoot, ModelDir
 
-TRAINING_FILE = "training.json"
 # "owner/name" on the Hugging Face hub; anything else that does not exist is a missing file or folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -115,20 +114,9 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
     return model
 
 
-def read_training(working: Path) -> dict:
-    path = Path(working) / TRAINING_FILE
-    if not path.is_file():
-        return {"step": 0, "epoch": 0}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {"step": 0, "epoch": 0}
-
-
 def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool = False, ema: bool = False,
                  out: Path | None = None) -> Path:
-    from .checkpoint.export import FORMATS, modelspec, write_single_file
+    from .checkpoint.export import FORMATS, read_training, write_single_file
 
     model = root.model(name)
     if not model.exists() or not (model.working / "model_index.json").is_file():
@@ -147,6 +135,5 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
         state_dicts = {"unet": {}}
         for f in sorted(ema_folder.glob("*.safetensors")):
             state_dicts["unet"].update(load_file(str(f)))
-    family_name = Config.load(model.config_path).model.family
-    meta = modelspec(family_name, out.stem, {**training, "model": name, "ema": ema} if training.get("step") else None)
-    return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts, metadata=meta)
+    return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
+                             metadata={"dreambooth.ema": str(ema).lower()})

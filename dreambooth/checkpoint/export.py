@@ -18,6 +18,18 @@ from .layout import render_yaml
 from .tensorio import Entry, SafetensorsSource, write_ckpt, write_safetensors
 
 FORMATS = ("safetensors", "ckpt")
+TRAINING_FILE = "training.json"  # the trainer's summary of the last save: {"step": int, "epoch": int, ...}
+
+
+def read_training(working: Path) -> dict:
+    path = Path(working) / TRAINING_FILE
+    if not path.is_file():
+        return {"step": 0, "epoch": 0}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {"step": 0, "epoch": 0}
 
 
 def modelspec(family_name: str, title: str, training: dict | None = None) -> dict[str, str]:
@@ -89,9 +101,10 @@ def write_single_file(working: Path, out: Path, fmt: str = "safetensors", half: 
     extras_path = working / EXTRAS_FILE
     extras = SafetensorsSource([extras_path]) if extras_path.is_file() else None
     # The source's EMA copy describes the untrained UNet: keep it only while the UNet is untouched.
-    unet_untouched = "unet" not in state_dicts and not (working / "training.json").is_file()
+    unet_untouched = "unet" not in state_dicts and not (working / TRAINING_FILE).is_file()
     entries = plan_export(family_name, configs, sources, extras, include_ema=unet_untouched, half=half)
-    meta = modelspec(family_name, Path(out).stem)
+    training = read_training(working)
+    meta = modelspec(family_name, Path(out).stem, training if (working / TRAINING_FILE).is_file() else None)
     meta.update(metadata or {})
     yaml_text, needed = render_yaml(family_name, configs["unet"], configs["vae"])
     return write_entries(out, entries, fmt, meta, yaml_text if needed else None)

@@ -113,7 +113,9 @@ def test_trainer_hooks(tiny_sources, tmp_path):
     path = export_model(root, "hooks")
     assert path == root.checkpoints / "hooks_12.safetensors"
     with safe_open(str(path), "pt") as f:
-        assert json.loads(f.metadata()["dreambooth.training"])["step"] == 12
+        meta = f.metadata()
+    assert json.loads(meta["dreambooth.training"])["step"] == 12
+    assert meta["modelspec.description"] == "DreamBooth, step 12, epoch 3"
     # In-memory weights replace the working ones (diffusers layout, transformers 5 names without text_model.).
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
