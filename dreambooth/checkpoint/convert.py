@@ -189,7 +189,12 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
     yaml_data = None
     if yaml_path.is_file():
         import yaml
-        yaml_data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        try:
+            yaml_data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"{yaml_path}: not a readable model yaml ({str(e).splitlines()[0]})") from None
+        if not isinstance(yaml_data, dict) or not isinstance(yaml_data.get("model"), dict):
+            raise UserError(f"{yaml_path}: not a model yaml (no `model:` section)")
     by_keys = family_from_keys(source.keys())
     if by_keys is None:
         if any(k.startswith(EMA_PREFIX) for k in source.keys()):

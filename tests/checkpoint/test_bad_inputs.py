@@ -39,6 +39,8 @@ def _bad_sources(tmp_path, tiny_sources) -> dict:
     save_file({"model_ema.diffusion_modelout2weight": torch.zeros(3), "first_stage_model.quant_conv.bias": torch.zeros(8)},
               str(tmp_path / "emaonly.safetensors"))
     (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "badyaml.safetensors").write_bytes(good)
+    (tmp_path / "badyaml.yaml").write_text("model: [unclosed")
     return {
         "missing.safetensors": "no such file",
         "notes.safetensors": "not a checkpoint",
@@ -48,6 +50,7 @@ def _bad_sources(tmp_path, tiny_sources) -> dict:
         "unknown.safetensors": "unknown checkpoint layout",
         "emaonly.safetensors": "only EMA weights",
         "folder.safetensors": "cannot load as a diffusers model",
+        "badyaml.safetensors": "not a readable model yaml",
     }
 
 
