@@ -210,7 +210,10 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
         how = f"from {yaml_path.name}"
     else:
         how = "from the keys" + (" (OpenCLIP without a yaml: taken as 512 epsilon)" if name == "v2" else "")
-    configs = configs_from_single_file(source, name, yaml_data)
+    try:
+        configs = configs_from_single_file(source, name, yaml_data)
+    except (KeyError, IndexError, ValueError, TypeError) as e:  # a tensor the layout needs is missing or odd
+        raise UserError(f"{path}: unknown checkpoint layout ({type(e).__name__}: {e})") from None
     plans, extras = plan_import(source, name, configs)
     working.mkdir(parents=True, exist_ok=True)
     for component, entries in plans.items():

@@ -40,6 +40,12 @@ def _bad_sources(tmp_path, tiny_sources) -> dict:
               str(tmp_path / "emaonly.safetensors"))
     (tmp_path / "folder.safetensors").mkdir()
     (tmp_path / "badyaml.safetensors").write_bytes(good)
+    from safetensors.torch import load_file
+    for cut, key in (("cut1", "model.diffusion_model.input_blocks.1.0.out_layers.3.weight"),
+                     ("cut2", "first_stage_model.decoder.mid.attn_1.q.weight")):
+        tensors = load_file(str(tiny_sources["v1"]))
+        del tensors[key]
+        save_file(tensors, str(tmp_path / f"{cut}.safetensors"))
     (tmp_path / "badyaml.yaml").write_text("model: [unclosed")
     return {
         "missing.safetensors": "no such file",
@@ -51,6 +57,8 @@ def _bad_sources(tmp_path, tiny_sources) -> dict:
         "emaonly.safetensors": "only EMA weights",
         "folder.safetensors": "cannot load as a diffusers model",
         "badyaml.safetensors": "not a readable model yaml",
+        "cut1.safetensors": "unknown checkpoint layout",
+        "cut2.safetensors": "the vae lacks 1 tensors",
     }
 
 
