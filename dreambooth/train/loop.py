@@ -198,7 +198,7 @@ class Trainer:
         self.ema = ema = make_ema(p, acc.unwrap_model(unet))
 
         step = 0
-        resumed = load_state(self.model.state, acc, optimizer, lr_scheduler, ema, total)
+        resumed = load_state(self.model.state, acc, optimizer, lr_scheduler, ema)
         if resumed is not None:
             step = resumed
             self.last_save_step = step
@@ -222,6 +222,8 @@ class Trainer:
         status, message = "done", "training finished"
         started, start_step = time.time(), step
         try:
+            if self.interrupted:  # Ctrl-C while the models loaded or class images were made
+                raise StopTraining("cancelled", "cancelled before training started")
             if step >= total:
                 raise StopTraining("done", "already trained to the last step; nothing to do")
             while step < total:

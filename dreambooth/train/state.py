@@ -93,7 +93,7 @@ def saved_step(folder: Path) -> int | None:
         return None
 
 
-def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema, total_steps: int) -> int | None:
+def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema) -> int | None:
     """Restore a saved run; returns its step, or None when there is nothing to resume."""
     step = saved_step(folder)
     if step is None:
