@@ -105,3 +105,25 @@ def test_demo_runs_the_whole_flow(tmp_path):
     assert len(list(previews.glob("*.png"))) >= 2
     assert len(list((tmp_path / "models" / "dreambooth" / "demo" / "class_images").rglob("*.png"))) == 4
     print(f"demo took {time.time() - started:.0f} s")
+
+
+def test_sigterm_cancels_and_saves_for_resume(tmp_path, tiny_source):
+    concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "num_samples": 0}]
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=concepts, max_train_steps=10000)
+    proc = subprocess.Popen(train_cmd(root.root), env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 300
+        while not any(e["kind"] == "step" for e in read_events(model)):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and out.startswith("cancelled:")
+    last = read_events(model)[-1]
+    assert last["kind"] == "cancelled" and 0 < last["step"] < 10000
+    saved = [e for e in read_events(model) if e["kind"] == "checkpoint"]
+    assert saved and saved[-1]["step"] == last["step"] and Path(saved[-1]["path"]).is_file()  # save_on_cancel
+    assert '"step": %d' % last["step"] in (model.state / "trainer.json").read_text()  # resumable from there
