@@ -126,8 +126,9 @@ def plan_import(source: TensorSource, family_name: str, configs: dict[str, dict]
             used.add(key)
         missing = sorted(set(expected) - {e.key for e in entries})
         if missing:
+            names = [prefix + (cmap.to_ldm(k) or (k,))[0] for k in missing[:3]]  # as the file would name them
             raise UserError(f"unknown checkpoint layout: the {component} lacks {len(missing)} tensors "
-                            f"(e.g. {prefix}... for {', '.join(missing[:3])})")
+                            f"(e.g. {', '.join(names)})")
         plans[component] = entries
     extras = [Entry(k, source.shape(k), source.dtype(k), (lambda k=k: source.get(k)))
               for k in source.keys() if k not in used]
@@ -212,9 +213,11 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
         how = "from the keys" + (" (OpenCLIP without a yaml: taken as 512 epsilon)" if name == "v2" else "")
     try:
         configs = configs_from_single_file(source, name, yaml_data)
+        plans, extras = plan_import(source, name, configs)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     except (KeyError, IndexError, ValueError, TypeError) as e:  # a tensor the layout needs is missing or odd
         raise UserError(f"{path}: unknown checkpoint layout ({type(e).__name__}: {e})") from None
-    plans, extras = plan_import(source, name, configs)
     working.mkdir(parents=True, exist_ok=True)
     for component, entries in plans.items():
         write_component(working / component, component, configs[component], entries, name)
