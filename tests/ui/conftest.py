@@ -1,0 +1,89 @@
+"""The standalone app as a real server process, and headless Chromium (Debian's; Playwright never downloads one)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "ui"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    def __init__(self, python: str, root: Path, log: Path):
+        self.root, self.port, self.log = root, free_port(), log
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([python, "-m", "dreambooth", "--root", str(root), "ui", "--port", str(self.port)],
+                                     cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the app exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"the app did not answer:\n{log.read_text()[-3000:]}")
+
+    def stop(self):
+        from dreambooth import worker
+        from dreambooth.store import DataRoot
+
+        job = worker.running_job(DataRoot(self.root))
+        if job:  # a failed test must not leave its trainer running
+            os.kill(job["pid"], signal.SIGKILL)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def start_app(tmp_path):
+    apps = []
+
+    def start(python: str = sys.executable, root: Path | None = None) -> App:
+        app = App(python, root or tmp_path / "root", tmp_path / f"app{len(apps)}.log")
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/setup does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    yield context.new_page()
+    context.close()
