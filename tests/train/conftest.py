@@ -29,3 +29,14 @@ def fresh_accelerate_state():
 
     yield
     reset_accelerate()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: thread start-up costs more than the work, and on a busy 2-core box threads fight. Restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
