@@ -498,7 +498,7 @@ def format_table(rows: list[dict]) -> str:
             else:
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
                 ratio = f"{row['ratio']:.2f}x" if loop == "ours" and row.get("ratio") is not None else ""
-                numbers = [f"{r['steps_per_s']:.3f}", f"{r['samples_per_s']:.3f}",
+                numbers = [f"{r['steps_per_s']:.3g}", f"{r['samples_per_s']:.3g}",
                            f"{_fmt_bytes(r['peak_bytes'])} {r['peak_kind']}", mfu, ratio]
             lines.append("| " + " | ".join(settings + numbers) + " |")
     return "\n".join(lines)
