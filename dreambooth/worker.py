@@ -128,6 +128,18 @@ def running_job(root: DataRoot) -> dict | None:
     return job if _job_alive(job) else None
 
 
+def last_job(root: DataRoot) -> dict | None:
+    """The running job, or the one that ran last (its file stays until the next start replaces it)."""
+    job = _read_job(root)
+    return job if job and isinstance(job.get("name"), str) else None
+
+
+def recently_active(root: DataRoot, name: str, seconds: float = 5.0) -> bool:
+    """True if the model's event log or the job file changed in the last `seconds` (a job that has just ended)."""
+    changed = [p.stat().st_mtime for p in (EventLog(root.model(name).path).path, _job_path(root)) if p.exists()]
+    return bool(changed) and time.time() - max(changed) < seconds
+
+
 def _claim(root: DataRoot, name: str) -> None:
     """Create the job file exclusively, replacing a stale one; refuse if a live job holds it."""
     root.dreambooth.mkdir(parents=True, exist_ok=True)

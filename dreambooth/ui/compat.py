@@ -12,16 +12,17 @@ import gradio as gr
 VERSION = tuple(int(p) for p in gr.__version__.split(".")[:2] if p.isdigit())
 
 
-def every(blocks: gr.Blocks, seconds: float, fn, inputs, outputs) -> None:
-    """Call `fn` every `seconds` while the page is open.
+def every(blocks: gr.Blocks, seconds: float, fn, state, outputs) -> None:
+    """Call `fn(last) -> [outputs..., now]` every `seconds` while the page is open; `state` holds `now` so `fn`
+    can send only what changed.
 
-    gradio >= 4.40 has gr.Timer; 3.x polls with `load(every=...)`, which needs the queue (the webui enables it;
-    the standalone app calls `queue()`).
+    gradio >= 4.40 has gr.Timer. gradio 3 polls with `load(every=...)` (it needs the queue), which repeats the
+    inputs of the first call: there `last` stays empty and everything is sent each time.
     """
     if hasattr(gr, "Timer"):
-        gr.Timer(seconds).tick(fn, inputs, outputs, show_progress="hidden")
+        gr.Timer(seconds).tick(fn, [state], outputs, show_progress="hidden")
     else:
-        blocks.load(fn, inputs, outputs, every=seconds, show_progress="hidden")
+        blocks.load(fn, [state], outputs, every=seconds, show_progress="hidden")
 
 
 def blocks(**kwargs) -> gr.Blocks:

@@ -325,12 +325,10 @@ def build(host: Host) -> gr.Blocks:
             except (UserError, OSError) as e:
                 return _error(e)
 
-        def poll(name, last):
-            """Status of the running job (re-attach), else of the selected model. Only changed parts are sent."""
-            job = worker.running_job(root)
-            watched = job["name"] if job else name
-            st = worker.status(root, watched) if watched and root.model(watched).path.is_dir() else None
-            now = {
+        def panel(name) -> dict:
+            """The output panel's content for a model (its running or last training)."""
+            st = worker.status(root, name) if name and root.model(name).path.is_dir() else None
+            return {
                 "status": views.status_line(st),
                 "progress": views.progress_bar(st),
                 "chart": views.loss_chart(st.losses if st else []),
@@ -338,15 +336,31 @@ def build(host: Host) -> gr.Blocks:
                 "checkpoints": views.checkpoint_list(st.checkpoints if st else []),
                 "log": st.log_tail if st else "",
             }
+
+        def show_model(name):
+            """A one-off refresh of the output panel when a model is selected."""
+            now = panel(name)
+            return list(now.values()) + [now]
+
+        def poll(last):
+            """The running job's progress (or the last job's end), sending only what changed since `last`.
+
+            It takes no other input on purpose: gradio 3 polls with the inputs of the page's first call. Once the
+            job has ended (and its end was shown), it stops sending, so a model selected afterwards stays shown.
+            """
+            job = worker.last_job(root)
+            if job is None or not (worker.running_job(root) or worker.recently_active(root, job["name"])):
+                # Nothing running: leave the panel to whatever model the page selected.
+                return [compat.unchanged()] * 6 + [last]
+            now = panel(job["name"])
             last = last or {}
-            out = [now[k] if now[k] != last.get(k) else compat.unchanged() for k in now]
-            # On a fresh page (or after a reload) show the running model in the selector.
-            select = compat.update(value=watched) if job and name != watched else compat.unchanged()
-            return out + [now, select]
+            return [now[k] if now[k] != last.get(k) else compat.unchanged() for k in now] + [now]
 
         # ------------------------------------------------------------ wiring
 
+        panel_outputs = [status_md, progress, chart, gallery, checkpoints_md, log_box, shown]
         model_select.change(select_model, [model_select], settings + [message])
+        model_select.change(show_model, [model_select], panel_outputs)
         load_btn.click(select_model, [model_select], settings + [message])
         save_btn.click(on_save, [model_select] + settings, [message])
         train_btn.click(on_train, [model_select] + settings, [message])
@@ -363,8 +377,7 @@ def build(host: Host) -> gr.Blocks:
         concept_components = [c for concept in fields.concepts for c in concept]
         load_concepts_btn.click(on_load_concepts, [concepts_path], concept_components + [message])
         save_concepts_btn.click(on_save_concepts, [concepts_path] + settings, [message])
-        poll_outputs = [status_md, progress, chart, gallery, checkpoints_md, log_box, shown, model_select]
-        compat.every(tab, POLL_SECONDS, poll, [model_select, shown], poll_outputs)
+        compat.every(tab, POLL_SECONDS, poll, shown, panel_outputs)
 
         def on_page_load():
             job = worker.running_job(root)

@@ -25,7 +25,7 @@ def status_line(st: Status | None) -> str:
     if st.total_steps:
         parts.append(f"step {st.step}/{st.total_steps}")
     if st.epochs:
-        parts.append(f"epoch {st.epoch}/{st.epochs}")
+        parts.append(f"epoch {min(st.epoch + 1, st.epochs)}/{st.epochs}")  # events count epochs from 0
     if st.loss is not None:
         parts.append(f"loss {st.loss:.4f}")
     if st.lr is not None:
