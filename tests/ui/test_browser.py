@@ -108,8 +108,11 @@ def test_click_through_train_cancel_reload(start_app, page, tmp_path):
     # A longer run: reload the page mid-run (it re-attaches), then cancel
     page.get_by_role("tab", name="Parameters").click()
     fill(page, "db_p_num_train_epochs", 500)
+    first_run = message(page)
     page.click("#db_train")
-    wait_message(page, "Training dog started")
+    page.wait_for_function("old => document.querySelector('#db_message')?.innerText !== old", arg=first_run,
+                           timeout=TIMEOUT)
+    assert "Training dog started" in message(page), message(page)
     page.wait_for_function("Number(document.querySelector('#db_progress')?.dataset.step) > 14", timeout=TIMEOUT)
     page.reload()
     page.wait_for_selector("#db_top_row", timeout=TIMEOUT)
