@@ -198,7 +198,7 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     from accelerate import Accelerator
 
     from .config import Parameters
-    from .train.components import set_attention
+    from .train.components import prepare_for_training
     from .train.loop import choose_precision
     from .train.optim import make_lr_scheduler, make_optimizer
     from .train.step import Batch, TrainStep
@@ -211,18 +211,7 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     acc = Accelerator(mixed_precision=choose_precision(params.mixed_precision, cuda), cpu=not cuda)
     unet, vae, encoders = models.unet, models.vae, list(models.text_encoders)
 
-    # As load_components does once the weights are loaded.
-    set_attention(unet, params.attention)
-    unet.train().requires_grad_(True).to(device)
-    trainable = params.train_text_encoder_ratio > 0
-    for te in encoders:
-        te.requires_grad_(trainable).train(trainable).to(device)
-    vae.requires_grad_(False).eval().to(device)
-    if params.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if trainable:
-            for te in encoders:
-                te.gradient_checkpointing_enable()
+    trainable = prepare_for_training(unet, vae, encoders, params, device)  # as load_components does
 
     # As Trainer._run does before its first step.
     optimizer = make_optimizer(params, unet, encoders if trainable else ())

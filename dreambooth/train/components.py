@@ -70,15 +70,24 @@ def load_components(working: Path, family: str, device, params, resume_from: Pat
         tokenizers.append(CLIPTokenizer.from_pretrained(working, subfolder="tokenizer_2"))
     noise_scheduler = DDPMScheduler.from_pretrained(working, subfolder="scheduler")
 
+    trainable = prepare_for_training(unet, vae, encoders, params, device)
+    return Components(unet, vae, tuple(encoders), tuple(tokenizers), noise_scheduler, sdxl, trainable)
+
+
+def prepare_for_training(unet, vae, text_encoders, params, device) -> bool:
+    """Attention backend, train/eval modes, what gets gradients, checkpointing; returns whether text encoders train.
+
+    The trainer and the benchmark both call this, so the bench times the model exactly as training sets it up.
+    """
     set_attention(unet, params.attention)
     unet.train().requires_grad_(True).to(device)
     trainable = params.train_text_encoder_ratio > 0
-    for te in encoders:
+    for te in text_encoders:
         te.requires_grad_(trainable).train(trainable).to(device)
     vae.requires_grad_(False).eval().to(device)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if trainable:
-            for te in encoders:
+            for te in text_encoders:
                 te.gradient_checkpointing_enable()
-    return Components(unet, vae, tuple(encoders), tuple(tokenizers), noise_scheduler, sdxl, trainable)
+    return trainable
