@@ -1,6 +1,7 @@
 """The standalone app in headless Chromium, driving the real trainer on the built-in tiny model."""
 import json
 import re
+import time
 from pathlib import Path
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"  # git-ignored; kept by CI
@@ -105,13 +106,25 @@ def test_click_through_train_cancel_reload(start_app, page, tmp_path):
     assert progress_step(page) == 12
     shot(page, "5-output-done")
 
+    # Export checkpoint: a child process writes the file into models/Stable-diffusion
+    from dreambooth import worker
+    from dreambooth.store import DataRoot
+
+    deadline = time.time() + 60
+    while worker.running_job(DataRoot(app.root)) and time.time() < deadline:  # 'done' is said just before exiting
+        time.sleep(0.2)
+    page.click("#db_export")
+    wait_message(page, "wrote \\S+\\.safetensors|Error")
+    exported = re.search(r"wrote (\S+\.safetensors)", message(page))
+    assert exported, message(page)
+    assert Path(exported.group(1)).is_file()
+
     # A longer run: reload the page mid-run (it re-attaches), then cancel
     page.get_by_role("tab", name="Parameters").click()
     fill(page, "db_p_num_train_epochs", 500)
-    first_run = message(page)
+    assert "Training dog started" not in message(page)  # the export's message is shown now
     page.click("#db_train")
-    page.wait_for_function("old => document.querySelector('#db_message')?.innerText !== old", arg=first_run,
-                           timeout=TIMEOUT)
+    wait_message(page, "Training dog started|Error")
     assert "Training dog started" in message(page), message(page)
     page.wait_for_function("Number(document.querySelector('#db_progress')?.dataset.step) > 14", timeout=TIMEOUT)
     page.reload()
