@@ -1,10 +1,11 @@
 """Run by the webui (with its own python and `launch` importable) when the extension loads.
 
 Installs only what is missing or older than the extension needs, from pyproject.toml's dependencies (plus
-bitsandbytes, which the default 8-bit AdamW optimizer uses). It never installs, upgrades or downgrades torch,
-torchvision or xformers: their installed versions are pinned as constraints for every pip call, so pip fails rather
-than touch them. A package the webui pins is only upgraded where its version is below our minimum (none is, with
-A1111 1.10). A second start finds everything installed and runs no pip at all.
+bitsandbytes, which the default 8-bit AdamW optimizer uses). Every package already installed is pinned at its
+installed version for every pip call, so pip only adds packages: it picks versions of the new ones that fit what the
+webui has (or fails with a message) and never upgrades or downgrades the webui's own — torch, torchvision and xformers
+are never touched at all. A package the webui pins is only upgraded where its version is below our minimum (none is,
+with A1111 1.10). A second start finds everything installed and runs no pip at all.
 """
 import os
 import re
@@ -69,10 +70,19 @@ def plan(reqs=None) -> list:
     return todo
 
 
-def pinned_constraints() -> str:
-    """pip constraints that keep torch, torchvision and xformers exactly as they are."""
-    lines = [f"{name}=={version}" for name in NEVER_TOUCH if (version := installed_version(name))]
-    return "\n".join(lines) + "\n"
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned_constraints(upgrading=()) -> str:
+    """pip constraints that keep every installed package exactly as it is, except those we must upgrade."""
+    skip = {_canonical(_split(req)[0]) for req in upgrading} - {_canonical(n) for n in NEVER_TOUCH}
+    pins = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and _canonical(name) not in skip:
+            pins[_canonical(name)] = f"{name}=={dist.version}"
+    return "\n".join(sorted(pins.values())) + "\n"
 
 
 def main() -> None:
@@ -83,7 +93,7 @@ def main() -> None:
         return
     fd, constraints = tempfile.mkstemp(prefix="dreambooth-constraints-", suffix=".txt")
     with os.fdopen(fd, "w") as f:
-        f.write(pinned_constraints())
+        f.write(pinned_constraints(todo))
     try:
         for req in todo:
             launch.run_pip(f'install "{req}" -c "{constraints}"', f"DreamBooth requirement: {req}")

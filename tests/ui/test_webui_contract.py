@@ -232,4 +232,11 @@ def test_installer_pins_torch_family():
     import torch
 
     assert f"torch=={torch.__version__}" in pins.splitlines()
+    # everything installed is pinned (pip may only add packages), except what must be upgraded
+    from importlib import metadata
+
+    assert f"gradio=={metadata.version('gradio')}" in pins.splitlines()
+    upgrading = install.pinned_constraints(["gradio>=99", "torch>=99"]).splitlines()
+    assert not any(line.startswith("gradio==") for line in upgrading)
+    assert f"torch=={torch.__version__}" in upgrading  # never released, whatever is asked
     assert install.plan(["torch>=99", "torchvision", "xformers", "gradio>=99"]) == []
