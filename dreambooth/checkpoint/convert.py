@@ -123,8 +123,14 @@ def plan_import(source: TensorSource, family_name: str, configs: dict[str, dict]
                                     f"which does not fit {component} {name} {list(expected[name])}")
                 make = (lambda k=key, kd=kind, p=part: _to_diffusers_tensor(kd, source.get(k), p))
                 entries.append(Entry(name, shape, source.dtype(key), make))
-            used.add(key)
+            if not key.endswith("position_ids"):  # kept as an extra too: export writes the source's own back
+                used.add(key)
         missing = sorted(set(expected) - {e.key for e in entries})
+        for name in [m for m in missing if m.endswith("position_ids")]:
+            # transformers < 4.31 keeps CLIP's position ids as a saved buffer; OpenCLIP files have none: rebuild it.
+            entries.append(Entry(name, expected[name], torch.int64,
+                                 (lambda n=expected[name][-1]: torch.arange(n).unsqueeze(0))))
+            missing.remove(name)
         if missing:
             names = [prefix + (cmap.to_ldm(k) or (k,))[0] for k in missing[:3]]  # as the file would name them
             raise UserError(f"unknown checkpoint layout: the {component} lacks {len(missing)} tensors "
@@ -270,10 +276,10 @@ def plan_export(family_name: str, configs: dict[str, dict], sources: dict[str, T
         cmap = keymap.component_map(component, configs[component], keymap.is_openclip(family_name, component))
         groups: dict[str, tuple[str, list[str]]] = {}
         for key in source.keys():
+            if key.endswith("position_ids"):
+                continue  # a buffer older transformers save; the extras keep the source's own
             found = cmap.to_ldm(key)
             if found is None:
-                if key.endswith("position_ids"):
-                    continue  # a buffer older transformers saved; the extras keep the source's own
                 raise UserError(f"{component}: tensor {key} has no place in a single-file checkpoint")
             ldm, kind = found
             groups.setdefault(prefix + ldm, (kind, []))[1].append(key)

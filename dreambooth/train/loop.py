@@ -279,7 +279,9 @@ class Trainer:
             self.emit("cancelled", step=step, message=message)
         else:
             self.emit("error", message=message)
-        acc.end_training()
+        # What accelerate's end_training does for us (it needs trackers on accelerate 0.21, the webui's version).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return TrainResult(status == "done", status, step, total, message, self.checkpoints, self.sample_paths)
 
     # -- pieces of the loop -------------------------------------------------------------------------------------

@@ -94,6 +94,18 @@ def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1 - alphas_cumprod)
 
 
+def _accumulate(accelerator, models):
+    """accelerator.accumulate over all trained models (a no-op context without an accelerator)."""
+    if accelerator is None:
+        return contextlib.nullcontext()
+    try:
+        return accelerator.accumulate(*models)
+    except TypeError:
+        # accelerate < 0.23 (the webui 1.10 ships 0.21) takes one model: the others then sync their gradients on
+        # every micro-batch under DDP, which costs communication but gives the same result.
+        return accelerator.accumulate(models[0])
+
+
 class TrainStep:
     def __init__(self, unet, text_encoders: Sequence[torch.nn.Module], noise_scheduler, params, sdxl: bool,
                  prediction_type: str | None = None, vae=None, optimizer=None, lr_scheduler=None,
@@ -183,8 +195,7 @@ class TrainStep:
         """
         acc = self.accelerator
         models = [self.unet, *self.text_encoders] if train_text_encoder else [self.unet]
-        accumulate = acc.accumulate(*models) if acc is not None else contextlib.nullcontext()
-        with accumulate:
+        with _accumulate(acc, models):
             if not train_text_encoder and batch.prompt_embeds is None and batch.input_ids:
                 with torch.no_grad():
                     hidden, pooled = encode_prompt(self.text_encoders, batch.input_ids, self.sdxl)
