@@ -57,15 +57,25 @@ def installed_version(name: str):
         return None
 
 
+# diffusers does not declare which transformers it needs, so pip cannot choose for us: diffusers 0.31 and newer import
+# classes that transformers only has from 4.48 on. Measured: diffusers 0.30.3 trains and exports with webui 1.10's
+# transformers 4.30.2 (CI runs the trainer's tests on that stack); 0.31 - 0.37 fail to import there.
+OLD_TRANSFORMERS = (4, 48)
+DIFFUSERS_FOR_OLD_TRANSFORMERS = ",<0.31"
+
+
 def plan(reqs=None) -> list:
     """The requirement strings pip must install: missing ones, and ones older than our minimum."""
     todo = []
+    transformers = installed_version("transformers")
     for req in requirements() if reqs is None else reqs:
         name, minimum = _split(req)
         if name.lower() in NEVER_TOUCH or name.lower() in PROVIDED_BY_THE_WEBUI:
             continue
         have = installed_version(name)
         if have is None or (minimum and _version_tuple(have) < _version_tuple(minimum)):
+            if name.lower() == "diffusers" and transformers and _version_tuple(transformers) < OLD_TRANSFORMERS:
+                req += DIFFUSERS_FOR_OLD_TRANSFORMERS
             todo.append(req)
     return todo
 

@@ -15,7 +15,7 @@ def gradio3_python() -> str:
     python = os.environ.get("DREAMBOOTH_GRADIO3_PYTHON")
     if python:
         return python
-    local = REPO / ".venv-gradio3" / "bin" / "python"
+    local = REPO / ".venv-webui" / "bin" / "python"
     if os.environ.get("CI") == "true":
         pytest.fail("DREAMBOOTH_GRADIO3_PYTHON is not set: CI must test the gradio 3.41.2 stack")
     if not local.exists():
