@@ -1,5 +1,5 @@
-"""The tab under the webui's gradio 3.41.2 (A1111 1.10, SD.Next): the standalone app started with that stack's python
-serves the DreamBooth panels, the page renders them in Chromium, and creating a model works."""
+"""The tab under older gradio stacks: 3.41.2 (A1111 1.10, SD.Next) and 4.40 (Forge). The standalone app started with
+that stack's python serves the DreamBooth panels, the page renders them in Chromium, and creating a model works."""
 import json
 import os
 import urllib.request
@@ -9,24 +9,30 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "ui"
+STACKS = {  # gradio version: (variable naming its python, the environment .ci/setup builds)
+    "3.41": ("DREAMBOOTH_GRADIO3_PYTHON", ".venv-webui"),
+    "4.40": ("DREAMBOOTH_GRADIO4_PYTHON", ".venv-forge"),
+}
 
 
-def gradio3_python() -> str:
-    python = os.environ.get("DREAMBOOTH_GRADIO3_PYTHON")
+def stack_python(version: str) -> str:
+    variable, folder = STACKS[version]
+    python = os.environ.get(variable)
     if python:
         return python
-    local = REPO / ".venv-webui" / "bin" / "python"
+    local = REPO / folder / "bin" / "python"
     if os.environ.get("CI") == "true":
-        pytest.fail("DREAMBOOTH_GRADIO3_PYTHON is not set: CI must test the gradio 3.41.2 stack")
+        pytest.fail(f"{variable} is not set: CI must test the gradio {version} stack")
     if not local.exists():
-        pytest.skip("no gradio 3 environment here (set DREAMBOOTH_GRADIO3_PYTHON)")
+        pytest.skip(f"no gradio {version} environment here (set {variable})")
     return str(local)
 
 
-def test_tab_serves_and_creates_under_gradio_3(start_app, page):
-    app = start_app(python=gradio3_python())
+@pytest.mark.parametrize("version", list(STACKS))
+def test_tab_serves_and_creates_under_older_gradio(version, start_app, page):
+    app = start_app(python=stack_python(version))
     config = json.loads(urllib.request.urlopen(app.url + "config", timeout=10).read())
-    assert config["version"].startswith("3.41")
+    assert config["version"].startswith(version)
     elem_ids = {c["props"].get("elem_id") for c in config["components"]}
     assert {"db_top_row", "db_model_select", "db_c0_instance_data_dir", "db_c3_sample_prompt",
             "db_p_learning_rate", "db_progress_box", "db_gallery"} <= elem_ids
@@ -46,7 +52,7 @@ def test_tab_serves_and_creates_under_gradio_3(start_app, page):
     page.wait_for_function("document.querySelector('#db_message')?.innerText.includes('Created cat')",
                            timeout=120_000)
     assert (app.root / "models" / "dreambooth" / "cat" / "config.json").is_file()
-    # the poll (load(every=...) on gradio 3) reaches the page
+    # the poll (load(every=...) on gradio 3, gr.Timer on 4.40) reaches the page
     page.wait_for_function("document.querySelector('#db_status')?.innerText.includes('cat')", timeout=60_000)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "gradio3-model.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"gradio{version}-model.png"), full_page=True)
