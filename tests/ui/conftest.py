@@ -56,6 +56,21 @@ class App:
 
 
 @pytest.fixture
+def wait_for():
+    """wait_for(predicate, timeout): poll until predicate() is truthy and return its value; fail after timeout."""
+    def wait(predicate, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError("condition not reached in time")
+
+    return wait
+
+
+@pytest.fixture
 def start_app(tmp_path):
     apps = []
 

@@ -1,14 +1,11 @@
 """The extension inside the webui: scripts/, preload.py and install.py against a faithful stand-in of the webui's
 `modules` and `launch` (tests/ui/webui_stub), from a copy of the extension in a folder with an unusual name."""
-import argparse
 import importlib.util
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,17 +78,7 @@ def start_webui(webui, argv):
     return script, tabs, app
 
 
-def wait_for(predicate, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
-
-
-def test_tab_settings_routes_and_host_hooks(webui, monkeypatch):
+def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     import gradio as gr
     from fastapi.testclient import TestClient
 

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,16 +36,6 @@ def fake(monkeypatch, tmp_path):
         os.kill(job["pid"], signal.SIGKILL)
 
 
-def wait_for(predicate, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 
 def recording_host(root):
     calls = []
@@ -54,7 +43,7 @@ def recording_host(root):
                 checkpoints_changed=lambda: calls.append("refresh")), calls
 
 
-def test_finishes_and_reports(tmp_path, fake):
+def test_finishes_and_reports(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
     host, calls = recording_host(root)
@@ -67,7 +56,7 @@ def test_finishes_and_reports(tmp_path, fake):
     assert worker.running_job(root) is None
 
 
-def test_second_start_refused_naming_the_running_model(tmp_path, fake):
+def test_second_start_refused_naming_the_running_model(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "first", tmp_path)
     make_model(root, "second", tmp_path)
@@ -90,7 +79,7 @@ def test_second_start_refused_naming_the_running_model(tmp_path, fake):
     wait_for(lambda: worker.status(root, "second").state == "done")
 
 
-def test_crash_shows_error_with_log_tail(tmp_path, fake):
+def test_crash_shows_error_with_log_tail(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
     fake["value"] = "crash"
@@ -101,7 +90,7 @@ def test_crash_shows_error_with_log_tail(tmp_path, fake):
     wait_for(lambda: "exit code -9" in worker.status(root, "m").message)
 
 
-def test_stale_lock_is_ignored_and_bad_config_refused(tmp_path, fake):
+def test_stale_lock_is_ignored_and_bad_config_refused(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
     (root.dreambooth / worker.JOB_FILE).write_text(json.dumps({"name": "gone", "pid": 2**22 + 12345, "started": 0}))
