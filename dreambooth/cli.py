@@ -1,17 +1,27 @@
 """`python -m dreambooth VERB`: the headless face of the product.
 
-Exit 0 on success; bad input prints one line `error: ...` naming the bad value and exits 2.
+Exit 0 on success; bad input prints one line `error: ...` naming the bad value and exits 2 (the cause, where there
+is one, follows with DREAMBOOTH_DEBUG=1). `--report FILE` also writes the outcome as one event (events.Done with what
+was printed, or events.Error with the reason): how the UI learns the result of a verb it runs in a child process.
 Heavy imports (torch, diffusers, gradio) happen inside the verbs, so `--help` is instant.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from .config import FAMILIES
 from .errors import UserError
+from .events import Done, Error, EventLog
+from .families import FAMILIES
 from .store import DataRoot, default_root
+
+log = logging.getLogger("dreambooth")
 
 
 def _root(args) -> DataRoot:
@@ -44,11 +54,35 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .config import parse_overrides
     from .train import train_model
 
-    result = train_model(_root(args), args.name, max_steps=args.max_steps)
+    root = _root(args)
+    model = root.model(args.name)
+    overrides = parse_overrides(args.set or [])
+    events = EventLog(model.events)
+    # One writer per model: a second training, or a create/export/delete of this model, is refused while it runs.
+    # Under `accelerate launch` the main process holds it for all.
+    lock = model.lock("training") if model.exists() and _is_main_process() else contextlib.nullcontext()
+    try:
+        with lock:
+            result = train_model(root, args.name, max_steps=args.max_steps, overrides=overrides)
+    except UserError as e:
+        if model.exists() and _is_main_process() and not _ended(events):  # refused before the run began
+            events.emit(Error(str(e)))
+        raise
     print(result.summary())
     return 0 if result.ok else 1
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _ended(events: EventLog) -> bool:
+    """True when the log's last event ends a run (the trainer already said how it ended)."""
+    past, _ = events.read()
+    return bool(past) and past[-1].kind in ("done", "cancelled", "error")
 
 
 def cmd_demo(args) -> int:
@@ -73,6 +107,7 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="data root (default: $DREAMBOOTH_ROOT or ./data)")
+    parser.add_argument("--report", help=argparse.SUPPRESS)  # FILE: the outcome as one event (for the UI)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("tiny-checkpoint", help="write a tiny random model in a family's original single-file layout")
@@ -100,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train a model from its config (resumes where it stopped)")
     p.add_argument("name")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides the config)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="change a parameter for this run only (repeatable), e.g. --set learning_rate=1e-6")
     p.set_defaults(run=cmd_train)
 
     p = verbs.add_parser("demo", help="the whole flow on a built-in tiny model, a few minutes on a CPU")
@@ -132,11 +169,41 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "bench":
         args.bench_args = bench_args
+    report = EventLog(Path(args.report)) if args.report else None
+    printed = io.StringIO()
     try:
-        return args.run(args)
+        with contextlib.redirect_stdout(_Tee(sys.stdout, printed)) if report else contextlib.nullcontext():
+            code = args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if e.__cause__ is not None:  # kept for whoever debugs it; the user sees the one line above
+            log.debug("cause of: %s", e, exc_info=e.__cause__)
+            if os.environ.get("DREAMBOOTH_DEBUG"):
+                traceback.print_exception(type(e.__cause__), e.__cause__, e.__cause__.__traceback__)
+        if report:
+            report.emit(Error(str(e)))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        if report:
+            report.emit(Error("interrupted"))
         return 130
+    if report:
+        report.emit(Done(0, printed.getvalue().strip()) if code == 0 else Error(f"exit code {code}"))
+    return code
+
+
+class _Tee(io.TextIOBase):
+    """Writes to two streams: the console and the text a --report carries."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()

@@ -1,26 +1,69 @@
-"""Every setting, declared once.
+"""Every setting, declared once, and the rules that relate them.
 
-The UI builds its widgets from these declarations, the CLI reads and writes the same JSON, and the trainer reads
-the validated values. A model's config JSON has three parts: ``model``, ``concepts`` (a list) and ``parameters``.
-Unknown keys are an error, never silently dropped.
+Each section is a typed, frozen dataclass whose fields are the settings: `setting(...)` records the label, tooltip,
+group, range and widget hint beside the type and default. The UI builds its widgets from these declarations, the CLI
+reads and writes the same JSON, the webui's settings page is generated from HOST_SETTINGS, and the trainer reads the
+validated values as attributes (a misspelt name is an AttributeError at once, and a type checker sees it).
+
+A model's config JSON has three parts: ``model`` (set by `create`, fixed afterwards), ``concepts`` (a list) and
+``parameters``. Unknown keys are an error, never silently dropped. Rules that relate several settings are declared
+below the sections (CONCEPT_RULES, PARAMETER_RULES) and checked by the same validation.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, make_dataclass, replace, asdict
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
+from .families import FAMILIES
 
-FAMILIES = ("v1", "v2", "v2-v", "sdxl")
-# Native training resolution per family; `create` writes it into the new model's parameters.
-FAMILY_RESOLUTION = {"v1": 512, "v2": 512, "v2-v": 768, "sdxl": 1024}
 CONFIG_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything near this is not one
+MAX_JSON_DEPTH = 8  # config.json nests three levels deep
+# Longest accepted text per widget kind: prompts are cut at 77 tokens by CLIP anyway; paths by the OS.
+MAX_TEXT = {"prompt": 2000, "path": 4096, "": 200}
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+ATTENTION = ("sdpa", "xformers", "default")
+MIN_CONCEPTS = 4  # the UI always offers at least this many concept slots
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad value: where it is (("concepts", 0, "instance_data_dir")) and what is wrong, in the user's words."""
+
+    where: tuple
+    message: str
+
+    @property
+    def setting(self) -> str:
+        return str(self.where[-1]) if self.where else ""
+
+    def __str__(self) -> str:
+        parts = []
+        for part in self.where:
+            parts.append(f"[{part}]" if isinstance(part, int) else ("." if parts else "") + part)
+        return f"{''.join(parts)}: {self.message}" if parts else self.message
 
 
 class ConfigError(UserError):
-    """A config that cannot be used; the message names every bad field."""
+    """A config that cannot be used; the message names every bad field, `problems` lists them one by one."""
+
+    def __init__(self, problems):
+        self.problems = [p if isinstance(p, Problem) else Problem((), str(p)) for p in
+                         (problems if isinstance(problems, (list, tuple)) else [problems])]
+        super().__init__("; ".join(map(str, self.problems)))
+
+
+def _short(value: Any) -> str:
+    """A bad value as shown in a message: never more than a few dozen characters of whatever was sent."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -38,151 +81,262 @@ class Setting:
     kind: str = ""  # "path", "prompt" or "" - a hint for the UI widget
 
     def check(self, value: Any) -> tuple[Any, str | None]:
-        """Return (coerced value, error or None)."""
+        """Return (coerced value, error or None); the error is in the user's words and names no internals."""
         if self.type is bool:
             if isinstance(value, bool):
                 return value, None
-            return value, f"{self.name}: expected true or false, got {value!r}"
-        if self.type is int:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-                return value, f"{self.name}: expected a whole number, got {value!r}"
-            value = int(value)
-        elif self.type is float:
+            return value, f"expected true or false, got {_short(value)}"
+        if self.type in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return value, f"{self.name}: expected a number, got {value!r}"
-            value = float(value)
-            if value != value:
-                return value, f"{self.name}: NaN is not allowed"
+                return value, f"enter a {'whole ' if self.type is int else ''}number, got {_short(value)}"
+            try:
+                as_float = float(value)
+            except OverflowError:
+                return value, "the number is far too large"
+            if not math.isfinite(as_float):
+                return value, f"enter a finite number, got {_short(value)}"
+            if self.type is int:
+                if as_float != int(value):
+                    return value, f"enter a whole number, got {_short(value)}"
+                value = int(value)
+            else:
+                value = as_float
         elif self.type is str:
             if not isinstance(value, str):
-                return value, f"{self.name}: expected text, got {value!r}"
+                return value, f"expected text, got {_short(value)}"
+            limit = MAX_TEXT[self.kind]
+            if len(value) > limit:
+                return value, f"too long ({len(value)} characters; at most {limit})"
+            if "\x00" in value:
+                return value, "must not contain NUL characters"
         if self.choices and value not in self.choices:
-            return value, f"{self.name}: {value!r} is not one of {', '.join(map(str, self.choices))}"
+            return value, f"{_short(value)} is not one of {', '.join(map(str, self.choices))}"
         if self.min is not None and value < self.min:
-            return value, f"{self.name}: {value!r} is below the minimum {self.min}"
+            return value, f"{_short(value)} is below the minimum {self.min:g}"
         if self.max is not None and value > self.max:
-            return value, f"{self.name}: {value!r} is above the maximum {self.max}"
+            return value, f"{_short(value)} is above the maximum {self.max:g}"
         return value, None
 
+    def parse(self, text: str) -> Any:
+        """A value typed on a command line (`--set name=value`), checked like any other."""
+        value: Any = text
+        if self.type is bool:
+            value = {"true": True, "yes": True, "1": True, "on": True,
+                     "false": False, "no": False, "0": False, "off": False}.get(text.strip().lower(), text)
+        elif self.type in (int, float):
+            try:
+                value = int(text) if self.type is int and text.strip().lstrip("+-").isdigit() else float(text)
+            except ValueError:
+                pass
+        value, error = self.check(value)
+        if error:
+            raise ConfigError(Problem((self.name,), error))
+        return value
 
-S = Setting
 
-MODEL_SETTINGS: tuple[Setting, ...] = (
-    S("source", str, "", "Source checkpoint", "The checkpoint this model was created from (file, diffusers folder or hub id).", kind="path"),
-    S("family", str, "v1", "Model family", "v1 (512), v2 (512, epsilon), v2-v (768, v-prediction) or sdxl (1024).", choices=FAMILIES),
+def setting(default, label: str, tooltip: str, group: str = "", **facts):
+    """Declare one setting as a dataclass field: its default plus what the UI and the checks need to know."""
+    return field(default=default, metadata={"setting": dict(label=label, tooltip=tooltip, group=group, **facts)})
+
+
+def settings_of(section) -> tuple[Setting, ...]:
+    """The Setting declarations of a section dataclass, in field order."""
+    return tuple(Setting(name=f.name, type=_TYPES[f.type] if isinstance(f.type, str) else f.type, default=f.default,
+                         **f.metadata["setting"]) for f in fields(section))
+
+
+# Settings of the host, not of a model: the webui shows them on its Settings page (generated from this tuple).
+HOST_SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", str, "", "Data folder",
+            "Folder whose models/dreambooth and models/Stable-diffusion are used; empty: the webui's own models "
+            "folder. --dreambooth-dir overrides it. Restart to apply.", kind="path"),
 )
 
-CONCEPT_SETTINGS: tuple[Setting, ...] = (
-    # Instance
-    S("instance_data_dir", str, "", "Instance images folder", "Folder with the 3-20 photos of your subject (png, jpg, webp; searched recursively).", "instance", kind="path"),
-    S("instance_prompt", str, "[filewords]", "Instance prompt", "Prompt for the instance images. [filewords] is replaced by each image's caption (.txt beside it, else its file name).", "instance", kind="prompt"),
-    S("instance_token", str, "", "Instance token", "The rare identifier for your subject, e.g. zwx. Inserted into [filewords] captions before the class token.", "instance"),
-    S("class_token", str, "", "Class token", "The class noun of your subject, e.g. dog.", "instance"),
-    # Class (prior preservation)
-    S("class_data_dir", str, "", "Class images folder", "Your own class images. Empty: generated into the model's class folder and reused.", "class", kind="path"),
-    S("class_prompt", str, "[filewords]", "Class prompt", "Prompt for class images, e.g. 'a photo of a dog'. [filewords] uses the instance captions without the instance token.", "class", kind="prompt"),
-    S("class_negative_prompt", str, "", "Class negative prompt", "Negative prompt used when generating class images.", "class", kind="prompt"),
-    S("num_class_images_per_image", int, 0, "Class images per instance image", "How many class images per instance image. 0 turns prior preservation off for this concept.", "class", min=0, max=1000),
-    S("class_guidance_scale", float, 7.5, "Class CFG scale", "Classifier-free guidance scale for generating class images.", "class", min=0, max=50, step=0.5),
-    S("class_infer_steps", int, 40, "Class generation steps", "Denoising steps per generated class image.", "class", min=1, max=200),
-    # Samples (previews)
-    S("sample_prompt", str, "", "Sample prompt", "Prompt for preview images. Empty: the instance prompt of the first instance image. [filewords] allowed.", "sample", kind="prompt"),
-    S("sample_negative_prompt", str, "", "Sample negative prompt", "Negative prompt for preview images.", "sample", kind="prompt"),
-    S("num_samples", int, 1, "Samples per preview", "How many preview images to make for this concept each time.", "sample", min=0, max=16),
-    S("sample_seed", int, 420, "Sample seed", "Seed for preview images; -1 draws a new one each time.", "sample", min=-1, max=2**31 - 1),
-    S("sample_guidance_scale", float, 7.5, "Sample CFG scale", "Classifier-free guidance scale for preview images.", "sample", min=0, max=50, step=0.5),
-    S("sample_infer_steps", int, 30, "Sample steps", "Denoising steps per preview image.", "sample", min=1, max=200),
-)
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-PRECISIONS = ("no", "fp16", "bf16")
-ATTENTION = ("sdpa", "xformers", "default")
+@dataclass(frozen=True)
+class ModelSettings:
+    source: str = setting('', 'Source checkpoint', 'The checkpoint this model was created from (file, diffusers folder or hub id).', kind='path')
+    family: str = setting('v1', 'Model family', 'v1 (512), v2 (512, epsilon), v2-v (768, v-prediction) or sdxl (1024).', choices=FAMILIES)
 
-PARAMETER_SETTINGS: tuple[Setting, ...] = (
-    # Learning rate
-    S("learning_rate", float, 2e-6, "UNet learning rate", "Learning rate of the UNet. 1e-6 to 5e-6 is usual for a full fine-tune.", "learning rate", min=0, max=1, step=1e-7),
-    S("text_encoder_learning_rate", float, 1e-6, "Text encoder learning rate", "Learning rate of the text encoder(s), applied as a separate parameter group.", "learning rate", min=0, max=1, step=1e-7),
-    S("lr_scheduler", str, "constant_with_warmup", "Learning rate scheduler", "How the learning rate changes over training.", "learning rate", choices=SCHEDULERS),
-    S("lr_warmup_steps", int, 0, "Warmup steps", "Steps over which the learning rate ramps up from 0.", "learning rate", min=0, max=100000),
-    S("lr_cycles", int, 1, "Restart cycles", "Number of hard restarts for cosine_with_restarts.", "learning rate", min=1, max=100),
-    S("lr_power", float, 1.0, "Polynomial power", "Power of the polynomial scheduler.", "learning rate", min=0.1, max=10, step=0.1),
-    # Intervals
-    S("num_train_epochs", int, 100, "Training epochs", "Epochs = steps per instance image. 100 is a good start for 5 images.", "intervals", min=1, max=100000),
-    S("max_train_steps", int, 0, "Max training steps", "Stop after this many optimizer steps. 0: use the epochs.", "intervals", min=0, max=10000000),
-    S("save_every_n_epochs", int, 25, "Save checkpoint every N epochs", "0: only at the end.", "intervals", min=0, max=100000),
-    S("sample_every_n_epochs", int, 25, "Preview every N epochs", "0: no previews during training.", "intervals", min=0, max=100000),
-    # Batch
-    S("train_batch_size", int, 1, "Batch size", "Instance images per step (class images are added alongside).", "batch", min=1, max=256),
-    S("gradient_accumulation_steps", int, 1, "Gradient accumulation steps", "Micro-batches per optimizer step.", "batch", min=1, max=1024),
-    # Performance
-    S("optimizer", str, "adamw_8bit", "Optimizer", "AdamW, 8-bit AdamW (bitsandbytes; least memory) or Adafactor.", "performance", choices=OPTIMIZERS),
-    S("mixed_precision", str, "fp16", "Mixed precision", "fp16 for most cards, bf16 for RTX 30xx and newer; no for full fp32.", "performance", choices=PRECISIONS),
-    S("attention", str, "sdpa", "Attention backend", "PyTorch SDPA (default), xformers (when installed, GPU only) or the plain implementation.", "performance", choices=ATTENTION),
-    S("gradient_checkpointing", bool, False, "Gradient checkpointing", "Trade about 20% speed for much less memory.", "performance"),
-    S("cache_latents", bool, True, "Cache latents", "Encode images once with the VAE and keep the latents; faster, disables random crop and flip variety.", "performance"),
-    S("adam_beta1", float, 0.9, "Adam beta1", "First-moment decay of AdamW.", "performance", min=0, max=1, step=0.01),
-    S("adam_beta2", float, 0.999, "Adam beta2", "Second-moment decay of AdamW.", "performance", min=0, max=1, step=0.001),
-    S("adam_epsilon", float, 1e-8, "Adam epsilon", "Numerical stabiliser of AdamW.", "performance", min=0, max=1),
-    S("weight_decay", float, 0.01, "Weight decay", "Decoupled weight decay.", "performance", min=0, max=1, step=0.001),
-    S("max_grad_norm", float, 1.0, "Max gradient norm", "Gradient clipping; 0 turns it off.", "performance", min=0, max=1000),
-    # Text encoder and loss
-    S("train_text_encoder_ratio", float, 0.25, "Text encoder step ratio", "The text encoder trains for this fraction of the steps, then freezes. 0: never.", "loss", min=0, max=1, step=0.05),
-    S("prior_loss_weight", float, 1.0, "Prior loss weight", "Weight of the class (prior preservation) loss: loss = MSE(instance) + weight x MSE(class).", "loss", min=0, max=100, step=0.05),
-    S("offset_noise", float, 0.0, "Offset noise", "Adds a per-channel constant to the noise so the model learns very dark and bright images. 0.05-0.1 typical; 0 off.", "loss", min=0, max=1, step=0.01),
-    S("min_snr_gamma", float, 0.0, "Min-SNR gamma", "Min-SNR loss weighting (5 is typical); 0 uses the paper's plain MSE.", "loss", min=0, max=100, step=0.5),
-    S("use_ema", bool, False, "Use EMA", "Keep an exponential moving average of the UNet weights.", "loss"),
-    S("ema_decay", float, 0.999, "EMA decay", "Decay of the moving average.", "loss", min=0, max=1, step=0.0001),
-    # Image processing
-    S("resolution", int, 512, "Resolution", "Training resolution (the family's native one by default).", "image processing", min=64, max=4096, step=64),
-    S("aspect_ratio_bucketing", bool, True, "Aspect-ratio bucketing", "Group images by aspect ratio instead of cropping them all square.", "image processing"),
-    S("crop", str, "center", "Crop", "How an image is cropped to its bucket.", "image processing", choices=("center", "random")),
-    S("hflip", bool, False, "Horizontal flip", "Randomly mirror images (not for asymmetric subjects such as text or faces with a parting).", "image processing"),
-    S("seed", int, 1234, "Seed", "Seed for noise, timesteps, shuffling and augmentation.", "image processing", min=0, max=2**31 - 1),
-    # Saving
-    S("checkpoint_format", str, "safetensors", "Checkpoint format", "safetensors (safe, fast) or ckpt.", "saving", choices=("safetensors", "ckpt")),
-    S("save_half", bool, True, "Save fp16 checkpoint", "Write the checkpoint in half precision (half the size).", "saving"),
-    S("save_ema_weights", bool, True, "Export EMA weights", "When EMA is on, export the averaged UNet instead of the raw one.", "saving"),
-    S("save_on_end", bool, True, "Save at the end", "Export a checkpoint when training finishes.", "saving"),
-    S("save_on_cancel", bool, True, "Save on cancel", "Export a checkpoint when training is cancelled.", "saving"),
-)
 
+@dataclass(frozen=True)
+class Concept:
+    # instance
+    instance_data_dir: str = setting('', 'Instance images folder', 'Folder with the 3-20 photos of your subject (png, jpg, webp; searched recursively).', group='instance', kind='path')
+    instance_prompt: str = setting('[filewords]', 'Instance prompt', "Prompt for the instance images. [filewords] is replaced by each image's caption (.txt beside it, else its file name).", group='instance', kind='prompt')
+    instance_token: str = setting('', 'Instance token', 'The rare identifier for your subject, e.g. zwx. Inserted into [filewords] captions before the class token.', group='instance')
+    class_token: str = setting('', 'Class token', 'The class noun of your subject, e.g. dog.', group='instance')
+    # class
+    class_data_dir: str = setting('', 'Class images folder', "Your own class images. Empty: generated into the model's class folder and reused.", group='class', kind='path')
+    class_prompt: str = setting('[filewords]', 'Class prompt', "Prompt for class images, e.g. 'a photo of a dog'. [filewords] uses the instance captions without the instance token.", group='class', kind='prompt')
+    class_negative_prompt: str = setting('', 'Class negative prompt', 'Negative prompt used when generating class images.', group='class', kind='prompt')
+    num_class_images_per_image: int = setting(0, 'Class images per instance image', 'How many class images per instance image. 0 turns prior preservation off for this concept.', group='class', min=0, max=1000)
+    class_guidance_scale: float = setting(7.5, 'Class CFG scale', 'Classifier-free guidance scale for generating class images.', group='class', min=0, max=50, step=0.5)
+    class_infer_steps: int = setting(40, 'Class generation steps', 'Denoising steps per generated class image.', group='class', min=1, max=200)
+    # sample
+    sample_prompt: str = setting('', 'Sample prompt', 'Prompt for preview images. Empty: the instance prompt of the first instance image. [filewords] allowed.', group='sample', kind='prompt')
+    sample_negative_prompt: str = setting('', 'Sample negative prompt', 'Negative prompt for preview images.', group='sample', kind='prompt')
+    num_samples: int = setting(1, 'Samples per preview', 'How many preview images to make for this concept each time.', group='sample', min=0, max=16)
+    sample_seed: int = setting(420, 'Sample seed', 'Seed for preview images; -1 draws a new one each time.', group='sample', min=-1, max=2**31 - 1)
+    sample_guidance_scale: float = setting(7.5, 'Sample CFG scale', 'Classifier-free guidance scale for preview images.', group='sample', min=0, max=50, step=0.5)
+    sample_infer_steps: int = setting(30, 'Sample steps', 'Denoising steps per preview image.', group='sample', min=1, max=200)
+
+
+@dataclass(frozen=True)
+class Parameters:
+    # learning rate
+    learning_rate: float = setting(2e-06, 'UNet learning rate', 'Learning rate of the UNet. 1e-6 to 5e-6 is usual for a full fine-tune.', group='learning rate', min=0, max=1, step=1e-07)
+    text_encoder_learning_rate: float = setting(1e-06, 'Text encoder learning rate', 'Learning rate of the text encoder(s), applied as a separate parameter group.', group='learning rate', min=0, max=1, step=1e-07)
+    lr_scheduler: str = setting('constant_with_warmup', 'Learning rate scheduler', 'How the learning rate changes over training.', group='learning rate', choices=SCHEDULERS)
+    lr_warmup_steps: int = setting(0, 'Warmup steps', 'Steps over which the learning rate ramps up from 0.', group='learning rate', min=0, max=100000)
+    lr_cycles: int = setting(1, 'Restart cycles', 'Number of hard restarts for cosine_with_restarts.', group='learning rate', min=1, max=100)
+    lr_power: float = setting(1.0, 'Polynomial power', 'Power of the polynomial scheduler.', group='learning rate', min=0.1, max=10, step=0.1)
+    # intervals
+    num_train_epochs: int = setting(100, 'Training epochs', 'Epochs = steps per instance image. 100 is a good start for 5 images.', group='intervals', min=1, max=100000)
+    max_train_steps: int = setting(0, 'Max training steps', 'Stop after this many optimizer steps. 0: use the epochs.', group='intervals', min=0, max=10000000)
+    save_every_n_epochs: int = setting(25, 'Save checkpoint every N epochs', '0: only at the end.', group='intervals', min=0, max=100000)
+    sample_every_n_epochs: int = setting(25, 'Preview every N epochs', '0: no previews during training.', group='intervals', min=0, max=100000)
+    # batch
+    train_batch_size: int = setting(1, 'Batch size', 'Instance images per step (class images are added alongside).', group='batch', min=1, max=256)
+    gradient_accumulation_steps: int = setting(1, 'Gradient accumulation steps', 'Micro-batches per optimizer step.', group='batch', min=1, max=1024)
+    # performance
+    optimizer: str = setting('adamw_8bit', 'Optimizer', 'AdamW, 8-bit AdamW (bitsandbytes; least memory) or Adafactor.', group='performance', choices=OPTIMIZERS)
+    mixed_precision: str = setting('fp16', 'Mixed precision', 'fp16 for most cards, bf16 for RTX 30xx and newer; no for full fp32.', group='performance', choices=PRECISIONS)
+    attention: str = setting('sdpa', 'Attention backend', 'PyTorch SDPA (default), xformers (when installed, GPU only) or the plain implementation.', group='performance', choices=ATTENTION)
+    gradient_checkpointing: bool = setting(False, 'Gradient checkpointing', 'Trade about 20% speed for much less memory.', group='performance')
+    cache_latents: bool = setting(True, 'Cache latents', 'Encode images once with the VAE and keep the latents; faster, disables random crop and flip variety.', group='performance')
+    adam_beta1: float = setting(0.9, 'Adam beta1', 'First-moment decay of AdamW.', group='performance', min=0, max=1, step=0.01)
+    adam_beta2: float = setting(0.999, 'Adam beta2', 'Second-moment decay of AdamW.', group='performance', min=0, max=1, step=0.001)
+    adam_epsilon: float = setting(1e-08, 'Adam epsilon', 'Numerical stabiliser of AdamW.', group='performance', min=0, max=1)
+    weight_decay: float = setting(0.01, 'Weight decay', 'Decoupled weight decay.', group='performance', min=0, max=1, step=0.001)
+    max_grad_norm: float = setting(1.0, 'Max gradient norm', 'Gradient clipping; 0 turns it off.', group='performance', min=0, max=1000)
+    # loss
+    train_text_encoder_ratio: float = setting(0.25, 'Text encoder step ratio', 'The text encoder trains for this fraction of the steps, then freezes. 0: never.', group='loss', min=0, max=1, step=0.05)
+    prior_loss_weight: float = setting(1.0, 'Prior loss weight', 'Weight of the class (prior preservation) loss: loss = MSE(instance) + weight x MSE(class).', group='loss', min=0, max=100, step=0.05)
+    offset_noise: float = setting(0.0, 'Offset noise', 'Adds a per-channel constant to the noise so the model learns very dark and bright images. 0.05-0.1 typical; 0 off.', group='loss', min=0, max=1, step=0.01)
+    min_snr_gamma: float = setting(0.0, 'Min-SNR gamma', "Min-SNR loss weighting (5 is typical); 0 uses the paper's plain MSE.", group='loss', min=0, max=100, step=0.5)
+    use_ema: bool = setting(False, 'Use EMA', 'Keep an exponential moving average of the UNet weights.', group='loss')
+    ema_decay: float = setting(0.999, 'EMA decay', 'Decay of the moving average.', group='loss', min=0, max=1, step=0.0001)
+    # image processing
+    resolution: int = setting(512, 'Resolution', "Training resolution (the family's native one by default).", group='image processing', min=64, max=4096, step=64)
+    aspect_ratio_bucketing: bool = setting(True, 'Aspect-ratio bucketing', 'Group images by aspect ratio instead of cropping them all square.', group='image processing')
+    crop: str = setting('center', 'Crop', 'How an image is cropped to its bucket.', group='image processing', choices=('center', 'random'))
+    hflip: bool = setting(False, 'Horizontal flip', 'Randomly mirror images (not for asymmetric subjects such as text or faces with a parting).', group='image processing')
+    seed: int = setting(1234, 'Seed', 'Seed for noise, timesteps, shuffling and augmentation.', group='image processing', min=0, max=2**31 - 1)
+    # saving
+    checkpoint_format: str = setting('safetensors', 'Checkpoint format', 'safetensors (safe, fast) or ckpt.', group='saving', choices=('safetensors', 'ckpt'))
+    save_half: bool = setting(True, 'Save fp16 checkpoint', 'Write the checkpoint in half precision (half the size).', group='saving')
+    save_ema_weights: bool = setting(True, 'Export EMA weights', 'When EMA is on, export the averaged UNet instead of the raw one.', group='saving')
+    save_on_end: bool = setting(True, 'Save at the end', 'Export a checkpoint when training finishes.', group='saving')
+    save_on_cancel: bool = setting(True, 'Save on cancel', 'Export a checkpoint when training is cancelled.', group='saving')
+
+
+MODEL_SETTINGS = settings_of(ModelSettings)
+CONCEPT_SETTINGS = settings_of(Concept)
+PARAMETER_SETTINGS = settings_of(Parameters)
 GROUPS = ("performance", "intervals", "batch", "learning rate", "loss", "image processing", "saving")
-MIN_CONCEPTS = 4  # the UI always offers at least this many concept slots
 
 
-def _section_class(name: str, settings: tuple[Setting, ...]):
-    return make_dataclass(name, [(s.name, s.type, field(default=s.default)) for s in settings], frozen=True)
+# ---------------------------------------------------------------- rules relating several settings
 
 
-ModelSettings = _section_class("ModelSettings", MODEL_SETTINGS)
-Concept = _section_class("Concept", CONCEPT_SETTINGS)
-Parameters = _section_class("Parameters", PARAMETER_SETTINGS)
+@dataclass(frozen=True)
+class Rule:
+    """A check across settings of one section. `settings` names the fields it marks in the UI; `training`: checked
+    only when a training starts (a config being edited may be incomplete)."""
+
+    settings: tuple[str, ...]
+    check: Callable[[Any], str | None]
+    training: bool = False
 
 
-def _parse_section(section: str, data: Any, settings: tuple[Setting, ...], cls, errors: list[str]):
+def _folder_missing(path: str) -> bool:
+    return not Path(path).expanduser().is_dir()
+
+
+CONCEPT_RULES: tuple[Rule, ...] = (
+    Rule(("instance_data_dir",), lambda c: f"{c.instance_data_dir!r} is not a folder"
+         if _folder_missing(c.instance_data_dir) else None, training=True),
+    # A class folder of your own is read only when prior preservation is on for the concept.
+    Rule(("class_data_dir",), lambda c: f"{c.class_data_dir!r} is not a folder"
+         if c.num_class_images_per_image > 0 and c.class_data_dir.strip() and _folder_missing(c.class_data_dir)
+         else None, training=True),
+)
+PARAMETER_RULES: tuple[Rule, ...] = ()
+
+
+def _apply_rules(rules, section, where: tuple, training: bool, problems: list) -> None:
+    for rule in rules:
+        if rule.training and not training:
+            continue
+        message = rule.check(section)
+        if message:
+            problems.append(Problem(where + (rule.settings[0],), message))
+
+
+# ---------------------------------------------------------------- the config
+
+
+def _parse_section(where: tuple, data: Any, settings: tuple[Setting, ...], cls, problems: list):
     if not isinstance(data, dict):
-        errors.append(f"{section}: expected an object, got {type(data).__name__}")
+        problems.append(Problem(where, f"expected an object, got {type(data).__name__}"))
         return cls()
     known = {s.name: s for s in settings}
     values = {}
     for key, value in data.items():
         if key not in known:
-            errors.append(f"{section}.{key}: unknown setting")
+            problems.append(Problem(where + (_short(key).strip("'"),), "unknown setting"))
             continue
         value, error = known[key].check(value)
         if error:
-            errors.append(f"{section}.{error}")
+            problems.append(Problem(where + (key,), error))
         else:
             values[key] = value
     return cls(**values)
 
 
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, without recursing past `limit`."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
+def parse_json(data: bytes | str, what: str) -> Any:
+    """JSON from a file or a request, bounded: size, nesting depth, UTF-8, no NaN/Infinity. Errors name `what` and
+    never echo the content."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what}: too large ({len(data)} bytes; at most {MAX_CONFIG_BYTES})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: not UTF-8 text") from None
+
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    try:
+        value = json.loads(text, parse_constant=no_constants)
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        detail = f"line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise ConfigError(f"{what}: not valid JSON ({detail})") from None
+    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ConfigError(f"{what}: nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
-    model: Any = field(default_factory=ModelSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
     concepts: tuple = ()
-    parameters: Any = field(default_factory=Parameters)
+    parameters: Parameters = field(default_factory=Parameters)
 
     @property
     def active_concepts(self) -> tuple:
@@ -200,40 +354,59 @@ class Config:
     def with_parameters(self, **changes) -> "Config":
         return Config.from_dict({**self.to_dict(), "parameters": {**asdict(self.parameters), **changes}})
 
+    def with_model(self, model: ModelSettings) -> "Config":
+        """The same settings for another model section (the model's own, which `create` fixed)."""
+        return replace(self, model=model)
+
+    def problems(self, training: bool = False) -> list[Problem]:
+        """The declared cross-setting rules that this config breaks."""
+        problems: list[Problem] = []
+        for i, concept in enumerate(self.concepts):
+            if concept.instance_data_dir.strip():
+                _apply_rules(CONCEPT_RULES, concept, ("concepts", i), training, problems)
+        _apply_rules(PARAMETER_RULES, self.parameters, ("parameters",), training, problems)
+        return problems
+
     @staticmethod
     def from_dict(data: Any) -> "Config":
-        errors: list[str] = []
+        problems: list[Problem] = []
         if not isinstance(data, dict):
             raise ConfigError(f"config: expected an object, got {type(data).__name__}")
         for key in data:
             if key not in ("version", "model", "concepts", "parameters"):
-                errors.append(f"{key}: unknown section")
+                problems.append(Problem((_short(key).strip("'"),), "unknown section"))
         version = data.get("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
-            errors.append(f"version: {version!r} is not supported (expected {CONFIG_VERSION})")
-        model = _parse_section("model", data.get("model", {}), MODEL_SETTINGS, ModelSettings, errors)
+            problems.append(Problem(("version",), f"{_short(version)} is not supported (expected {CONFIG_VERSION})"))
+        model = _parse_section(("model",), data.get("model", {}), MODEL_SETTINGS, ModelSettings, problems)
         raw_concepts = data.get("concepts", [])
         concepts = []
         if not isinstance(raw_concepts, list):
-            errors.append("concepts: expected a list")
+            problems.append(Problem(("concepts",), "expected a list"))
+        elif len(raw_concepts) > 100:
+            problems.append(Problem(("concepts",), f"{len(raw_concepts)} concepts; at most 100"))
         else:
             for i, c in enumerate(raw_concepts):
-                concepts.append(_parse_section(f"concepts[{i}]", c, CONCEPT_SETTINGS, Concept, errors))
-        parameters = _parse_section("parameters", data.get("parameters", {}), PARAMETER_SETTINGS, Parameters, errors)
-        if errors:
-            raise ConfigError("; ".join(errors))
-        return Config(model=model, concepts=tuple(concepts), parameters=parameters)
+                concepts.append(_parse_section(("concepts", i), c, CONCEPT_SETTINGS, Concept, problems))
+        parameters = _parse_section(("parameters",), data.get("parameters", {}), PARAMETER_SETTINGS, Parameters,
+                                    problems)
+        if problems:
+            raise ConfigError(problems)
+        config = Config(model=model, concepts=tuple(concepts), parameters=parameters)
+        if config.problems():
+            raise ConfigError(config.problems())
+        return config
 
     @staticmethod
     def load(path: Path) -> "Config":
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = path.read_bytes() if path.stat().st_size <= MAX_CONFIG_BYTES else b" " * (MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return Config.from_dict(data)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from e
+        return Config.from_dict(parse_json(data, str(path)))
 
     def save(self, path: Path) -> None:
         from .store import atomic_write_text
@@ -243,21 +416,29 @@ class Config:
 
 def validate_for_training(config: Config) -> None:
     """Checks that only matter when training starts (a config being edited may be incomplete)."""
-    errors = []
-    if not config.active_concepts:
-        errors.append("concepts: no concept has an instance images folder")
-    for i, c in enumerate(config.concepts):
-        if not c.instance_data_dir.strip():
-            continue
-        if not Path(c.instance_data_dir).expanduser().is_dir():
-            errors.append(f"concepts[{i}].instance_data_dir: {c.instance_data_dir!r} is not a folder")
-        if c.class_data_dir.strip() and not Path(c.class_data_dir).expanduser().is_dir() and c.num_class_images_per_image == 0:
-            errors.append(f"concepts[{i}].class_data_dir: {c.class_data_dir!r} is not a folder")
-    if errors:
-        raise ConfigError("; ".join(errors))
+    problems = [] if config.active_concepts else [Problem(("concepts",), "no concept has an instance images folder")]
+    problems += config.problems(training=True)
+    if problems:
+        raise ConfigError(problems)
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """`name=value` pairs for parameters (the CLI's `--set`), each checked against its declaration."""
+    known = {s.name: s for s in PARAMETER_SETTINGS}
+    overrides = {}
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected NAME=VALUE")
+        if name not in known:
+            raise ConfigError(Problem(("parameters", _short(name).strip("'")), "unknown setting"))
+        overrides[name] = known[name].parse(text)
+    return overrides
 
 
 __all__ = [
     "Setting", "Config", "ConfigError", "Concept", "Parameters", "ModelSettings", "MODEL_SETTINGS", "CONCEPT_SETTINGS",
-    "PARAMETER_SETTINGS", "GROUPS", "FAMILIES", "FAMILY_RESOLUTION", "MIN_CONCEPTS", "validate_for_training", "replace", "fields",
+    "PARAMETER_SETTINGS", "HOST_SETTINGS", "GROUPS", "FAMILIES", "MIN_CONCEPTS", "Problem", "Rule", "CONCEPT_RULES",
+    "PARAMETER_RULES", "validate_for_training", "parse_overrides", "parse_json", "replace", "fields", "setting",
 ]

@@ -1,50 +1,159 @@
-"""How a training run talks to whoever watches it: an append-only event log and control requests, both files.
+"""How a training run talks to whoever watches it: typed events in an append-only log, control requests as files,
+and the fold that turns the log into the run's status. Writers and readers use these records, never raw keys.
 
 Files make the trainer, the worker, the CLI and the UI independent processes: a page reload or a UI restart just
 reads the log again, and a request survives until the trainer has handled it.
 
-<model>/logs/events.jsonl   one JSON object per line: {"time": ..., "kind": ..., ...}
+<model>/logs/events.jsonl   one JSON object per line: {"time": ..., "kind": ..., <the record's fields>}
 <model>/control/<request>   an empty file per pending request: cancel, pause, save, sample
 
-Event kinds the trainer emits (fields beyond time and kind):
-  start       total_steps, epochs, steps_per_epoch, step (where it begins, >0 when resuming)
-  class_images  done, total        (while generating class images)
-  step        step, epoch, loss, lr, it_per_s, eta_s, memory_mb
-  sample      step, paths (list of PNG files)
-  checkpoint  step, path
-  paused / resumed
-  done        step, message
-  cancelled   step, message
-  error       message, (log_tail added by the worker when the process dies)
+A child process that is not a training (create, export, started by the UI) reports through its exit code and, when
+asked, a one-event log of its own (`python -m dreambooth --report FILE VERB`): Done(message) or Error(message).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar, Iterable
 
 REQUESTS = ("cancel", "pause", "save", "sample")
+MAX_CHART_POINTS = 400
+
+
+# ---------------------------------------------------------------- the records
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = ""
+    time: float = field(default=0.0, kw_only=True)  # set by EventLog.emit
+
+
+@dataclass(frozen=True)
+class Start(Event):
+    kind: ClassVar[str] = "start"
+    total_steps: int
+    epochs: int
+    steps_per_epoch: int
+    step: int  # where this run begins: > 0 when it resumes a saved run
+
+
+@dataclass(frozen=True)
+class ClassImages(Event):
+    """Progress of class-image generation, before the first step."""
+
+    kind: ClassVar[str] = "class_images"
+    done: int
+    total: int
+    eta_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Step(Event):
+    kind: ClassVar[str] = "step"
+    step: int
+    epoch: int  # counted from 0
+    loss: float
+    lr: float
+    it_per_s: float
+    eta_s: float | None
+    memory_mb: float  # peak GPU memory allocated, or the process's peak RSS without a GPU
+
+
+@dataclass(frozen=True)
+class Sample(Event):
+    kind: ClassVar[str] = "sample"
+    step: int
+    paths: tuple  # PNG files
+
+
+@dataclass(frozen=True)
+class Checkpoint(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Paused(Event):
+    kind: ClassVar[str] = "paused"
+    step: int
+
+
+@dataclass(frozen=True)
+class Resumed(Event):
+    kind: ClassVar[str] = "resumed"
+    step: int
+
+
+@dataclass(frozen=True)
+class Done(Event):
+    kind: ClassVar[str] = "done"
+    step: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Cancelled(Event):
+    kind: ClassVar[str] = "cancelled"
+    step: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Error(Event):
+    kind: ClassVar[str] = "error"
+    message: str
+    step: int | None = None
+
+
+RECORDS = {cls.kind: cls for cls in (Start, ClassImages, Step, Sample, Checkpoint, Paused, Resumed, Done, Cancelled,
+                                     Error)}
 END_KINDS = ("done", "cancelled", "error")
 
 
-class EventLog:
-    def __init__(self, model_path: Path):
-        self.path = Path(model_path) / "logs" / "events.jsonl"
+def to_json(event: Event) -> dict:
+    return {"time": event.time, "kind": event.kind, **{k: v for k, v in asdict(event).items() if k != "time"}}
 
-    def emit(self, kind: str, **data) -> dict:
-        event = {"time": time.time(), "kind": kind, **data}
+
+def from_json(data: object) -> Event | None:
+    """The record of one logged object; None for anything that is not one (a foreign or damaged line)."""
+    if not isinstance(data, dict) or data.get("kind") not in RECORDS:
+        return None
+    cls = RECORDS[data["kind"]]
+    names = {f.name for f in fields(cls)}
+    values = {k: v for k, v in data.items() if k in names}
+    if "paths" in values:
+        values["paths"] = tuple(values["paths"]) if isinstance(values["paths"], list) else ()
+    try:
+        return cls(**values)
+    except TypeError:  # a required field is missing
+        return None
+
+
+# ---------------------------------------------------------------- the log and the requests
+
+
+class EventLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def emit(self, event: Event) -> Event:
+        stamped = type(event)(**{**{f.name: getattr(event, f.name) for f in fields(event)}, "time": time.time()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(event, default=str) + "\n"
+        line = json.dumps(to_json(stamped), default=str) + "\n"
         # One write() of a short line in append mode: readers never see half an event.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode("utf-8"))
         finally:
             os.close(fd)
-        return event
+        return stamped
 
-    def read(self, offset: int = 0) -> tuple[list[dict], int]:
+    def read(self, offset: int = 0) -> tuple[list[Event], int]:
         """Events from byte `offset` on, and the offset to continue from. A partial last line is left for later."""
         try:
             with open(self.path, "rb") as f:
@@ -56,9 +165,11 @@ class EventLog:
         events = []
         for line in data[:end].splitlines():
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
+                event = from_json(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
+            if event is not None:
+                events.append(event)
         return events, offset + end
 
     def clear(self) -> None:
@@ -68,8 +179,8 @@ class EventLog:
 
 
 class Controls:
-    def __init__(self, model_path: Path):
-        self.folder = Path(model_path) / "control"
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
 
     def request(self, name: str) -> None:
         if name not in REQUESTS:
@@ -88,3 +199,64 @@ class Controls:
     def clear_all(self) -> None:
         for name in REQUESTS:
             self.withdraw(name)
+
+
+# ---------------------------------------------------------------- the fold
+
+
+@dataclass
+class RunStatus:
+    """What a run's events say about it. The worker adds what only the process can tell (alive, log tail)."""
+
+    state: str = "idle"  # idle, running, paused, done, cancelled, error
+    step: int = 0
+    start_step: int = 0  # where this run began (a resumed run trains start_step..total_steps)
+    total_steps: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    memory_mb: float | None = None
+    class_images: tuple = ()  # (done, total) while generating class images
+    losses: list = field(default_factory=list)  # [(step, loss)], thinned for the chart
+    samples: list = field(default_factory=list)  # newest last
+    checkpoints: list = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def ended(self) -> bool:
+        return self.state in END_KINDS
+
+
+def fold(events: Iterable[Event]) -> RunStatus:
+    st = RunStatus()
+    losses = []
+    for e in events:
+        if isinstance(e, Start):
+            st.total_steps, st.epochs, st.step, st.start_step = e.total_steps, e.epochs, e.step, e.step
+            st.state = "running"
+        elif isinstance(e, ClassImages):
+            st.class_images = (e.done, e.total)
+            st.eta_s = e.eta_s
+            st.state = "running"
+        elif isinstance(e, Step):
+            st.step, st.epoch, st.loss, st.lr = e.step, e.epoch, e.loss, e.lr
+            st.it_per_s, st.eta_s, st.memory_mb = e.it_per_s, e.eta_s, e.memory_mb
+            losses.append((e.step, e.loss))
+        elif isinstance(e, Sample):
+            st.samples.extend(e.paths)
+        elif isinstance(e, Checkpoint):
+            st.checkpoints.append(e.path)
+        elif isinstance(e, Paused):
+            st.state = "paused"
+        elif isinstance(e, Resumed):
+            st.state = "running"
+        elif isinstance(e, (Done, Cancelled, Error)):
+            st.state = e.kind
+            st.step = e.step if e.step is not None else st.step
+            st.message = e.message
+    stride = max(1, len(losses) // MAX_CHART_POINTS)
+    st.losses = losses[::stride]
+    return st

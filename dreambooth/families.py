@@ -1,12 +1,16 @@
-"""The four model families: their facts, detection from a checkpoint's keys, and offline CLIP tokenizers.
+"""The four model families: one record of facts per family, one detector for any source, offline CLIP tokenizers.
 
-Detection rule (documented in the README):
-1. a family forced by the user wins;
-2. else a .yaml beside the source decides: `sgm` target -> sdxl; OpenCLIP text encoder -> v2, or v2-v when
-   `parameterization: "v"`; CLIP text encoder -> v1;
-3. else the keys: `conditioner.embedders.*` -> sdxl, `cond_stage_model.model.*` (OpenCLIP) -> v2,
-   `cond_stage_model.transformer.*` (CLIP) -> v1. Keys cannot tell v-prediction from epsilon, so an OpenCLIP file
-   without a yaml is v2 (512, epsilon) and the caller is told to force v2-v for a 768 v-prediction model.
+Detection rule (documented in the README), the same for `create`, the tab and the CLI:
+1. a family forced by the user wins (v2 and v2-v may be forced either way; another family the source contradicts is
+   an error);
+2. a single file: a .yaml beside it (same name) decides: `sgm` target -> sdxl; OpenCLIP text encoder -> v2, or v2-v
+   when `parameterization: "v"`; CLIP text encoder -> v1. Else the keys: `conditioner.embedders.*` -> sdxl,
+   `cond_stage_model.model.*` (OpenCLIP) -> v2, `cond_stage_model.transformer.*` (CLIP) -> v1. Keys cannot tell
+   v-prediction from epsilon, so an OpenCLIP file without a yaml is v2 (512, epsilon) and the caller is told to force
+   v2-v for a 768 v-prediction model;
+3. a diffusers folder: the family our own import recorded in it, else its configs: a second text encoder (or a UNet
+   with SDXL's text-time embedding) -> sdxl; an OpenCLIP text encoder (gelu, 1024 wide) -> v2, or v2-v when the
+   scheduler predicts v; else v1.
 """
 from __future__ import annotations
 
@@ -21,39 +25,74 @@ from typing import Iterable
 
 import yaml
 
-from .config import FAMILIES, FAMILY_RESOLUTION
 from .errors import UserError
 
 log = logging.getLogger("dreambooth")
 RESOURCES = Path(__file__).parent / "resources"
 BPE_PATH = RESOURCES / "bpe_simple_vocab_16e6.txt.gz"
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+# The file our import writes into a working diffusers folder: {"family", "detected", "source", ...}.
+MODEL_INFO_FILE = "dreambooth_model.json"
+CLIP_PAD, OPENCLIP_PAD = "<|endoftext|>", "!"  # OpenAI CLIP pads with <|endoftext|>, the open_clip tokenizers with '!'
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    resolution: int
+    resolution: int  # native training and sampling resolution
     prediction_type: str  # diffusers scheduler prediction_type: "epsilon" or "v_prediction"
     is_sdxl: bool
     yaml_name: str  # the original inference yaml shipped in resources/ldm
     architecture: str  # modelspec.architecture
     implementation: str  # modelspec.implementation
     scaling_factor: float  # VAE latent scale
-    text_prefixes: tuple  # single-file prefixes of the text encoder(s)
+    text_prefixes: tuple  # single-file prefixes of the text encoder(s), in diffusers order
+    openclip: tuple  # per text encoder: True for the OpenCLIP layout (fused in_proj, text_projection)
+    pad_tokens: tuple  # per tokenizer
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The diffusers component names of the text encoder(s)."""
+        return ("text_encoder", "text_encoder_2")[: len(self.text_prefixes)]
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        return ("tokenizer", "tokenizer_2")[: len(self.text_prefixes)]
+
+    @property
+    def components(self) -> dict[str, str]:
+        """Single-file prefix of each diffusers component."""
+        return {"unet": UNET_PREFIX, "vae": VAE_PREFIX, **dict(zip(self.text_encoders, self.text_prefixes))}
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
+
+    def is_openclip(self, component: str) -> bool:
+        return component in self.text_encoders and self.openclip[self.text_encoders.index(component)]
+
+    def scheduler_config(self) -> dict:
+        """The DDIM scheduler of every Stable Diffusion release (scaled-linear betas), with this family's target."""
+        return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=self.prediction_type)
 
 
+_V2 = dict(is_sdxl=False, implementation="https://github.com/Stability-AI/stablediffusion", scaling_factor=0.18215,
+           text_prefixes=("cond_stage_model.model.",), openclip=(True,), pad_tokens=(OPENCLIP_PAD,))
 FAMILY_FACTS = {
     "v1": Family("v1", 512, "epsilon", False, "v1-inference.yaml", "stable-diffusion-v1",
-                 "https://github.com/CompVis/stable-diffusion", 0.18215, ("cond_stage_model.transformer.",)),
-    "v2": Family("v2", 512, "epsilon", False, "v2-inference.yaml", "stable-diffusion-v2-512",
-                 "https://github.com/Stability-AI/stablediffusion", 0.18215, ("cond_stage_model.model.",)),
-    "v2-v": Family("v2-v", 768, "v_prediction", False, "v2-inference-v.yaml", "stable-diffusion-v2-768-v",
-                   "https://github.com/Stability-AI/stablediffusion", 0.18215, ("cond_stage_model.model.",)),
+                 "https://github.com/CompVis/stable-diffusion", 0.18215, ("cond_stage_model.transformer.",),
+                 (False,), (CLIP_PAD,)),
+    "v2": Family("v2", 512, "epsilon", yaml_name="v2-inference.yaml", architecture="stable-diffusion-v2-512", **_V2),
+    "v2-v": Family("v2-v", 768, "v_prediction", yaml_name="v2-inference-v.yaml",
+                   architecture="stable-diffusion-v2-768-v", **_V2),
     "sdxl": Family("sdxl", 1024, "epsilon", True, "sd_xl_base.yaml", "stable-diffusion-xl-v1-base",
                    "https://github.com/Stability-AI/generative-models", 0.13025,
-                   ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")),
+                   ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."), (False, True),
+                   (CLIP_PAD, OPENCLIP_PAD)),
 }
-assert set(FAMILY_FACTS) == set(FAMILIES) and all(FAMILY_FACTS[f].resolution == FAMILY_RESOLUTION[f] for f in FAMILIES)
+FAMILIES = tuple(FAMILY_FACTS)
 
 
 def family(name: str) -> Family:
@@ -80,8 +119,8 @@ def family_from_yaml(path: Path) -> str:
         model = data["model"]
         target = str(model.get("target", ""))
         params = model.get("params") or {}
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: not a readable model yaml ({e})") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a readable model yaml ({type(e).__name__})") from e
     if target.startswith("sgm.") or "conditioner_config" in params:
         return "sdxl"
     cond = str((params.get("cond_stage_config") or {}).get("target", ""))
@@ -89,14 +128,14 @@ def family_from_yaml(path: Path) -> str:
         return "v2-v" if params.get("parameterization") == "v" else "v2"
     if "CLIP" in cond:
         return "v1"
-    raise UserError(f"{path}: cannot tell the model family from this yaml (cond_stage_config target {cond!r})")
+    raise UserError(f"{path}: cannot tell the model family from this yaml (its cond_stage_config target is not CLIP)")
 
 
 def family_from_keys(keys: Iterable[str]) -> str | None:
     """v1 / v2 / sdxl from single-file key names; None for an unknown layout. Never returns v2-v (see module doc)."""
     has_unet = has_sdxl = has_openclip = has_clip = False
     for k in keys:
-        if k.startswith("model.diffusion_model."):
+        if k.startswith(UNET_PREFIX):
             has_unet = True
         elif k.startswith("conditioner.embedders."):
             has_sdxl = True
@@ -115,21 +154,85 @@ def family_from_keys(keys: Iterable[str]) -> str | None:
     return None
 
 
-def detect_family(state_dict_or_keys, yaml_path: Path | None = None, forced: str = "auto") -> str:
-    """The family of a single-file checkpoint (see the module doc for the rule)."""
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({type(e).__name__})") from e
+    return data if isinstance(data, dict) else {}
+
+
+def family_from_folder(folder: Path) -> str:
+    """The family of a diffusers folder (see the module doc, rule 3)."""
+    folder = Path(folder)
+    recorded = _read_json(folder / MODEL_INFO_FILE).get("family")
+    if recorded in FAMILY_FACTS:
+        return recorded
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"{folder}: not a diffusers folder (no model_index.json)")
+    unet = _read_json(folder / "unet" / "config.json")
+    if (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    text = _read_json(folder / "text_encoder" / "config.json")
+    if text.get("hidden_act") == "gelu" or text.get("hidden_size") == 1024:
+        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+        return "v2-v" if scheduler.get("prediction_type") == "v_prediction" else "v2"
+    return "v1"
+
+
+@dataclass(frozen=True)
+class Detection:
+    family: str
+    how: str  # said to the user: "forced by the user", "from X.yaml", "from the keys", ...
+
+
+def _check_forced(found: str, forced: str, what: str) -> None:
+    if forced != found and {forced, found} != {"v2", "v2-v"}:
+        raise UserError(f"{what}: family {forced!r} does not fit it: it is a {found} model")
+
+
+def detect_keys(keys: Iterable[str], yaml_path: Path | None = None, forced: str = "auto",
+                what: str = "checkpoint") -> Detection:
+    """The family of a single-file checkpoint from its keys and the yaml beside it (rules 1 and 2)."""
+    by_keys = family_from_keys(keys)
+    if by_keys is None and forced != "auto":
+        return Detection(family(forced).name, "forced by the user")
+    if by_keys is None:
+        raise UserError(f"{what}: unknown checkpoint layout (no Stable Diffusion v1 / v2 / SDXL keys: expected "
+                        "model.diffusion_model.* with cond_stage_model.* or conditioner.embedders.*)")
     if forced != "auto":
-        return family(forced).name
+        _check_forced(by_keys, family(forced).name, what)
+        return Detection(forced, "forced by the user")
     if yaml_path is not None and Path(yaml_path).is_file():
-        return family_from_yaml(Path(yaml_path))
-    keys = state_dict_or_keys.keys() if hasattr(state_dict_or_keys, "keys") else state_dict_or_keys
-    found = family_from_keys(keys)
-    if found is None:
-        raise UserError("unknown checkpoint layout: no Stable Diffusion v1 / v2 / SDXL keys "
-                        "(expected model.diffusion_model.* with cond_stage_model.* or conditioner.embedders.*)")
-    if found == "v2":
+        found = family_from_yaml(Path(yaml_path))
+        _check_forced(by_keys, found, f"{what} (with {Path(yaml_path).name})")
+        return Detection(found, f"from {Path(yaml_path).name}")
+    if by_keys == "v2":
         log.warning("family: an OpenCLIP (v2) checkpoint without a yaml beside it is taken as v2 (512, epsilon); "
                     "use --family v2-v for a 768 v-prediction model")
-    return found
+        return Detection("v2", "from the keys (OpenCLIP without a yaml: taken as 512 epsilon)")
+    return Detection(by_keys, "from the keys")
+
+
+def detect(source: str | Path, forced: str = "auto") -> Detection:
+    """The family of any source `create` takes: a single file (keys + yaml), a diffusers folder (configs); a hub id
+    cannot be read before it is loaded (call detect on the loaded folder)."""
+    check_family_choice(forced)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = family_from_folder(path)
+        if forced != "auto":
+            _check_forced(found, forced, str(source))
+            return Detection(forced, "forced by the user")
+        return Detection(found, "from the diffusers configs")
+    if path.is_file():
+        from .checkpoint.tensorio import open_checkpoint
+
+        keys = open_checkpoint(path).keys()
+        return detect_keys(keys, path.with_suffix(".yaml"), forced, what=str(path))
+    raise UserError(f"source {str(source)!r}: no such file or folder")
 
 
 # ---- offline CLIP tokenizers, built from OpenAI's BPE merges ----
@@ -177,18 +280,13 @@ def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", max_length: 
     return Path(folder)
 
 
-def tokenizer_pad_tokens(name: str) -> tuple[str, ...]:
-    """Pad token of each tokenizer: OpenAI CLIP pads with <|endoftext|>, the open_clip tokenizers with '!'."""
-    return {"v1": ("<|endoftext|>",), "v2": ("!",), "v2-v": ("!",), "sdxl": ("<|endoftext|>", "!")}[family(name).name]
-
-
 def load_tokenizers(name: str) -> list:
     """The family's CLIP tokenizers (one, or two for SDXL), built offline."""
     from transformers import CLIPTokenizer
 
     result = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, pad in enumerate(tokenizer_pad_tokens(name)):
+        for i, pad in enumerate(family(name).pad_tokens):
             folder = write_tokenizer(Path(tmp) / str(i), pad_token=pad)
             result.append(CLIPTokenizer.from_pretrained(str(folder)))
     return result
@@ -197,4 +295,4 @@ def load_tokenizers(name: str) -> list:
 def pipeline_class(name: str):
     import diffusers
 
-    return diffusers.StableDiffusionXLPipeline if family(name).is_sdxl else diffusers.StableDiffusionPipeline
+    return getattr(diffusers, family(name).pipeline_class_name)

@@ -6,7 +6,7 @@ checkpoint list is the data root's models/Stable-diffusion folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +42,6 @@ class Host:
     before_training: Callable[[], None] = _nothing
     after_training: Callable[[], None] = _nothing
     checkpoints_changed: Callable[[], None] = _nothing
-    default_format: Callable[[], str] = field(default=lambda: "safetensors")
 
     def checkpoints(self) -> dict:
         if self.list_checkpoints is not None:

@@ -6,6 +6,7 @@ in a temp folder beside the final one and renamed at the end, so a failure leave
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,10 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import Config, FAMILY_RESOLUTION, ModelSettings, Parameters
+from .config import Config, ModelSettings, Parameters
 from .errors import UserError
-from .families import check_family_choice, family
-from .store import DataRoot, ModelDir
+from .families import check_family_choice, family as family_facts
+from .store import DataRoot, ModelDir, current_umask
 
 # "owner/name" on the Hugging Face hub; anything else that does not exist is a missing file or folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -27,14 +28,14 @@ def _import_diffusers(source: str, working: Path, forced: str) -> dict:
     """A diffusers folder or hub id: load the pipeline and save it as the working folder."""
     import diffusers
 
-    from .checkpoint.convert import MODEL_INFO_FILE, read_family
+    from .families import MODEL_INFO_FILE, detect
 
     local = Path(source).expanduser()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else source,
                                                            torch_dtype=_folder_dtype(local))
     except Exception as e:  # hub errors, missing files, bad configs: all one line for the user
-        raise UserError(f"{source}: cannot load as a diffusers model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{source}: cannot load as a diffusers model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
         raise UserError(f"{source}: not a Stable Diffusion pipeline ({type(pipe).__name__})")
     pipe.save_pretrained(str(working), safe_serialization=True)
@@ -43,16 +44,13 @@ def _import_diffusers(source: str, working: Path, forced: str) -> dict:
         data.update(dtype="float32", torch_dtype="float32")
         config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (working / MODEL_INFO_FILE).unlink(missing_ok=True)
-    found = read_family(working)
-    name = family(forced).name if forced != "auto" else found
-    if name != found and {name, found} != {"v2", "v2-v"}:
-        raise UserError(f"{source}: family {name!r} does not fit this model, which is a {found} model")
-    if name != found:  # v2 <-> v2-v: the scheduler carries the prediction type
-        from diffusers import DDIMScheduler
+    detection = detect(working, forced)
+    name = detection.family
+    if family_facts(name).prediction_type != pipe.scheduler.config.get("prediction_type", "epsilon"):
+        from diffusers import DDIMScheduler  # v2 <-> v2-v forced: the scheduler carries the prediction type
         DDIMScheduler.from_pretrained(str(working), subfolder="scheduler",
-                                      prediction_type=family(name).prediction_type).save_config(str(working / "scheduler"))
-    info = {"family": name, "detected": "forced by the user" if forced != "auto" else "from the diffusers configs",
-            "source": source, "extras": 0, "yaml_beside_source": False}
+                                      prediction_type=family_facts(name).prediction_type).save_config(str(working / "scheduler"))
+    info = {"family": name, "detected": detection.how, "source": source, "extras": 0, "yaml_beside_source": False}
     (working / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 
@@ -75,9 +73,6 @@ def _folder_dtype(folder: Path):
 
 
 def create_model(root: DataRoot, name: str, source: str, family: str = "auto", overwrite: bool = False) -> ModelDir:
-    from .checkpoint.convert import import_single_file
-    from .checkpoint.export import current_umask
-
     model = root.model(name)  # checks the name
     check_family_choice(family)
     if model.path.exists() and not overwrite:
@@ -88,16 +83,27 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
     if not path.exists() and (not HUB_ID.match(source) or path.suffix.lower() in CHECKPOINT_SUFFIXES):
         raise UserError(f"source {source!r}: no such file or folder")
     root.dreambooth.mkdir(parents=True, exist_ok=True)
+    # Replacing a model waits for nobody: a training, export or other create of it makes this one refuse.
+    with model.lock("being re-created") if model.path.exists() else contextlib.nullcontext():
+        _build_model(root, model, path, source, family)
+    return model
+
+
+def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, forced: str) -> None:
+    """Import into a temp folder beside the final one, then swap it in (the old model goes only once it is done)."""
+    from .checkpoint.convert import import_single_file
+
+    name = model.name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".creating", dir=root.dreambooth))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
     try:
         working = tmp / "working"
         if path.is_file():
-            info = import_single_file(path, working, family)
+            info = import_single_file(path, working, forced)
         else:
-            info = _import_diffusers(str(path) if path.is_dir() else source, working, family)
+            info = _import_diffusers(str(path) if path.is_dir() else source, working, forced)
         config = Config(model=ModelSettings(source=str(path.resolve()) if path.exists() else source, family=info["family"]),
-                        parameters=Parameters(resolution=FAMILY_RESOLUTION[info["family"]]))
+                        parameters=Parameters(resolution=family_facts(info["family"]).resolution))
         config.save(tmp / "config.json")
         if model.path.exists():  # --overwrite: swap in the complete new model, then drop the old one
             old = model.path.with_name(f".{name}.old")
@@ -111,7 +117,6 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return model
 
 
 def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool = False, ema: bool = False,
@@ -123,17 +128,58 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
         raise UserError(f"model {name!r}: not found under {root.dreambooth}")
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r}: must be one of {', '.join(FORMATS)}")
-    training = read_training(model.working)
-    step = int(training.get("step", 0))
-    out = Path(out).expanduser() if out else root.checkpoints / f"{name}_{step}.{fmt}"
-    state_dicts = None
-    if ema:
-        ema_folder = model.working / "unet_ema"
-        if not (ema_folder / "config.json").is_file():
-            raise UserError(f"model {name!r}: has no EMA weights (working/unet_ema); train with use_ema first")
-        from safetensors.torch import load_file
-        state_dicts = {"unet": {}}
-        for f in sorted(ema_folder.glob("*.safetensors")):
-            state_dicts["unet"].update(load_file(str(f)))
-    return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
-                             metadata={"dreambooth.ema": str(ema).lower()})
+    with model.lock("exporting"):
+        step = int(read_training(model.working).get("step", 0))
+        out = Path(out).expanduser() if out else root.checkpoints / f"{name}_{step}.{fmt}"
+        state_dicts = None
+        if ema:
+            if not (model.ema_unet / "config.json").is_file():
+                raise UserError(f"model {name!r}: has no EMA weights (working/unet_ema); train with use_ema first")
+            from safetensors.torch import load_file
+            state_dicts = {"unet": {}}
+            for f in sorted(model.ema_unet.glob("*.safetensors")):
+                state_dicts["unet"].update(load_file(str(f)))
+        return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
+                                 metadata={"dreambooth.ema": str(ema).lower()})
+
+
+def delete_model(root: DataRoot, name: str) -> None:
+    """Delete a model's folder (its exported checkpoints stay); refused while another process writes it."""
+    model = root.model(name)
+    if not model.path.is_dir():
+        raise UserError(f"model {name!r}: not found")
+    with model.lock("being deleted"):
+        trash = model.path.with_name(f".{name}.deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(model.path, trash)  # gone from the list at once; a kill mid-delete leaves only a hidden folder
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_config(model: ModelDir) -> Config:
+    """The model's settings, checked against the model itself: its `model` section is the one `create` wrote."""
+    from .families import family_from_folder
+
+    config = Config.load(model.config_path)
+    if (model.working / "model_index.json").is_file():
+        actual = family_from_folder(model.working)
+        if config.model.family != actual:
+            raise UserError(f"model {model.name!r}: its config says family {config.model.family!r}, but the model "
+                            f"is a {actual} model; the family is set when a model is created (create a new model "
+                            "to change it)")
+    return config
+
+
+def save_config(model: ModelDir, data: dict | Config) -> Config:
+    """Store edited settings (a Config, or its JSON form where a missing `model` section means the current one).
+    The `model` section stays what `create` made: a different one is refused."""
+    from .config import ConfigError, Problem
+
+    current = Config.load(model.config_path)
+    if isinstance(data, dict):
+        data = Config.from_dict({"model": current.to_dict()["model"], **data})
+    if data.model != current.model:
+        changed = [k for k, v in vars(data.model).items() if getattr(current.model, k) != v]
+        raise ConfigError([Problem(("model", k), "is set when the model is created and cannot be changed; create "
+                                   "a new model instead") for k in changed])
+    data.save(model.config_path)
+    return data

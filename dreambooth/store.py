@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -47,9 +48,23 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path.cwd() / "data"
 
 
+class ModelBusyError(UserError):
+    """The model is being written by another process (a training, a create, an export)."""
+
+
 @dataclass(frozen=True)
 class ModelDir:
-    """The folder of one DreamBooth model."""
+    """The folder of one DreamBooth model: the one place that names what lies inside it.
+
+    config.json                   the settings (dreambooth.config)
+    working/                      the diffusers model training updates; working/training.json the last save's summary
+    state/                        resume state: trained weights, optimizer, scheduler, EMA, step, RNG (train/state.py)
+    class_images/  samples/       generated class images, preview images
+    logs/events.jsonl             the run's events (dreambooth.events); logs/train.log the trainer's own output
+    logs/tensorboard/             TensorBoard scalars
+    control/                      control requests, one empty file each (cancel, pause, save, sample)
+    .lock                         held (flock) by the process that writes the model
+    """
 
     path: Path
 
@@ -66,6 +81,14 @@ class ModelDir:
         return self.path / "working"
 
     @property
+    def training_summary(self) -> Path:  # {"step", "epoch", "total_steps", ...} of the last save
+        return self.working / "training.json"
+
+    @property
+    def ema_unet(self) -> Path:
+        return self.working / "unet_ema"
+
+    @property
     def class_images(self) -> Path:
         return self.path / "class_images"
 
@@ -78,11 +101,98 @@ class ModelDir:
         return self.path / "logs"
 
     @property
+    def events(self) -> Path:
+        return self.logs / "events.jsonl"
+
+    @property
+    def train_log(self) -> Path:
+        return self.logs / "train.log"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.logs / "tensorboard"
+
+    @property
+    def control(self) -> Path:
+        return self.path / "control"
+
+    @property
     def state(self) -> Path:  # resume state: optimizer, scheduler, EMA, step, RNG
         return self.path / "state"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
     def exists(self) -> bool:
         return self.config_path.is_file()
+
+    def lock(self, purpose: str) -> "ModelLock":
+        """Hold the model for writing (`with model.lock("training"): ...`); ModelBusyError while another holds it."""
+        return ModelLock(self, purpose)
+
+
+class ModelLock:
+    """An exclusive, advisory lock on a model folder, held by one process while it writes the model.
+
+    The operating system drops it when the holder dies, however it dies, so a lock left by a dead process is simply
+    taken over. The file records who holds it ({"pid", "purpose"}) for the message another writer gets.
+    """
+
+    def __init__(self, model: ModelDir, purpose: str):
+        self.model, self.purpose, self._fd = model, purpose, None
+
+    def holder(self) -> dict | None:
+        """Who holds the lock now, or None when it is free (a dead holder's lock is free)."""
+        if not self.model.lock_path.exists():
+            return None
+        try:
+            with self:
+                return None
+        except ModelBusyError as e:
+            return e.args[1] if len(e.args) > 1 else {}
+
+    def __enter__(self) -> "ModelLock":
+        self.model.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.model.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock_file(fd)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            what = holder.get("purpose", "in use") if isinstance(holder, dict) else "in use"
+            pid = f" (pid {holder['pid']})" if isinstance(holder, dict) and "pid" in holder else ""
+            raise ModelBusyError(f"model {self.model.name!r} is {what}{pid}; wait until it ends or cancel it",
+                                 holder if isinstance(holder, dict) else {}) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "purpose": self.purpose}).encode("utf-8"))
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+def _lock_file(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}") if hasattr(os, "pread") else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -130,6 +240,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes it private; ours are ordinary files
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -148,3 +259,16 @@ def atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(final: Path, text: str) -> Path:
     return atomic_write(final, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_leftovers(folder: Path, stem: str = "") -> list[Path]:
+    """Temporary files that a killed atomic write left in `folder` (for names starting with `stem`)."""
+    if not Path(folder).is_dir():
+        return []
+    return [p for p in Path(folder).glob(f".{stem}*.tmp") if p.is_file()]

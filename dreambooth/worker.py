@@ -3,10 +3,12 @@
 The trainer is always `python -m dreambooth --root R train NAME` in its own process (and its own session, so it
 survives a restart of the UI or the webui). Everything the UI shows is read back from files on each poll:
 
-<root>/models/dreambooth/.job.json   the running job: {"name", "pid", "started"}; stale when the pid is gone
-<model>/logs/events.jsonl            the trainer's events (dreambooth.events)
-<model>/logs/train.log               the trainer's stdout and stderr; its tail is shown when the process dies
+<root>/models/dreambooth/.job.json   the job this data root runs: {"name", "pid", "started"[, "returncode"]};
+                                     one at a time (one GPU); stale when the pid is gone
+<model>/logs/events.jsonl            the trainer's events (dreambooth.events), folded into the status
+<model>/logs/train.log               the trainer's stdout and stderr; its tail is shown with an error
 <model>/control/                     control requests (cancel, pause, save, sample)
+<model>/.lock                        held by whichever process writes the model (store.ModelLock)
 
 So a page reload, a second browser or a restarted UI simply re-attaches. Heavy one-off work the UI triggers (create,
 export) also runs as a child process: the host process (the webui) never loads training weights.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,22 +24,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, validate_for_training
+from .config import validate_for_training
 from .errors import UserError
-from .events import END_KINDS, Controls, EventLog
+from .events import Checkpoint, Controls, Done, Error, EventLog, RunStatus, fold
 from .host import Host
-from .store import DataRoot, atomic_write_text
+from .models import load_config
+from .store import DataRoot, ModelBusyError, atomic_write_text
 
 JOB_FILE = ".job.json"
 LOG_TAIL_LINES = 25
-MAX_CHART_POINTS = 400
 # The folder that holds the `dreambooth` package: the child must import the same code, wherever it is installed
 # (inside the webui it is only on sys.path because scripts/ put it there).
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
-class JobRunningError(UserError):
-    """A second training was asked for while one runs."""
+class JobRunningError(ModelBusyError):
+    """A second training was asked for while one runs, or a model is asked to change while it trains."""
 
 
 # ---------------------------------------------------------------- processes
@@ -92,14 +93,22 @@ def trainer_command(root: DataRoot, name: str) -> list[str]:
 
 
 def run_cli(root: DataRoot, *args: str, timeout: float | None = None) -> str:
-    """Run a short CLI verb (create, export) in a child process; its `error: ...` line becomes a UserError."""
-    proc = subprocess.run(_cli(root, *args), env=_child_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        lines = [line for line in (proc.stderr or "").splitlines() if line.strip()]
-        errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-        raise UserError(errors[-1] if errors else f"`{' '.join(args[:2])}` failed (exit {proc.returncode}): "
-                        + " | ".join(lines[-LOG_TAIL_LINES:]))
-    return proc.stdout.strip()
+    """Run a short CLI verb (create, export) in a child process. It reports through its exit code and a one-event
+    log (--report): Done carries what it printed, Error the one-line reason, which becomes a UserError here."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
+        report = EventLog(Path(tmp) / "report.jsonl")
+        command = [sys.executable, "-m", "dreambooth", "--root", str(root.root), "--report", str(report.path), *args]
+        proc = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=timeout)
+        events, _ = report.read()
+    outcome = events[-1] if events else None
+    if proc.returncode == 0 and isinstance(outcome, Done):
+        return outcome.message
+    if isinstance(outcome, Error):
+        raise UserError(outcome.message)
+    tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-LOG_TAIL_LINES:] if line.strip())
+    raise UserError(f"`{' '.join(args[:2])}` failed (exit {proc.returncode}): {tail}")
 
 
 # ---------------------------------------------------------------- the job lock
@@ -110,11 +119,14 @@ def _job_path(root: DataRoot) -> Path:
 
 
 def _read_job(root: DataRoot) -> dict | None:
+    """The job file, None when there is none; a damaged one reads as {"damaged": True} (never as free)."""
     try:
         job = json.loads(_job_path(root).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
         return None
-    return job if isinstance(job, dict) else None
+    except (OSError, ValueError):
+        return {"damaged": True}
+    return job if isinstance(job, dict) else {"damaged": True}
 
 
 def _job_alive(job: dict | None) -> bool:
@@ -122,9 +134,22 @@ def _job_alive(job: dict | None) -> bool:
     return bool(job) and _pid_alive(job.get("pid"), ours=not job.get("claiming"))
 
 
+def _training_models(root: DataRoot) -> list[str]:
+    """Models whose lock a live process holds for training (whoever started it: the UI, the CLI, accelerate)."""
+    busy = []
+    for name in root.model_names():
+        holder = root.model(name).lock("").holder()
+        if holder is not None and holder.get("purpose") == "training":
+            busy.append(name)
+    return busy
+
+
 def running_job(root: DataRoot) -> dict | None:
     """The job that runs now ({"name", "pid", "started"}), or None."""
     job = _read_job(root)
+    if job and job.get("damaged"):  # trust only the models' locks
+        busy = _training_models(root)
+        return {"name": busy[0], "pid": None, "started": None} if busy else None
     return job if _job_alive(job) else None
 
 
@@ -136,7 +161,7 @@ def last_job(root: DataRoot) -> dict | None:
 
 def recently_active(root: DataRoot, name: str, seconds: float = 5.0) -> bool:
     """True if the model's event log or the job file changed in the last `seconds` (a job that has just ended)."""
-    changed = [p.stat().st_mtime for p in (EventLog(root.model(name).path).path, _job_path(root)) if p.exists()]
+    changed = [p.stat().st_mtime for p in (root.model(name).events, _job_path(root)) if p.exists()]
     return bool(changed) and time.time() - max(changed) < seconds
 
 
@@ -149,10 +174,15 @@ def _claim(root: DataRoot, name: str) -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             job = _read_job(root)
-            if _job_alive(job):
+            if job and job.get("damaged"):
+                busy = _training_models(root)
+                if busy:
+                    raise JobRunningError(f"a training is already running: {busy[0]!r}; cancel it or wait until it "
+                                          "ends") from None
+            elif _job_alive(job):
                 raise JobRunningError(f"a training is already running: {job.get('name')!r} (pid {job.get('pid')}); "
                                       "cancel it or wait until it ends") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
+            path.unlink(missing_ok=True)  # stale or damaged, and no model is training
             continue
         # Until the child exists the claim is held by this (live) process.
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -169,13 +199,19 @@ def start(root: DataRoot, name: str, host: Host | None = None) -> dict:
     model = root.model(name)
     if not model.exists():
         raise UserError(f"model {name!r}: not found in {root.dreambooth}")
-    validate_for_training(Config.load(model.config_path))
+    validate_for_training(load_config(model))
+    holder = model.lock("").holder()
+    if holder is not None:
+        raise JobRunningError(f"model {name!r} is {holder.get('purpose') or 'in use'}; wait until it ends")
+    busy = _training_models(root)  # started elsewhere (the CLI): one training per data root all the same
+    if busy:
+        raise JobRunningError(f"a training is already running: {busy[0]!r}; cancel it or wait until it ends")
     _claim(root, name)
     try:
-        EventLog(model.path).clear()
-        Controls(model.path).clear_all()
+        EventLog(model.events).clear()
+        Controls(model.control).clear_all()
         model.logs.mkdir(parents=True, exist_ok=True)
-        log_path = model.logs / "train.log"
+        log_path = model.train_log
         if log_path.exists():
             os.replace(log_path, log_path.with_suffix(".log.1"))
         if host is not None:
@@ -201,11 +237,11 @@ def watch(root: DataRoot, job: dict, host: Host | None, proc: subprocess.Popen |
 
     def follow() -> None:
         model = root.model(job["name"])
-        log, offset = EventLog(model.path), 0
+        log, offset = EventLog(model.events), 0
         while True:
             ended = proc.poll() is not None if proc is not None else not _pid_alive(job["pid"])
             events, offset = log.read(offset)
-            if host is not None and any(e.get("kind") == "checkpoint" for e in events):
+            if host is not None and any(isinstance(e, Checkpoint) for e in events):
                 host.checkpoints_changed()
             if ended:
                 break
@@ -244,7 +280,7 @@ def _require_running(root: DataRoot, name: str) -> dict:
 def request(root: DataRoot, name: str, what: str) -> str:
     """cancel, save, sample, or pause (which resumes when already paused). Returns a short message."""
     _require_running(root, name)
-    controls = Controls(root.model(name).path)
+    controls = Controls(root.model(name).control)
     if what == "pause":
         if status(root, name).state == "paused" or "pause" in controls.pending():
             controls.withdraw("pause")
@@ -261,32 +297,19 @@ def request(root: DataRoot, name: str, what: str) -> str:
 
 
 @dataclass
-class Status:
-    name: str
-    state: str = "idle"  # idle, starting, running, paused, done, cancelled, error
-    step: int = 0
-    total_steps: int = 0
-    epoch: int = 0
-    epochs: int = 0
-    loss: float | None = None
-    lr: float | None = None
-    it_per_s: float | None = None
-    eta_s: float | None = None
-    memory_mb: float | None = None
-    class_images: tuple = ()  # (done, total) while generating class images
-    losses: list = field(default_factory=list)  # [(step, loss)], thinned for the chart
-    samples: list = field(default_factory=list)  # newest last
-    checkpoints: list = field(default_factory=list)
-    message: str = ""
-    log_tail: str = ""
-    running: bool = False
+class Status(RunStatus):
+    """A model's run as the UI shows it: the fold of its events, plus what the process tells (alive, log tail)."""
+
+    name: str = ""
+    log_tail: str = ""  # the end of train.log, shown with an error
+    running: bool = False  # a live process trains this model now
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
 
 def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
-    path = root.model(name).logs / "train.log"
+    path = root.model(name).train_log
     try:
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - 64 * 1024))
@@ -298,65 +321,24 @@ def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def status(root: DataRoot, name: str) -> Status:
-    """What the UI shows for model `name`, read from its files."""
-    st = Status(name=name)
+    """What the UI shows for model `name`: its events folded, checked against its process."""
     model = root.model(name)
-    events, _ = EventLog(model.path).read(0)
+    events, _ = EventLog(model.events).read(0)
+    st = Status(**vars(fold(events)), name=name)
     job = _read_job(root)
     is_job = bool(job) and job.get("name") == name
     st.running = is_job and _job_alive(job)
-    losses = []
-    for e in events:
-        kind = e.get("kind")
-        if kind == "start":
-            st.total_steps = int(e.get("total_steps") or 0)
-            st.epochs = int(e.get("epochs") or 0)
-            st.step = int(e.get("step") or 0)
-            st.state = "running"
-        elif kind == "class_images":
-            st.class_images = (e.get("done", 0), e.get("total", 0))
-            st.state = "running"
-        elif kind == "step":
-            st.step = int(e.get("step") or st.step)
-            st.epoch = int(e.get("epoch") or st.epoch)
-            for key in ("loss", "lr", "it_per_s", "eta_s", "memory_mb"):
-                if e.get(key) is not None:
-                    setattr(st, key, e[key])
-            if e.get("loss") is not None:
-                losses.append((st.step, float(e["loss"])))
-        elif kind == "sample":
-            st.samples.extend(str(p) for p in e.get("paths", []))
-        elif kind == "checkpoint":
-            st.checkpoints.append(str(e.get("path")))
-        elif kind == "paused":
-            st.state = "paused"
-        elif kind == "resumed":
-            st.state = "running"
-        elif kind in END_KINDS:
-            st.state = kind
-            st.step = int(e.get("step") or st.step)
-            st.message = str(e.get("message") or "")
-            if kind == "error":
-                st.log_tail = str(e.get("log_tail") or "")
-    stride = max(1, len(losses) // MAX_CHART_POINTS)
-    st.losses = losses[::stride]
-    ended = st.state in END_KINDS
     if st.running and st.state == "idle":
         st.state = "starting"
-    elif is_job and not st.running and not ended:
+    elif is_job and not st.running and not st.ended:
         # The process is gone without saying goodbye: killed, out of memory, or a failure before it could log.
         code = job.get("returncode")
         st.state = "error"
         st.message = "the training process stopped without finishing" + (f" (exit code {code})" if code is not None else "")
-        st.log_tail = log_tail(root, name)
-        errors = [line[len("error: "):] for line in st.log_tail.splitlines() if line.startswith("error: ")]
-        if errors:
-            st.message = errors[-1]
-    elif not is_job and events and not ended:
+    elif not is_job and events and not st.ended:
         st.state = "error"
         st.message = "the last training stopped without finishing"
-        st.log_tail = log_tail(root, name)
-    if st.state == "error" and not st.log_tail:
+    if st.state == "error":
         st.log_tail = log_tail(root, name)
     return st
 
@@ -369,9 +351,6 @@ def create(root: DataRoot, name: str, source: str, family: str = "auto", overwri
     root.model(name)  # name check before any work
     if not str(source).strip():
         raise UserError("source: choose a checkpoint, a file, a diffusers folder or a hub id")
-    job = running_job(root)
-    if job and job.get("name") == name:
-        raise JobRunningError(f"model {name!r} is training; cancel it before replacing it")
     args = ["create", name, "--source", str(source).strip(), "--family", family or "auto"]
     return run_cli(root, *(args + (["--overwrite"] if overwrite else [])))
 
@@ -380,9 +359,6 @@ def export(root: DataRoot, name: str, fmt: str, half: bool, ema: bool, host: Hos
     """Export the working model as one checkpoint file (child process), then refresh the host's list."""
     if not root.model(name).exists():
         raise UserError(f"model {name!r}: not found")
-    job = running_job(root)
-    if job and job.get("name") == name:
-        raise JobRunningError(f"model {name!r} is training; use 'Save now' to write a checkpoint while it runs")
     out = run_cli(root, "export", name, "--format", fmt, *(["--half"] if half else []), *(["--ema"] if ema else []))
     if host is not None:
         host.checkpoints_changed()
@@ -390,10 +366,6 @@ def export(root: DataRoot, name: str, fmt: str, half: bool, ema: bool, host: Hos
 
 
 def delete_model(root: DataRoot, name: str) -> None:
-    model = root.model(name)
-    if not model.path.is_dir():
-        raise UserError(f"model {name!r}: not found")
-    job = running_job(root)
-    if job and job.get("name") == name:
-        raise JobRunningError(f"model {name!r} is training; cancel it before deleting it")
-    shutil.rmtree(model.path)
+    from .models import delete_model
+
+    delete_model(root, name)

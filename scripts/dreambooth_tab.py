@@ -12,6 +12,7 @@ import gradio as gr  # noqa: E402
 from modules import paths, script_callbacks, sd_models, shared  # noqa: E402
 
 from dreambooth import worker  # noqa: E402
+from dreambooth.config import HOST_SETTINGS  # noqa: E402
 from dreambooth.host import Host  # noqa: E402
 from dreambooth.store import DataRoot  # noqa: E402
 
@@ -33,17 +34,15 @@ def webui_host() -> Host:
         before_training=sd_models.unload_model_weights,
         after_training=sd_models.reload_model_weights,
         checkpoints_changed=shared.refresh_checkpoints,
-        default_format=lambda: shared.opts.data.get("dreambooth_checkpoint_format", "safetensors"),
     )
 
 
 def on_ui_settings():
-    shared.opts.add_option("dreambooth_data_dir", shared.OptionInfo(
-        "", "Data folder (models/dreambooth, models/Stable-diffusion are used inside it; empty: the webui's own; "
-            "--dreambooth-dir overrides; restart to apply)", section=SECTION))
-    shared.opts.add_option("dreambooth_checkpoint_format", shared.OptionInfo(
-        "safetensors", "Checkpoint format of new DreamBooth models", gr.Radio,
-        {"choices": ["safetensors", "ckpt"]}, section=SECTION))
+    """The webui's Settings page section, generated from the host settings' declarations."""
+    for setting in HOST_SETTINGS:
+        component, args = (gr.Radio, {"choices": list(setting.choices)}) if setting.choices else (None, None)
+        shared.opts.add_option(f"dreambooth_{setting.name}", shared.OptionInfo(
+            setting.default, f"{setting.label} ({setting.tooltip})", component, args, section=SECTION))
 
 
 def on_ui_tabs():

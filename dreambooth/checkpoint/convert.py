@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..families import detect_family, family, family_from_keys
+from ..families import MODEL_INFO_FILE, detect_keys, family, family_from_keys
 from . import keymap
 from .keymap import CONV1X1, QKV, TRANSPOSE
 from .layout import text_config, unet_config, vae_config
 from .tensorio import DictSource, Entry, RenamedSource, SafetensorsSource, TensorSource, open_checkpoint, write_safetensors
 
 EXTRAS_FILE = "ldm_extras.safetensors"
-MODEL_INFO_FILE = "dreambooth_model.json"
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 EMA_PREFIX = "model_ema."
@@ -33,7 +32,7 @@ LOGIT_SCALE = math.log(100.0)  # CLIP's trained temperature; unused by Stable Di
 
 
 def components_of(family_name: str) -> list[str]:
-    return list(keymap.component_prefixes(family_name))
+    return list(family(family_name).components)
 
 
 def meta_model(component: str, config: dict, family_name: str) -> torch.nn.Module:
@@ -88,11 +87,11 @@ def _to_diffusers_tensor(kind: str, t: torch.Tensor, part: int) -> torch.Tensor:
 
 
 def configs_from_single_file(source: TensorSource, family_name: str, yaml_data: dict | None) -> dict[str, dict]:
-    prefixes = keymap.component_prefixes(family_name)
+    prefixes = family(family_name).components
     configs = {}
     for component in ("text_encoder", "text_encoder_2"):
         if component in prefixes:
-            openclip = keymap.is_openclip(family_name, component)
+            openclip = family(family_name).is_openclip(component)
             configs[component] = text_config(source, prefixes[component], openclip,
                                              drop_last_layer=openclip and component == "text_encoder")
     pooled = configs["text_encoder_2"]["projection_dim"] if "text_encoder_2" in configs else None
@@ -103,12 +102,12 @@ def configs_from_single_file(source: TensorSource, family_name: str, yaml_data: 
 
 def plan_import(source: TensorSource, family_name: str, configs: dict[str, dict]):
     """({component: [Entry in diffusers names]}, [Entry of extras in single-file names]); UserError on a bad layout."""
-    prefixes = keymap.component_prefixes(family_name)
+    prefixes = family(family_name).components
     plans: dict[str, list[Entry]] = {}
     used: set[str] = set()
     for component, prefix in prefixes.items():
         expected = expected_shapes(component, configs[component], family_name)
-        cmap = keymap.component_map(component, configs[component], keymap.is_openclip(family_name, component))
+        cmap = keymap.component_map(component, configs[component], family(family_name).is_openclip(component))
         entries = []
         for key in source.keys():
             if not key.startswith(prefix):
@@ -162,15 +161,13 @@ def write_pipeline_files(working: Path, family_name: str) -> None:
     import diffusers
     from diffusers import DDIMScheduler
 
-    from ..families import tokenizer_pad_tokens, write_tokenizer
+    from ..families import write_tokenizer
 
     fam = family(family_name)
-    for folder, pad in zip(("tokenizer", "tokenizer_2"), tokenizer_pad_tokens(family_name)):
+    for folder, pad in zip(fam.tokenizers, fam.pad_tokens):
         write_tokenizer(working / folder, pad_token=pad)
-    DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                  prediction_type=fam.prediction_type).save_config(str(working / "scheduler"))
-    index = {"_class_name": "StableDiffusionXLPipeline" if fam.is_sdxl else "StableDiffusionPipeline",
+    DDIMScheduler(**fam.scheduler_config()).save_config(str(working / "scheduler"))
+    index = {"_class_name": fam.pipeline_class_name,
              "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", "DDIMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"],
@@ -202,21 +199,11 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
             raise UserError(f"{yaml_path}: not a readable model yaml ({str(e).splitlines()[0]})") from None
         if not isinstance(yaml_data, dict) or not isinstance(yaml_data.get("model"), dict):
             raise UserError(f"{yaml_path}: not a model yaml (no `model:` section)")
-    by_keys = family_from_keys(source.keys())
-    if by_keys is None:
-        if any(k.startswith(EMA_PREFIX) for k in source.keys()):
-            raise UserError(f"{path}: holds only EMA weights (model_ema.*, names without dots), which cannot be "
-                            "mapped back; use a file with model.diffusion_model.* weights")
-        raise UserError(f"{path}: unknown checkpoint layout (no Stable Diffusion v1 / v2 / SDXL keys)")
-    name = detect_family(source.keys(), yaml_path if yaml_data is not None else None, forced)
-    if by_keys != name and {by_keys, name} != {"v2", "v2-v"}:
-        raise UserError(f"{path}: family {name!r} does not fit this file, whose keys are those of a {by_keys} model")
-    if forced != "auto":
-        how = "forced by the user"
-    elif yaml_data is not None:
-        how = f"from {yaml_path.name}"
-    else:
-        how = "from the keys" + (" (OpenCLIP without a yaml: taken as 512 epsilon)" if name == "v2" else "")
+    if family_from_keys(source.keys()) is None and any(k.startswith(EMA_PREFIX) for k in source.keys()):
+        raise UserError(f"{path}: holds only EMA weights (model_ema.*, names without dots), which cannot be "
+                        "mapped back; use a file with model.diffusion_model.* weights")
+    detection = detect_keys(source.keys(), yaml_path if yaml_data is not None else None, forced, what=str(path))
+    name, how = detection.family, detection.how
     try:
         configs = configs_from_single_file(source, name, yaml_data)
         plans, extras = plan_import(source, name, configs)
@@ -240,20 +227,6 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
 
 # ---- export ----
 
-def read_family(working: Path) -> str:
-    info = Path(working) / MODEL_INFO_FILE
-    if info.is_file():
-        return json.loads(info.read_text(encoding="utf-8"))["family"]
-    # A folder made elsewhere: SDXL has a second encoder; v-prediction shows in the scheduler; OpenCLIP uses gelu.
-    if (Path(working) / "text_encoder_2").is_dir():
-        return "sdxl"
-    scheduler = json.loads((Path(working) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    text = json.loads((Path(working) / "text_encoder" / "config.json").read_text(encoding="utf-8"))
-    if text.get("hidden_act") == "gelu":
-        return "v2-v" if scheduler.get("prediction_type") == "v_prediction" else "v2"
-    return "v1"
-
-
 def read_configs(working: Path, family_name: str) -> dict[str, dict]:
     return {c: json.loads((Path(working) / c / "config.json").read_text(encoding="utf-8"))
             for c in components_of(family_name)}
@@ -269,11 +242,11 @@ def component_source(folder: Path, component: str) -> TensorSource:
 
 def plan_export(family_name: str, configs: dict[str, dict], sources: dict[str, TensorSource],
                 extras: TensorSource | None, include_ema: bool, half: bool) -> list[Entry]:
-    prefixes = keymap.component_prefixes(family_name)
+    prefixes = family(family_name).components
     out: dict[str, Entry] = {}
     for component, prefix in prefixes.items():
         source = sources[component]
-        cmap = keymap.component_map(component, configs[component], keymap.is_openclip(family_name, component))
+        cmap = keymap.component_map(component, configs[component], family(family_name).is_openclip(component))
         groups: dict[str, tuple[str, list[str]]] = {}
         for key in source.keys():
             if key.endswith("position_ids"):
@@ -325,8 +298,8 @@ def _fillers(family_name: str, configs: dict, out: dict[str, Entry], half: bool)
     """
     fam = family(family_name)
     fillers = []
-    for component, prefix in keymap.component_prefixes(family_name).items():
-        if not keymap.is_openclip(family_name, component):
+    for component, prefix in family(family_name).components.items():
+        if not family(family_name).is_openclip(component):
             continue
         dtype = out[prefix + "ln_final.weight"].dtype
         if prefix + "logit_scale" not in out:

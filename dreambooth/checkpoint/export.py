@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..families import family
-from ..store import atomic_path
-from .convert import (EXTRAS_FILE, canonical_source, components_of, component_source, plan_export, read_configs, read_family)
+from ..families import family, family_from_folder
+from ..store import atomic_path, current_umask
+from .convert import (EXTRAS_FILE, canonical_source, components_of, component_source, plan_export, read_configs)
 from .layout import render_yaml
 from .tensorio import Entry, SafetensorsSource, write_ckpt, write_safetensors
 
@@ -72,12 +72,6 @@ def write_entries(out: Path, entries: list[Entry], fmt: str, metadata: dict | No
     return out
 
 
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def _readable(path: Path) -> None:
     """The temp file is private (0600); a checkpoint is a normal file that the webui and others read."""
     os.chmod(path, 0o666 & ~current_umask())
@@ -90,7 +84,7 @@ def write_single_file(working: Path, out: Path, fmt: str = "safetensors", half: 
     if not (working / "model_index.json").is_file():
         raise UserError(f"{working}: not a working diffusers model (no model_index.json)")
     state_dicts = state_dicts or {}
-    family_name = read_family(working)
+    family_name = family_from_folder(working)
     configs = read_configs(working, family_name)
     sources = {}
     for component in components_of(family_name):

@@ -22,10 +22,6 @@ OPENCLIP_LAYER = (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_
                   ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj."))
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 
-# Single-file prefix of each component, per text-encoder layout.
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-
 
 @dataclass(frozen=True)
 class Block:
@@ -190,18 +186,3 @@ def component_map(component: str, config: dict, openclip: bool = False) -> Compo
     if openclip:
         return ComponentMap(openclip_blocks(config), openclip=True)
     return ComponentMap(clip_blocks(config))
-
-
-def component_prefixes(family_name: str) -> dict[str, str]:
-    """Single-file prefix of each diffusers component of a family."""
-    from ..families import family
-
-    fam = family(family_name)
-    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": fam.text_prefixes[0]}
-    if fam.is_sdxl:
-        prefixes["text_encoder_2"] = fam.text_prefixes[1]
-    return prefixes
-
-
-def is_openclip(family_name: str, component: str) -> bool:
-    return (family_name in ("v2", "v2-v") and component == "text_encoder") or component == "text_encoder_2"

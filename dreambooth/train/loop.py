@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config, validate_for_training
+from ..models import load_config
 from ..errors import UserError
-from ..events import Controls, EventLog
+from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
+                      Sample, Start, Step)
 from ..store import DataRoot, ModelDir, atomic_write_text
 from ..data import class_images as class_data
 from ..data import captions
@@ -64,11 +66,14 @@ class StopTraining(Exception):
         self.message = message
 
 
-def train_model(root: DataRoot, name: str, max_steps: int | None = None) -> TrainResult:
+def train_model(root: DataRoot, name: str, max_steps: int | None = None, overrides: dict | None = None) -> TrainResult:
+    """Train model `name`; `overrides` change parameters for this run only (the config file stays as it is)."""
     model = root.model(name)
     if not model.exists():
         raise UserError(f"model {name!r}: not found in {root.dreambooth} (create it first)")
-    config = Config.load(model.config_path)
+    config = load_config(model)
+    if overrides:
+        config = config.with_parameters(**overrides)
     validate_for_training(config)
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps: must be at least 1, got {max_steps}")
@@ -121,17 +126,17 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.main = self.accelerator.is_main_process
-        self.events = EventLog(model.path)
-        self.controls = Controls(model.path)
+        self.events = EventLog(model.events)
+        self.controls = Controls(model.control)
         self.checkpoints: list[Path] = []
         self.sample_paths: list[Path] = []
         self.last_save_step: int | None = None
         self.interrupted = False
 
     # -- helpers ------------------------------------------------------------------------------------------------
-    def emit(self, kind: str, **data) -> None:
+    def emit(self, event: Event) -> None:
         if self.main:
-            self.events.emit(kind, **data)
+            self.events.emit(event)
 
     def broadcast(self, value):
         if self.accelerator.num_processes == 1:
@@ -156,7 +161,7 @@ class Trainer:
         try:
             return self._run()
         except Exception as e:  # bad input found late, or a crash: the watcher learns why, then it propagates
-            self.emit("error", message=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+            self.emit(Error(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
             raise
         finally:
             for s, handler in previous.items():
@@ -177,7 +182,7 @@ class Trainer:
         try:
             classes = self.prepare_class_images(instances)
         except StopTraining as stop:
-            self.emit(stop.status, step=0, message=stop.message)
+            self.emit(Cancelled(0, stop.message) if stop.status == "cancelled" else Error(stop.message, 0))
             return TrainResult(False, stop.status, 0, 0, stop.message)
         self.data = data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
         self.instances = instances
@@ -215,8 +220,7 @@ class Trainer:
                                     trainable_params=trainable)
         self.latent_cache: dict = {}
 
-        self.emit("start", total_steps=total, epochs=math.ceil(total / steps_per_epoch),
-                  steps_per_epoch=steps_per_epoch, step=step)
+        self.emit(Start(total, math.ceil(total / steps_per_epoch), steps_per_epoch, step))
         writer = self.tensorboard()
         bar = self.progress_bar(total, step)
         status, message = "done", "training finished"
@@ -274,11 +278,11 @@ class Trainer:
                 writer.close()
         acc.wait_for_everyone()
         if status == "done":
-            self.emit("done", step=step, message=message)
+            self.emit(Done(step, message))
         elif status == "cancelled":
-            self.emit("cancelled", step=step, message=message)
+            self.emit(Cancelled(step, message))
         else:
-            self.emit("error", message=message)
+            self.emit(Error(message, step))
         # What accelerate's end_training does for us (it needs trackers on accelerate 0.21, the webui's version).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -329,8 +333,8 @@ class Trainer:
             import resource
 
             memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.emit("step", step=step, epoch=epoch, loss=loss, lr=lrs[0], it_per_s=round(it_per_s, 4),
-                  eta_s=None if eta is None else round(eta, 1), memory_mb=round(memory, 1))
+        self.emit(Step(step, epoch, loss, lrs[0], round(it_per_s, 4), None if eta is None else round(eta, 1),
+                       round(memory, 1)))
         if bar is not None:
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
             bar.update(1)
@@ -345,7 +349,7 @@ class Trainer:
             pending.add("cancel")
         pending = self.broadcast(pending)
         if "pause" in pending and "cancel" not in pending:
-            self.emit("paused", step=step)
+            self.emit(Paused(step))
             while True:
                 time.sleep(0.2)
                 now = self.controls.pending() if self.main else set()
@@ -355,7 +359,7 @@ class Trainer:
                 if "cancel" in now or "pause" not in now:
                     pending |= now
                     break
-            self.emit("resumed", step=step)
+            self.emit(Resumed(step))
         if "sample" in pending:
             if self.main:
                 self.controls.withdraw("sample")
@@ -404,7 +408,7 @@ class Trainer:
         c, res = self.c, self.p.resolution
         pipe = gen.make_pipeline(c.unet, c.vae, c.text_encoders, c.tokenizers, c.noise_scheduler.config, c.sdxl)
         done = 0
-        self.emit("class_images", done=0, total=total_missing)
+        self.emit(ClassImages(0, total_missing))
         for index, concept, folder, pairs, missing, wanted in plans:
             if not missing:
                 continue
@@ -417,7 +421,7 @@ class Trainer:
                 return gen.png_parameters(prompt, *settings, number, res, res)
 
             def progress(n, _total, offset=done):
-                self.emit("class_images", done=offset + n, total=total_missing)
+                self.emit(ClassImages(offset + n, total_missing))
                 if self.accelerator.num_processes == 1 and (self.interrupted or "cancel" in self.controls.pending()):
                     self.controls.withdraw("cancel")  # the images made so far are kept and reused next time
                     raise StopTraining("cancelled", f"cancelled while generating class images ({offset + n} made)")
@@ -461,7 +465,7 @@ class Trainer:
                         paths.append(path)
             if paths:
                 self.sample_paths.extend(paths)
-                self.emit("sample", step=step, paths=[str(x) for x in paths])
+                self.emit(Sample(step, tuple(str(x) for x in paths)))
         self.accelerator.wait_for_everyone()
 
     def save(self, step: int, epoch: int) -> None:
@@ -493,20 +497,20 @@ class Trainer:
             state_dicts = {name: module.state_dict() for name, module in trained.items()}
             if self.ema is not None:
                 ema_unet = self._ema_unet(unet)
-                swap_folder(working / "unet_ema", lambda tmp: ema_unet.save_pretrained(tmp, safe_serialization=True))
+                swap_folder(self.model.ema_unet, lambda tmp: ema_unet.save_pretrained(tmp, safe_serialization=True))
                 if p.save_ema_weights:
                     state_dicts["unet"] = ema_unet.state_dict()
             summary = {"step": step, "epoch": epoch, "total_steps": self.total_steps,
                        "learning_rate": p.learning_rate, "text_encoder_learning_rate": p.text_encoder_learning_rate,
                        "text_encoder_steps": self.te_steps, "ema": p.use_ema,
                        "instance_images": len(self.data.instances), "prompts": sorted({e.prompt for e in self.data.instances})[:8]}
-            atomic_write_text(working / "training.json", json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
             out = self.root.checkpoints / f"{self.model.name}_{step}.{p.checkpoint_format}"
             metadata = {"dreambooth.training": json.dumps(summary)}
             path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
                                      state_dicts=state_dicts, metadata=metadata)
             self.checkpoints.append(Path(path))
-            self.emit("checkpoint", step=step, path=str(path))
+            self.emit(Checkpoint(step, str(path)))
         self.last_save_step = step
         acc.wait_for_everyone()
 
@@ -523,7 +527,7 @@ class Trainer:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=str(self.model.logs / "tensorboard"))
+        return SummaryWriter(log_dir=str(self.model.tensorboard))
 
     def progress_bar(self, total: int, step: int):
         if not self.main:

@@ -17,6 +17,7 @@ from .. import worker
 from ..config import Config
 from ..errors import UserError
 from ..host import Host
+from ..models import save_config
 
 
 def basic_auth(credentials: str) -> list:
@@ -63,13 +64,10 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
 
     @router.post("/config/{name}")
     def set_config(name: str, body: dict = Body(...)):
-        path = model(name).config_path
         try:
-            config = Config.from_dict(body)
+            return save_config(model(name), body).to_dict()
         except UserError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
-        config.save(path)
-        return config.to_dict()
 
     @router.post("/start/{name}")
     def start(name: str):

@@ -1,7 +1,6 @@
 """Where a model comes from: the family shown before creating, and the starter kit a newcomer can click through."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
@@ -12,36 +11,14 @@ TINY_CHECKPOINT = "dreambooth-tiny-v1.safetensors"
 DEMO_IMAGES = "demo-images"
 
 
-def _diffusers_family(folder: Path) -> str:
-    if (folder / "text_encoder_2").is_dir() or (folder / "unet" / "config.json").is_file() and json.loads(
-            (folder / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time":
-        return "sdxl"
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction":
-        return "v2-v"
-    encoder = folder / "text_encoder" / "config.json"
-    if encoder.is_file() and json.loads(encoder.read_text()).get("hidden_size") == 1024:
-        return "v2"
-    return "v1"
-
-
 def detect_source_family(source: str) -> str:
     """A Markdown line naming the detected family of a source, read cheaply (file header or folder configs)."""
-    from ..families import detect_family
+    from ..families import detect
 
     path = Path(source).expanduser()
     try:
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                return f"`{source}` is not a diffusers folder (no model_index.json)."
-            return f"Detected family: **{_diffusers_family(path)}**"
-        if path.suffix.lower() == ".safetensors" and path.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-            yaml = path.with_suffix(".yaml")
-            return f"Detected family: **{detect_family(keys, yaml if yaml.is_file() else None)}**"
+        if path.is_dir() or (path.suffix.lower() == ".safetensors" and path.is_file()):
+            return f"Detected family: **{detect(path).family}**"
         if path.is_file():
             return "The family of a .ckpt file is detected when the model is created."
         if path.suffix:

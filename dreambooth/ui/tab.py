@@ -16,6 +16,7 @@ from .. import worker
 from ..config import (CONCEPT_SETTINGS, FAMILIES, GROUPS, MIN_CONCEPTS, MODEL_SETTINGS, PARAMETER_SETTINGS, Config,
                       Setting)
 from ..errors import UserError
+from ..models import save_config
 from ..host import Host
 from ..store import atomic_write_text
 from . import compat, views
@@ -213,8 +214,7 @@ def build(host: Host) -> gr.Blocks:
             model = root.model(name)
             if not model.exists():
                 raise UserError(f"model {name!r}: not found")
-            config = fields.to_config(values)
-            config.save(model.config_path)
+            save_config(model, fields.to_config(values))
             return f"Saved the settings of {name} to {model.config_path}."
 
         def on_save(name, *values):
@@ -279,10 +279,6 @@ def build(host: Host) -> gr.Blocks:
                 worker.create(root, (name or "").strip(), source, family_choice)
                 model = root.model(name.strip())
                 config = Config.load(model.config_path)
-                fmt = host.default_format()
-                if fmt != config.parameters.checkpoint_format:
-                    config = config.with_parameters(checkpoint_format=fmt)
-                    config.save(model.config_path)
                 return [model_choices(model.name)] + Fields.values(config) + [
                     _info(f"Created {model.name} ({config.model.family}) from {source}.")]
             except UserError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from dreambooth.errors import UserError
-from dreambooth.families import FAMILY_FACTS, detect_family, family_from_yaml, load_tokenizers, pipeline_class
+from dreambooth.families import FAMILY_FACTS, MODEL_INFO_FILE, detect, detect_keys, family_from_yaml, load_tokenizers, pipeline_class
 
 
 def test_facts():
@@ -19,14 +19,14 @@ def test_detection_from_keys_and_yaml(tmp_path):
     from pathlib import Path
 
     reference = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "ldm-configs"
-    assert detect_family(["model.diffusion_model.x", "cond_stage_model.transformer.text_model.y"]) == "v1"
-    assert detect_family(["model.diffusion_model.x", "cond_stage_model.model.ln_final.weight"]) == "v2"
-    assert detect_family(["model.diffusion_model.x", "conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
-    assert detect_family(["model.diffusion_model.x"], forced="v2-v") == "v2-v"
+    assert detect_keys(["model.diffusion_model.x", "cond_stage_model.transformer.text_model.y"]).family == "v1"
+    assert detect_keys(["model.diffusion_model.x", "cond_stage_model.model.ln_final.weight"]).family == "v2"
+    assert detect_keys(["model.diffusion_model.x", "conditioner.embedders.1.model.ln_final.weight"]).family == "sdxl"
+    assert detect_keys(["model.diffusion_model.x"], forced="v2-v").family == "v2-v"
     assert [family_from_yaml(reference / n) for n in
             ("v1-inference.yaml", "v2-inference.yaml", "v2-inference-v.yaml", "sd_xl_base.yaml")] == ["v1", "v2", "v2-v", "sdxl"]
     with pytest.raises(UserError, match="unknown checkpoint layout"):
-        detect_family(["foo.bar"])
+        detect_keys(["foo.bar"])
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(UserError, match="not a readable model yaml"):
         family_from_yaml(tmp_path / "bad.yaml")
@@ -39,3 +39,28 @@ def test_offline_tokenizers_match_clip():
     assert open_clip("a photo of a dog").input_ids == ids
     assert clip.pad_token_id == 49407 and open_clip.pad_token_id == 0  # open_clip pads with "!"
     assert clip.model_max_length == 77 and len(clip) == 49408
+
+
+def test_one_detector_for_files_and_diffusers_folders(created, tiny_sources, tmp_path):
+    """detect() reads a single file (keys + yaml) and a diffusers folder (configs) by the same rule; a folder made
+    elsewhere (without our record of the family) is told apart by its configs alone."""
+    import shutil
+
+    for fam, path in tiny_sources.items():
+        assert detect(path).family == fam
+        root, name = created[fam]
+        working = root.model(name).working
+        assert detect(working).family == fam
+        foreign = tmp_path / fam
+        shutil.copytree(working, foreign)
+        (foreign / MODEL_INFO_FILE).unlink()
+        assert detect(foreign).family == fam, fam
+        assert detect(foreign).how == "from the diffusers configs"
+    root, name = created["v1"]
+    with pytest.raises(UserError, match="does not fit"):
+        detect(root.model(name).working, forced="sdxl")
+    assert detect(tiny_sources["v2"], forced="v2-v").family == "v2-v"
+    with pytest.raises(UserError, match="no such file or folder"):
+        detect(tmp_path / "missing.safetensors")
+    with pytest.raises(UserError, match="not a diffusers folder"):
+        detect(tmp_path)

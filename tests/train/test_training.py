@@ -146,7 +146,7 @@ def wait_for(model, kind: str, timeout: float = 300) -> dict:
 def test_controls_pause_sample_save_cancel(tmp_path, tiny_source):
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path, num_samples=1,
                              sample_infer_steps=1)], max_train_steps=50, save_on_cancel=True)
-    controls = Controls(model.path)
+    controls = Controls(model.control)
     controls.request("cancel")  # stale from an earlier run: cleared at start
 
     def drive():
@@ -176,7 +176,7 @@ def test_controls_pause_sample_save_cancel(tmp_path, tiny_source):
 def test_cancel_without_save_and_no_save_at_end(tmp_path, tiny_source):
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], max_train_steps=50,
                              save_on_cancel=False)
-    controls = Controls(model.path)
+    controls = Controls(model.control)
 
     def cancel():
         wait_for(model, "step")
@@ -296,7 +296,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_source, capsys, mon
 def test_cancel_during_class_images_keeps_them_for_next_time(tmp_path, tiny_source):
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
         tmp_path, class_prompt="a dog", num_class_images_per_image=3, class_infer_steps=1)], max_train_steps=1)
-    controls = Controls(model.path)
+    controls = Controls(model.control)
 
     def cancel():
         deadline = time.time() + 120

@@ -7,11 +7,13 @@ import signal
 import sys
 import time
 
-from dreambooth.events import Controls, EventLog
+from dreambooth.events import Cancelled, Checkpoint, Controls, Done, EventLog, Paused, Resumed, Start, Step
+from dreambooth.store import ModelDir
 
 model, mode = sys.argv[1], sys.argv[2]
-log, controls = EventLog(model), Controls(model)
-log.emit("start", total_steps=10, epochs=2, steps_per_epoch=5, step=0)
+model_dir = ModelDir(__import__("pathlib").Path(model))
+log, controls = EventLog(model_dir.events), Controls(model_dir.control)
+log.emit(Start(total_steps=10, epochs=2, steps_per_epoch=5, step=0))
 print("fake trainer started", flush=True)
 for step in range(1, 11):
     if mode == "crash" and step == 3:
@@ -19,20 +21,20 @@ for step in range(1, 11):
         os.kill(os.getpid(), signal.SIGKILL)
     pending = controls.pending()
     if "pause" in pending:
-        log.emit("paused", step=step)
+        log.emit(Paused(step))
         while "pause" in controls.pending() and "cancel" not in controls.pending():
             time.sleep(0.05)
-        log.emit("resumed", step=step)
+        log.emit(Resumed(step))
     if "cancel" in controls.pending():
         controls.clear_all()
-        log.emit("cancelled", step=step, message="cancelled by request")
+        log.emit(Cancelled(step, "cancelled by request"))
         sys.exit(0)
     if "save" in pending:
         controls.withdraw("save")
-        log.emit("checkpoint", step=step, path=f"{model}/fake_{step}.safetensors")
-    log.emit("step", step=step, epoch=(step - 1) // 5, loss=1.0 / step, lr=1e-6, it_per_s=10.0, eta_s=10 - step, memory_mb=1.0)
+        log.emit(Checkpoint(step, f"{model}/fake_{step}.safetensors"))
+    log.emit(Step(step, (step - 1) // 5, loss=1.0 / step, lr=1e-6, it_per_s=10.0, eta_s=10 - step, memory_mb=1.0))
     time.sleep(0.05 if mode != "wait" else 0.3)
     if mode == "wait" and step == 9:
         while "cancel" not in controls.pending():
             time.sleep(0.05)
-log.emit("done", step=10, message="finished")
+log.emit(Done(10, "finished"))

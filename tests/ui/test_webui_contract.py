@@ -99,10 +99,12 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     checkpoint = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "db_checkpoint")
     assert [c[0] if isinstance(c, (tuple, list)) else c for c in checkpoint.choices] == ["base.safetensors"]
 
-    # the settings section
-    for key in ("dreambooth_data_dir", "dreambooth_checkpoint_format"):
-        assert shared.opts.data_labels[key].section == ("dreambooth", "DreamBooth")
-    assert shared.opts.dreambooth_checkpoint_format == "safetensors"
+    # the settings section: generated from the host settings' declarations, nothing else
+    from dreambooth.config import HOST_SETTINGS
+
+    ours = {key for key, info in shared.opts.data_labels.items() if info.section == ("dreambooth", "DreamBooth")}
+    assert ours == {f"dreambooth_{s.name}" for s in HOST_SETTINGS} == {"dreambooth_data_dir"}
+    assert shared.opts.dreambooth_data_dir == ""
 
     # the routes, behind the webui's API auth
     client = TestClient(app)
@@ -165,13 +167,13 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
             os.kill(job["pid"], signal.SIGKILL)
 
 
-def test_data_dir_flag_and_default_format_setting(webui, tmp_path):
+def test_data_dir_flag_and_setting(webui, tmp_path):
     other = tmp_path / "elsewhere"
     script, _, app = start_webui(webui, ["--dreambooth-dir", str(other)])
     assert script.data_root().root == other
     assert (other / "models" / "dreambooth").is_dir()
-    webui["shared"].opts.data["dreambooth_checkpoint_format"] = "ckpt"
-    assert script.webui_host().default_format() == "ckpt"
+    webui["shared"].opts.data["dreambooth_data_dir"] = str(tmp_path / "from-settings")
+    assert script.data_root().root == other  # the flag wins over the setting
     from fastapi.testclient import TestClient
 
     assert TestClient(app).get("/dreambooth/models").status_code == 200  # no --api-auth: open like the webui's API
