@@ -77,14 +77,14 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
     check_family_choice(family)
     if model.path.exists() and not overwrite:
         raise UserError(f"model {name!r} already exists at {model.path} (use --overwrite to replace it)")
-    if not isinstance(source, str) or not source.strip():
-        raise UserError("source: must not be empty")
-    path = Path(source).expanduser()
-    if not path.exists() and (not HUB_ID.match(source) or path.suffix.lower() in CHECKPOINT_SUFFIXES):
-        raise UserError(f"source {source!r}: no such file or folder")
-    root.dreambooth.mkdir(parents=True, exist_ok=True)
     # Replacing a model waits for nobody: a training, export or other create of it makes this one refuse.
     with model.lock("being re-created") if model.path.exists() else contextlib.nullcontext():
+        if not isinstance(source, str) or not source.strip():
+            raise UserError("source: must not be empty")
+        path = Path(source).expanduser()
+        if not path.exists() and (not HUB_ID.match(source) or path.suffix.lower() in CHECKPOINT_SUFFIXES):
+            raise UserError(f"source {source!r}: no such file or folder")
+        root.dreambooth.mkdir(parents=True, exist_ok=True)
         _build_model(root, model, path, source, family)
     return model
 
@@ -124,11 +124,13 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
     from .checkpoint.export import FORMATS, read_training, write_single_file
 
     model = root.model(name)
-    if not model.exists() or not (model.working / "model_index.json").is_file():
+    if not model.exists():
         raise UserError(f"model {name!r}: not found under {root.dreambooth}")
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r}: must be one of {', '.join(FORMATS)}")
     with model.lock("exporting"):
+        if not (model.working / "model_index.json").is_file():
+            raise UserError(f"model {name!r}: its working model is missing (re-create the model)")
         step = int(read_training(model.working).get("step", 0))
         out = Path(out).expanduser() if out else root.checkpoints / f"{name}_{step}.{fmt}"
         state_dicts = None

@@ -153,7 +153,8 @@ class ModelLock:
             return e.args[1] if len(e.args) > 1 else {}
 
     def __enter__(self) -> "ModelLock":
-        self.model.path.mkdir(parents=True, exist_ok=True)
+        if not self.model.path.is_dir():
+            raise UserError(f"model {self.model.name!r}: not found")
         fd = os.open(self.model.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             _lock_file(fd)

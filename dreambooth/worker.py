@@ -134,13 +134,14 @@ def _job_alive(job: dict | None) -> bool:
     return bool(job) and _pid_alive(job.get("pid"), ours=not job.get("claiming"))
 
 
-def _training_models(root: DataRoot) -> list[str]:
-    """Models whose lock a live process holds for training (whoever started it: the UI, the CLI, accelerate)."""
+def _training_models(root: DataRoot) -> list[dict]:
+    """{"name", "pid"} of each model whose lock a live process holds for training (whoever started it: the UI, the
+    CLI, accelerate)."""
     busy = []
     for name in root.model_names():
         holder = root.model(name).lock("").holder()
         if holder is not None and holder.get("purpose") == "training":
-            busy.append(name)
+            busy.append({"name": name, "pid": holder.get("pid"), "started": None})
     return busy
 
 
@@ -149,7 +150,7 @@ def running_job(root: DataRoot) -> dict | None:
     job = _read_job(root)
     if job and job.get("damaged"):  # trust only the models' locks
         busy = _training_models(root)
-        return {"name": busy[0], "pid": None, "started": None} if busy else None
+        return busy[0] if busy else None
     return job if _job_alive(job) else None
 
 
@@ -177,8 +178,8 @@ def _claim(root: DataRoot, name: str) -> None:
             if job and job.get("damaged"):
                 busy = _training_models(root)
                 if busy:
-                    raise JobRunningError(f"a training is already running: {busy[0]!r}; cancel it or wait until it "
-                                          "ends") from None
+                    raise JobRunningError(f"a training is already running: {busy[0]['name']!r}; cancel it or wait "
+                                          "until it ends") from None
             elif _job_alive(job):
                 raise JobRunningError(f"a training is already running: {job.get('name')!r} (pid {job.get('pid')}); "
                                       "cancel it or wait until it ends") from None
@@ -205,7 +206,7 @@ def start(root: DataRoot, name: str, host: Host | None = None) -> dict:
         raise JobRunningError(f"model {name!r} is {holder.get('purpose') or 'in use'}; wait until it ends")
     busy = _training_models(root)  # started elsewhere (the CLI): one training per data root all the same
     if busy:
-        raise JobRunningError(f"a training is already running: {busy[0]!r}; cancel it or wait until it ends")
+        raise JobRunningError(f"a training is already running: {busy[0]['name']!r}; cancel it or wait until it ends")
     _claim(root, name)
     try:
         EventLog(model.events).clear()

@@ -74,3 +74,116 @@ def test_training_needs_an_existing_instance_folder(tmp_path):
 def test_empty_concept_slots_are_ignored():
     config = Config(concepts=(Concept(), Concept(instance_data_dir="/a"), Concept(instance_data_dir="  ")))
     assert [c.instance_data_dir for c in config.active_concepts] == ["/a"]
+
+
+def test_class_folder_rule_applies_only_when_class_images_are_used(tmp_path):
+    instance = str(tmp_path)
+    missing = str(tmp_path / "no-such-folder")
+    # prior preservation off: a leftover class folder path is not read, so it does not matter
+    validate_for_training(Config(concepts=(Concept(instance_data_dir=instance, class_data_dir=missing),)))
+    # on, with a folder that is not there: named
+    with pytest.raises(ConfigError, match=r"concepts\[0\].class_data_dir: .* is not a folder"):
+        validate_for_training(Config(concepts=(Concept(instance_data_dir=instance, class_data_dir=missing,
+                                                       num_class_images_per_image=2),)))
+    # on, with a real folder, or with none (generated): fine
+    validate_for_training(Config(concepts=(Concept(instance_data_dir=instance, class_data_dir=instance,
+                                                   num_class_images_per_image=2),)))
+    validate_for_training(Config(concepts=(Concept(instance_data_dir=instance, num_class_images_per_image=2),)))
+
+
+@pytest.mark.parametrize("value, words", [
+    (float("nan"), "finite"), (float("inf"), "finite"), (10 ** 400, "far too large"), ("1e-6", "enter a number"),
+    (None, "enter a number"), (True, "enter a number"),
+])
+def test_numbers_that_are_not_numbers_are_named(value, words):
+    with pytest.raises(ConfigError, match=f"parameters.learning_rate: .*{words}"):
+        Config.from_dict({"parameters": {"learning_rate": value}})
+
+
+def test_text_settings_are_bounded():
+    with pytest.raises(ConfigError, match=r"concepts\[0\].instance_prompt: too long"):
+        Config.from_dict({"concepts": [{"instance_prompt": "a" * 50_000_000}]})
+    with pytest.raises(ConfigError, match="NUL"):
+        Config.from_dict({"concepts": [{"instance_token": "zw\x00x"}]})
+    with pytest.raises(ConfigError, match="at most 100"):
+        Config.from_dict({"concepts": [{}] * 101})
+
+
+def test_a_bad_value_is_never_echoed_at_length():
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"parameters": {"optimizer": "secret-" * 1000, "k" * 500: 1}})
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe{}", "not UTF-8"), (b'{"parameters": {"learning_rate": NaN}}', "NaN is not a number"),
+    (b'{"parameters": {"learning_rate": Infinity}}', "Infinity is not a number"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"), (b'{"a": [[[[[[[[[[1]]]]]]]]]]}', "nested too deeply"),
+    (b"{" + b" " * (2 << 20) + b"}", "too large"), (b'{"secret": "hunter2"', "not valid JSON"),
+])
+def test_config_files_are_parsed_within_bounds(tmp_path, content, words):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=words) as e:
+        Config.load(path)
+    assert "hunter2" not in str(e.value)
+
+
+def test_set_overrides_are_parsed_by_each_settings_type():
+    from dreambooth.config import parse_overrides
+
+    assert parse_overrides(["learning_rate=1e-5", "train_batch_size=2", "use_ema=yes", "optimizer=adamw"]) == {
+        "learning_rate": 1e-5, "train_batch_size": 2, "use_ema": True, "optimizer": "adamw"}
+    for bad, words in (("learnin_rate=1", "learnin_rate: unknown setting"), ("learning_rate", "NAME=VALUE"),
+                       ("train_batch_size=1.5", "whole number"), ("use_ema=maybe", "true or false"),
+                       ("optimizer=sgd", "not one of"), ("learning_rate=nan", "finite")):
+        with pytest.raises(ConfigError, match=words):
+            parse_overrides([bad])
+
+
+def test_sections_are_typed_dataclasses_and_code_reads_only_declared_settings():
+    """A misspelt setting name fails at once: every `params.X` / `p.X` / `.parameters.X` / `concept.X` read in the
+    product names a declared setting (the sections are plain dataclasses, so a type checker sees them too)."""
+    import re
+    from dataclasses import fields as dc_fields
+    from pathlib import Path
+
+    import dreambooth
+
+    assert [f.name for f in dc_fields(Parameters)] == [s.name for s in PARAMETER_SETTINGS]
+    with pytest.raises(AttributeError):
+        Parameters().learnin_rate  # noqa: B018
+    declared = {s.name for s in PARAMETER_SETTINGS}
+    concept_declared = {s.name for s in CONCEPT_SETTINGS}
+    read = re.compile(r"\b(?:params|self\.p|\.parameters|self\.params)\.([a-z_][a-z0-9_]*)\b")
+    concept_read = re.compile(r"\bconcept\.([a-z_][a-z0-9_]*)\b")
+    package = Path(dreambooth.__file__).parent
+    unknown = set()
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        unknown |= {(path.name, n) for n in read.findall(text) if n not in declared and not hasattr(dict, n)}
+        unknown |= {(path.name, n) for n in concept_read.findall(text) if n not in concept_declared
+                    and not hasattr(dict, n)}
+    assert not unknown
+
+
+def test_the_model_section_is_fixed_by_create(tmp_path):
+    from dreambooth.models import load_config, save_config
+    from dreambooth.store import DataRoot
+
+    model = DataRoot(tmp_path).model("dog")
+    model.path.mkdir(parents=True)
+    Config.from_dict({"model": {"source": "/x.safetensors", "family": "v1"}}).save(model.config_path)
+    (model.working).mkdir()
+    (model.working / "model_index.json").write_text("{}")
+    (model.working / "dreambooth_model.json").write_text('{"family": "v1"}')
+    with pytest.raises(ConfigError, match="model.family: is set when the model is created"):
+        save_config(model, {"model": {"source": "/x.safetensors", "family": "sdxl"}})
+    saved = save_config(model, {"parameters": {"learning_rate": 1e-5}})  # no model section: the model's own
+    assert saved.model.family == "v1" and load_config(model).parameters.learning_rate == 1e-5
+    # edited by hand behind our back: refused before any training, in words
+    data = json.loads(model.config_path.read_text())
+    data["model"]["family"] = "sdxl"
+    model.config_path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError.__mro__[1], match="is a v1 model; the family is set when a model is created"):
+        load_config(model)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from dreambooth.errors import UserError
 from dreambooth.store import DataRoot, ModelNameError, atomic_path, atomic_write_text, check_model_name
 
 
@@ -58,3 +59,37 @@ def test_killed_writer_never_leaves_a_partial_file_under_the_final_name(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not target.exists()
+
+
+def test_one_writer_per_model_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from dreambooth.store import DataRoot, ModelBusyError
+
+    model = DataRoot(tmp_path).model("dog")
+    with pytest.raises(UserError, match="model 'dog': not found"):
+        model.lock("training").__enter__()
+    model.path.mkdir(parents=True)
+    with model.lock("training"):
+        assert model.lock("x").holder() == {"pid": os.getpid(), "purpose": "training"}
+        with pytest.raises(ModelBusyError, match=r"model 'dog' is training \(pid \d+\)"):
+            with model.lock("exporting"):
+                pass
+    assert model.lock("x").holder() is None
+    # a holder that dies without letting go: the system drops its lock, the next writer simply takes it
+    code = ("import os, sys; from pathlib import Path; from dreambooth.store import ModelDir; "
+            "ModelDir(Path(sys.argv[1])).lock('training').__enter__(); os._exit(9)")
+    subprocess.run([sys.executable, "-c", code, str(model.path)], check=False)
+    assert model.lock_path.read_text()  # the dead holder's record is still there
+    with model.lock("training"):
+        pass
+
+
+def test_written_files_have_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644

@@ -13,6 +13,7 @@ from dreambooth.store import ModelDir
 model, mode = sys.argv[1], sys.argv[2]
 model_dir = ModelDir(__import__("pathlib").Path(model))
 log, controls = EventLog(model_dir.events), Controls(model_dir.control)
+lock = model_dir.lock("training").__enter__()  # held until the process ends, as the real trainer holds it
 log.emit(Start(total_steps=10, epochs=2, steps_per_epoch=5, step=0))
 print("fake trainer started", flush=True)
 for step in range(1, 11):

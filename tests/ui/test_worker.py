@@ -112,3 +112,37 @@ def test_controls_need_a_running_job(tmp_path):
         worker.request(root, "m", "cancel")
     worker.delete_model(root, "m")
     assert not root.model("m").path.exists()
+
+
+def test_a_damaged_job_file_does_not_let_a_second_training_in(tmp_path, fake, wait_for):
+    root = DataRoot(tmp_path / "root")
+    make_model(root, "first", tmp_path)
+    make_model(root, "second", tmp_path)
+    fake["value"] = "wait"
+    worker.start(root, "first")
+    wait_for(lambda: worker.status(root, "first").step >= 1)
+    (root.dreambooth / worker.JOB_FILE).write_text('{"name": "fir')  # damaged
+    with pytest.raises(UserError, match="already running: 'first'"):
+        worker.start(root, "second")
+    assert worker.running_job(root)["name"] == "first"
+    # the model that trains cannot be replaced, deleted or exported meanwhile, whoever asks
+    for action in (lambda: worker.delete_model(root, "first"),
+                   lambda: worker.create(root, "first", str(tmp_path / "x.safetensors"), overwrite=True),
+                   lambda: worker.export(root, "first", "safetensors", False, False)):
+        with pytest.raises(UserError, match=r"model 'first' is training \(pid \d+\)"):
+            action()
+    assert root.model("first").exists()
+    worker.request(root, "first", "cancel")
+    wait_for(lambda: worker.status(root, "first").state == "cancelled")
+    wait_for(lambda: root.model("first").lock("").holder() is None)
+    worker.delete_model(root, "first")
+    assert not root.model("first").path.exists()
+
+
+def test_child_verbs_report_through_events_not_printed_text(tmp_path):
+    root = DataRoot(tmp_path / "root")
+    with pytest.raises(UserError) as e:
+        worker.create(root, "m", str(tmp_path / "missing.safetensors"))
+    assert str(e.value) == f"source {str(tmp_path / 'missing.safetensors')!r}: no such file or folder"
+    out = worker.run_cli(root, "tiny-checkpoint", "--family", "v1", "--out", str(tmp_path / "t.safetensors"))
+    assert out == f"wrote {tmp_path / 't.safetensors'}"
