@@ -121,7 +121,7 @@ def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, force
 
 def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool = False, ema: bool = False,
                  out: Path | None = None) -> Path:
-    from .checkpoint.export import FORMATS, read_training, write_single_file
+    from .checkpoint.export import FORMATS, write_single_file
 
     model = root.model(name)
     if not model.exists():
@@ -131,7 +131,8 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
     with model.lock("exporting"):
         if not (model.working / "model_index.json").is_file():
             raise UserError(f"model {name!r}: its working model is missing (re-create the model)")
-        step = int(read_training(model.working).get("step", 0))
+        training = read_training_summary(model)
+        step = int(training.get("step", 0)) if training else 0
         out = Path(out).expanduser() if out else root.checkpoints / f"{name}_{step}.{fmt}"
         state_dicts = None
         if ema:
@@ -142,7 +143,23 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
             for f in sorted(model.ema_unet.glob("*.safetensors")):
                 state_dicts["unet"].update(load_file(str(f)))
         return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
-                                 metadata={"dreambooth.ema": str(ema).lower()})
+                                 metadata={"dreambooth.ema": str(ema).lower()}, training=training)
+
+
+def read_training_summary(model: ModelDir) -> dict | None:
+    """The trainer's summary of the working weights ({"step", "epoch", ...}), or None when never trained."""
+    from .config import parse_json
+
+    path = model.training_summary
+    try:
+        data = parse_json(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("step", 0), int):
+        raise UserError(f"{path}: not a training summary (restore it, or re-create the model)")
+    return data
 
 
 def delete_model(root: DataRoot, name: str) -> None:

@@ -18,20 +18,6 @@ from .layout import render_yaml
 from .tensorio import Entry, SafetensorsSource, write_ckpt, write_safetensors
 
 FORMATS = ("safetensors", "ckpt")
-TRAINING_FILE = "training.json"  # the trainer's summary of the last save: {"step": int, "epoch": int, ...}
-
-
-def read_training(working: Path) -> dict:
-    path = Path(working) / TRAINING_FILE
-    if not path.is_file():
-        return {"step": 0, "epoch": 0}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {"step": 0, "epoch": 0}
-
-
 def modelspec(family_name: str, title: str, training: dict | None = None) -> dict[str, str]:
     fam = family(family_name)
     meta = {
@@ -78,8 +64,10 @@ def _readable(path: Path) -> None:
 
 
 def write_single_file(working: Path, out: Path, fmt: str = "safetensors", half: bool = False,
-                      state_dicts: dict | None = None, metadata: dict | None = None) -> Path:
-    """Export `working` (with components replaced by `state_dicts`, diffusers layout) to `out`."""
+                      state_dicts: dict | None = None, metadata: dict | None = None,
+                      training: dict | None = None) -> Path:
+    """Export `working` (with components replaced by `state_dicts`, diffusers layout) to `out`. `training` is the
+    trainer's summary of the weights ({"step", "epoch", ...}; None for a model that was never trained)."""
     working = Path(working)
     if not (working / "model_index.json").is_file():
         raise UserError(f"{working}: not a working diffusers model (no model_index.json)")
@@ -95,10 +83,9 @@ def write_single_file(working: Path, out: Path, fmt: str = "safetensors", half: 
     extras_path = working / EXTRAS_FILE
     extras = SafetensorsSource([extras_path]) if extras_path.is_file() else None
     # The source's EMA copy describes the untrained UNet: keep it only while the UNet is untouched.
-    unet_untouched = "unet" not in state_dicts and not (working / TRAINING_FILE).is_file()
+    unet_untouched = "unet" not in state_dicts and training is None
     entries = plan_export(family_name, configs, sources, extras, include_ema=unet_untouched, half=half)
-    training = read_training(working)
-    meta = modelspec(family_name, Path(out).stem, training if (working / TRAINING_FILE).is_file() else None)
+    meta = modelspec(family_name, Path(out).stem, training)
     meta.update(metadata or {})
     yaml_text, needed = render_yaml(family_name, configs["unet"], configs["vae"])
     return write_entries(out, entries, fmt, meta, yaml_text if needed else None)

@@ -508,7 +508,7 @@ class Trainer:
             out = self.root.checkpoints / f"{self.model.name}_{step}.{p.checkpoint_format}"
             metadata = {"dreambooth.training": json.dumps(summary)}
             path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
-                                     state_dicts=state_dicts, metadata=metadata)
+                                     state_dicts=state_dicts, metadata=metadata, training=summary)
             self.checkpoints.append(Path(path))
             self.emit(Checkpoint(step, str(path)))
         self.last_save_step = step
