@@ -314,8 +314,8 @@ def parse_json(data: bytes | str, what: str) -> Any:
         raise ConfigError(f"{what}: too large ({len(data)} bytes; at most {MAX_CONFIG_BYTES})")
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}: not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: not UTF-8 text") from e
 
     def no_constants(name: str):
         raise ValueError(f"{name} is not a number JSON allows")
@@ -326,7 +326,7 @@ def parse_json(data: bytes | str, what: str) -> Any:
         raise ConfigError(f"{what}: nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
     except (json.JSONDecodeError, ValueError) as e:
         detail = f"line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-        raise ConfigError(f"{what}: not valid JSON ({detail})") from None
+        raise ConfigError(f"{what}: not valid JSON ({detail})") from e
     if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise ConfigError(f"{what}: nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     return value

@@ -196,7 +196,7 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
         try:
             yaml_data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"{yaml_path}: not a readable model yaml ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{yaml_path}: not a readable model yaml ({str(e).splitlines()[0]})") from e
         if not isinstance(yaml_data, dict) or not isinstance(yaml_data.get("model"), dict):
             raise UserError(f"{yaml_path}: not a model yaml (no `model:` section)")
     if family_from_keys(source.keys()) is None and any(k.startswith(EMA_PREFIX) for k in source.keys()):
@@ -208,9 +208,9 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
         configs = configs_from_single_file(source, name, yaml_data)
         plans, extras = plan_import(source, name, configs)
     except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from e
     except (KeyError, IndexError, ValueError, TypeError) as e:  # a tensor the layout needs is missing or odd
-        raise UserError(f"{path}: unknown checkpoint layout ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: unknown checkpoint layout ({type(e).__name__}: {e})") from e
     working.mkdir(parents=True, exist_ok=True)
     for component, entries in plans.items():
         write_component(working / component, component, configs[component], entries, name)

@@ -187,3 +187,18 @@ def test_the_model_section_is_fixed_by_create(tmp_path):
     model.config_path.write_text(json.dumps(data))
     with pytest.raises(ConfigError.__mro__[1], match="is a v1 model; the family is set when a model is created"):
         load_config(model)
+
+
+def test_the_cli_says_one_line_and_keeps_the_cause_for_debugging(tmp_path, capsys, monkeypatch):
+    from dreambooth.cli import main
+    from dreambooth.store import DataRoot
+
+    model = DataRoot(tmp_path).model("dog")
+    model.path.mkdir(parents=True)
+    model.config_path.write_bytes(b"\xff not utf-8")
+    assert main(["--root", str(tmp_path), "train", "dog"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {model.config_path}: not UTF-8 text"]
+    monkeypatch.setenv("DREAMBOOTH_DEBUG", "1")
+    assert main(["--root", str(tmp_path), "train", "dog"]) == 2
+    assert "UnicodeDecodeError" in capsys.readouterr().err
