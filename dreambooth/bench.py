@@ -192,16 +192,16 @@ def _weight_dtype(precision: str):
 # The two loops. Each builder returns a function that runs one training step.
 
 def build_ours(case: Case, models: Models, inputs: dict, device):
-    """The trainer's TrainStep with the trainer's own setup (train/components.py, optim.py, loop.py) and what its
-    loop does around each step (Trainer.make_batch: per-image VAE encode unless cached; the loss read back)."""
+    """The trainer's TrainStep built by the trainer's own functions (prepare_for_training as load_components calls it,
+    then build_step as Trainer.setup calls it) and what its loop does around each step (Trainer.make_batch: per-image
+    VAE encode unless cached; the loss read back)."""
     import torch
     from accelerate import Accelerator
 
     from .config import Parameters
-    from .train.components import prepare_for_training
-    from .train.loop import choose_precision
-    from .train.optim import make_lr_scheduler, make_optimizer
-    from .train.step import Batch, TrainStep
+    from .train.components import Components, prepare_for_training
+    from .train.loop import build_step, choose_precision
+    from .train.step import Batch
 
     params = Parameters(optimizer=case.optimizer, mixed_precision=case.precision, train_batch_size=case.batch,
                         resolution=case.resolution, cache_latents=case.cache_latents,
@@ -209,21 +209,10 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
                         train_text_encoder_ratio=1.0 if case.train_text_encoder else 0.0)
     cuda = str(device).startswith("cuda")
     acc = Accelerator(mixed_precision=choose_precision(params.mixed_precision, cuda), cpu=not cuda)
-    unet, vae, encoders = models.unet, models.vae, list(models.text_encoders)
-
-    trainable = prepare_for_training(unet, vae, encoders, params, device)  # as load_components does
-
-    # As Trainer._run does before its first step.
-    optimizer = make_optimizer(params, unet, encoders if trainable else ())
-    lr_scheduler = make_lr_scheduler(params, optimizer, 1000)
-    unet, optimizer = acc.prepare(unet, optimizer)
-    if trainable:
-        encoders = [acc.prepare(te) for te in encoders]
-    trainable_params = [q for q in unet.parameters() if q.requires_grad]
-    if trainable:
-        trainable_params += [q for te in encoders for q in te.parameters() if q.requires_grad]
-    step = TrainStep(unet, encoders, models.noise_scheduler, params, sdxl=models.sdxl, vae=vae, optimizer=optimizer,
-                     lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable_params)
+    vae = models.vae
+    trainable = prepare_for_training(models.unet, vae, list(models.text_encoders), params, device)
+    parts = Components(models.unet, vae, models.text_encoders, (), models.noise_scheduler, models.sdxl)
+    step = build_step(params, parts, acc, total_steps=1000, train_text_encoder=trainable)
 
     pixels = inputs["pixels"]
     is_prior = torch.zeros(case.batch, dtype=torch.bool, device=device)

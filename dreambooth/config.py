@@ -211,7 +211,7 @@ class Parameters:
     weight_decay: float = setting(0.01, 'Weight decay', 'Decoupled weight decay.', group='performance', min=0, max=1, step=0.001)
     max_grad_norm: float = setting(1.0, 'Max gradient norm', 'Gradient clipping; 0 turns it off.', group='performance', min=0, max=1000)
     # loss
-    train_text_encoder_ratio: float = setting(0.25, 'Text encoder step ratio', 'The text encoder trains for this fraction of the steps, then freezes. 0: never.', group='loss', min=0, max=1, step=0.05)
+    train_text_encoder_ratio: float = setting(0.25, 'Text encoder step ratio', 'The text encoder trains for this fraction of the steps (rounded, at least one step), then freezes. 0: never.', group='loss', min=0, max=1, step=0.05)
     prior_loss_weight: float = setting(1.0, 'Prior loss weight', 'Weight of the class (prior preservation) loss: loss = MSE(instance) + weight x MSE(class).', group='loss', min=0, max=100, step=0.05)
     offset_noise: float = setting(0.0, 'Offset noise', 'Adds a per-channel constant to the noise so the model learns very dark and bright images. 0.05-0.1 typical; 0 off.', group='loss', min=0, max=1, step=0.01)
     min_snr_gamma: float = setting(0.0, 'Min-SNR gamma', "Min-SNR loss weighting (5 is typical); 0 uses the paper's plain MSE.", group='loss', min=0, max=100, step=0.5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .schedule import trains_text_encoder
 from .state import recover_folder
 
 log = logging.getLogger("dreambooth")
@@ -22,7 +23,6 @@ class Components:
     tokenizers: tuple
     noise_scheduler: object
     sdxl: bool
-    text_encoders_trainable: bool
 
 
 def set_attention(unet, backend: str) -> str:
@@ -70,8 +70,8 @@ def load_components(working: Path, family: str, device, params, resume_from: Pat
         tokenizers.append(CLIPTokenizer.from_pretrained(working, subfolder="tokenizer_2"))
     noise_scheduler = DDPMScheduler.from_pretrained(working, subfolder="scheduler")
 
-    trainable = prepare_for_training(unet, vae, encoders, params, device)
-    return Components(unet, vae, tuple(encoders), tuple(tokenizers), noise_scheduler, sdxl, trainable)
+    prepare_for_training(unet, vae, encoders, params, device)
+    return Components(unet, vae, tuple(encoders), tuple(tokenizers), noise_scheduler, sdxl)
 
 
 def prepare_for_training(unet, vae, text_encoders, params, device) -> bool:
@@ -81,7 +81,7 @@ def prepare_for_training(unet, vae, text_encoders, params, device) -> bool:
     """
     set_attention(unet, params.attention)
     unet.train().requires_grad_(True).to(device)
-    trainable = params.train_text_encoder_ratio > 0
+    trainable = trains_text_encoder(params.train_text_encoder_ratio)
     for te in text_encoders:
         te.requires_grad_(trainable).train(trainable).to(device)
     vae.requires_grad_(False).eval().to(device)

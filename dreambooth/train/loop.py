@@ -1,7 +1,8 @@
-"""The training run: load the working model, prepare data and class images, run the steps, sample, save, resume.
+"""The training run, as a recipe: `setup()` builds the training state, `train()` runs the loop.
 
-One obvious loop (Trainer.run). Everything it reads comes from the model's config.json; everything it says goes to
-<model>/logs/events.jsonl (see events.py); requests come from <model>/control/ between steps.
+Everything the run reads comes from the model's config.json; everything it says goes to <model>/logs/events.jsonl
+(see events.py); requests come from <model>/control/ and the signals (requests.py) between steps; when to preview,
+save, freeze the text encoder and stop is the schedule's decision (schedule.py).
 Under `accelerate launch` every process trains its share of each epoch; only the main process writes files.
 """
 from __future__ import annotations
@@ -11,8 +12,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,17 +20,19 @@ from pathlib import Path
 import torch
 
 from ..config import Config, validate_for_training
-from ..models import load_config
+from ..data import captions
+from ..data import class_images as class_data
+from ..data.dataset import Example, TrainingData, class_examples_from, collect_instances, tokenize
 from ..errors import UserError
 from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
                       Sample, Start, Step)
+from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
-from ..data import class_images as class_data
-from ..data import captions
-from ..data.dataset import TrainingData, class_examples_from, collect_instances, tokenize
 from . import pipeline as gen
-from .components import load_components
+from .components import Components, load_components
 from .optim import make_lr_scheduler, make_optimizer
+from .requests import Requests
+from .schedule import Schedule
 from .state import link_tree, load_state, save_state, saved_step, swap_folder
 from .step import Batch, TrainStep
 
@@ -58,7 +59,7 @@ class TrainResult:
 
 
 class StopTraining(Exception):
-    """Ends the loop early with a status ("cancelled" or "error") and a message."""
+    """Ends the run early with a status ("done", "cancelled" or "error") and a message."""
 
     def __init__(self, status: str, message: str):
         super().__init__(message)
@@ -95,11 +96,6 @@ def choose_precision(requested: str, on_gpu: bool, gpu_has_bf16: bool = True) ->
     return requested
 
 
-def plan_total_steps(params, steps_per_epoch: int, override: int | None = None) -> int:
-    """Optimizer steps of the whole run: --max-steps, else max_train_steps, else epochs x steps per epoch."""
-    return override or params.max_train_steps or params.num_train_epochs * steps_per_epoch
-
-
 def make_ema(params, unet):
     """An exponential moving average of the UNet weights (None when EMA is off)."""
     if not params.use_ema:
@@ -107,6 +103,56 @@ def make_ema(params, unet):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(unet.parameters(), decay=params.ema_decay)
+
+
+def build_step(params, parts: Components, accelerator, total_steps: int, train_text_encoder: bool) -> TrainStep:
+    """The optimizer, the LR schedule, the models under accelerate and the TrainStep that runs them.
+
+    How the trainer sets up its step; the benchmark (bench/train_bench.py) calls it too, so it times the same thing.
+    The returned step holds the prepared models (`.unet`, `.text_encoders`), `.optimizer` and `.lr_scheduler`.
+    """
+    acc = accelerator
+    encoders = list(parts.text_encoders)
+    optimizer = make_optimizer(params, parts.unet, encoders if train_text_encoder else ())
+    lr_scheduler = make_lr_scheduler(params, optimizer, total_steps)
+    unet, optimizer = acc.prepare(parts.unet, optimizer)
+    if train_text_encoder:
+        encoders = [acc.prepare(te) for te in encoders]
+    trainable = [q for q in unet.parameters() if q.requires_grad]
+    if train_text_encoder:
+        trainable += [q for te in encoders for q in te.parameters() if q.requires_grad]
+    return TrainStep(unet, encoders, parts.noise_scheduler, params, sdxl=parts.sdxl, vae=parts.vae,
+                     optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable)
+
+
+def micro_batches(data: TrainingData, step: int):
+    """(epoch, items) of every micro-batch from optimizer step `step` on, epoch after epoch, without end."""
+    epoch, into_epoch = divmod(step, data.steps_per_epoch)
+    first = into_epoch * data.params.gradient_accumulation_steps
+    while True:
+        for items in data.epoch_batches(epoch)[first:]:
+            yield epoch, items
+        epoch, first = epoch + 1, 0
+
+
+@dataclass
+class TrainingState:
+    """Everything a run trains with and keeps track of; built by Trainer.setup()."""
+    parts: Components          # as loaded: VAE, tokenizers, noise scheduler, family (sdxl)
+    unet: torch.nn.Module      # the trained models, prepared by accelerate (DDP-wrapped under several processes)
+    text_encoders: list
+    optimizer: object
+    lr_scheduler: object
+    ema: object | None
+    train_step: TrainStep
+    instances: list[list[Example]]  # per active concept
+    data: TrainingData
+    schedule: Schedule
+    step: int = 0              # optimizer steps done
+    last_save_step: int | None = None
+    latent_cache: dict = field(default_factory=dict)
+    checkpoints: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
 
 
 class Trainer:
@@ -127,13 +173,8 @@ class Trainer:
         )
         self.main = self.accelerator.is_main_process
         self.events = EventLog(model.events)
-        self.controls = Controls(model.control)
-        self.checkpoints: list[Path] = []
-        self.sample_paths: list[Path] = []
-        self.last_save_step: int | None = None
-        self.interrupted = False
+        self.requests = Requests(Controls(model.control), self.main, self.broadcast)
 
-    # -- helpers ------------------------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
         if self.main:
             self.events.emit(event)
@@ -145,27 +186,25 @@ class Trainer:
 
         return broadcast_object_list([value])[0]
 
-    def _on_signal(self, signum, frame):
-        self.interrupted = True
-
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         acc = self.accelerator
+        self.requests.clear()
         if self.main:
-            self.controls.clear_all()
             self.events.clear()
         acc.wait_for_everyone()
-        previous = {}
-        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._run()
+            with self.requests.catching_signals():
+                try:
+                    state = self.setup()
+                except StopTraining as stop:  # cancelled while class images were made
+                    self.emit(Cancelled(0, stop.message) if stop.status == "cancelled" else Error(stop.message, 0))
+                    return TrainResult(False, stop.status, 0, 0, stop.message)
+                return self.train(state)
         except Exception as e:  # bad input found late, or a crash: the watcher learns why, then it propagates
             self.emit(Error(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
             raise
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             if acc.num_processes == 1:
                 # accelerate's settings are process-wide: let a later run in this process choose its own.
                 from accelerate.state import AcceleratorState, GradientState
@@ -173,141 +212,98 @@ class Trainer:
                 AcceleratorState._reset_state(reset_partial_state=True)
                 GradientState._reset_state()
 
-    def _run(self) -> TrainResult:
+    def setup(self) -> TrainingState:
+        """Images, models (from the last save when resuming), class images, data order, schedule, optimizer, EMA."""
         acc, p = self.accelerator, self.p
         instances = collect_instances(self.config)  # bad images are reported before the models load
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
         resume_from = self.model.state if saved_step(self.model.state) is not None else None
-        self.c = c = load_components(self.model.working, self.config.model.family, acc.device, p, resume_from)
-        try:
-            classes = self.prepare_class_images(instances)
-        except StopTraining as stop:
-            self.emit(Cancelled(0, stop.message) if stop.status == "cancelled" else Error(stop.message, 0))
-            return TrainResult(False, stop.status, 0, 0, stop.message)
-        self.data = data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
-        self.instances = instances
+        parts = load_components(self.model.working, self.config.model.family, acc.device, p, resume_from)
+        classes = self.prepare_class_images(parts, instances)
+        data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
+        schedule = Schedule.plan(p, data.steps_per_epoch, self.max_steps_override)
+        train_step = build_step(p, parts, acc, schedule.total_steps, schedule.text_encoder_steps > 0)
+        ema = make_ema(p, acc.unwrap_model(train_step.unet))
+        state = TrainingState(parts, train_step.unet, list(train_step.text_encoders), train_step.optimizer,
+                              train_step.lr_scheduler, ema, train_step, instances, data, schedule)
 
-        steps_per_epoch = data.steps_per_epoch
-        total = plan_total_steps(p, steps_per_epoch, self.max_steps_override)
-        self.total_steps = total
-        te_steps = int(p.train_text_encoder_ratio * total) if c.text_encoders_trainable else 0
-        self.te_steps = te_steps
-
-        optimizer = make_optimizer(p, c.unet, c.text_encoders if te_steps > 0 else ())
-        lr_scheduler = make_lr_scheduler(p, optimizer, total)
-        unet, optimizer = acc.prepare(c.unet, optimizer)
-        text_encoders = list(c.text_encoders)
-        if te_steps > 0:
-            text_encoders = [acc.prepare(te) for te in text_encoders]
-        self.unet, self.text_encoders, self.optimizer, self.lr_scheduler = unet, text_encoders, optimizer, lr_scheduler
-        self.ema = ema = make_ema(p, acc.unwrap_model(unet))
-
-        step = 0
-        resumed = load_state(self.model.state, acc, optimizer, lr_scheduler, ema)
-        if resumed is not None:
-            step = resumed
-            self.last_save_step = step
-        else:
+        resumed = load_state(self.model.state, acc, state.optimizer, state.lr_scheduler, ema)
+        if resumed is None:
             torch.manual_seed(p.seed + acc.process_index)
-        if acc.process_index and resumed is not None:
-            torch.manual_seed(p.seed + 1000003 * acc.process_index + step)
+        else:
+            state.step = state.last_save_step = resumed
+            if acc.process_index:
+                torch.manual_seed(p.seed + 1000003 * acc.process_index + resumed)
+            if schedule.text_encoder_steps and not schedule.trains_text_encoder(resumed):
+                self.freeze_text_encoders(state)
+        return state
 
-        trainable = [q for q in unet.parameters() if q.requires_grad]
-        if te_steps > 0:
-            trainable += [q for te in text_encoders for q in te.parameters() if q.requires_grad]
-        self.train_step = TrainStep(unet, text_encoders, c.noise_scheduler, p, sdxl=c.sdxl, vae=c.vae,
-                                    optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc,
-                                    trainable_params=trainable)
-        self.latent_cache: dict = {}
-
-        self.emit(Start(total, math.ceil(total / steps_per_epoch), steps_per_epoch, step))
-        writer = self.tensorboard()
-        bar = self.progress_bar(total, step)
-        status, message = "done", "training finished"
-        started, start_step = time.time(), step
+    def train(self, s: TrainingState) -> TrainResult:
+        """The loop: one optimizer step per pass, then what the schedule and the requests ask for."""
+        acc, schedule = self.accelerator, s.schedule
+        self.emit(Start(schedule.total_steps, schedule.epochs, schedule.steps_per_epoch, s.step))
+        progress = Progress(self, s.step, schedule.total_steps)
+        status, message = "done", f"trained {schedule.total_steps} steps"
         try:
-            if self.interrupted:  # Ctrl-C while the models loaded or class images were made
+            if self.requests.interrupted:  # Ctrl-C while the models loaded or class images were made
                 raise StopTraining("cancelled", "cancelled before training started")
-            if step >= total:
+            if s.step >= schedule.total_steps:
                 raise StopTraining("done", "already trained to the last step; nothing to do")
-            while step < total:
-                epoch = step // steps_per_epoch
-                batches = data.epoch_batches(epoch)
-                first = (step - epoch * steps_per_epoch) * p.gradient_accumulation_steps
-                for items in batches[first:]:
-                    batch = self.make_batch(items, epoch)
-                    out = self.train_step(batch, train_text_encoder=step < te_steps)
-                    if not acc.sync_gradients:
-                        continue
-                    step += 1
-                    if step == te_steps:
-                        self.freeze_text_encoders()
-                    loss = acc.reduce(out.loss.detach().float(), reduction="mean").item()
-                    if not math.isfinite(loss):
-                        last = f"the last good save is step {self.last_save_step}" if self.last_save_step is not None \
-                            else "nothing was saved"
-                        raise StopTraining("error", f"loss became {loss} at step {step}; stopped, {last}")
-                    if ema is not None:
-                        ema.step(acc.unwrap_model(unet).parameters())
-                    self.report(step, epoch, loss, started, start_step, bar, writer)
-                    end_of_epoch = step % steps_per_epoch == 0
-                    done_epochs = step // steps_per_epoch
-                    self.handle_controls(step, epoch)
-                    if step < total and end_of_epoch:
-                        if p.sample_every_n_epochs and done_epochs % p.sample_every_n_epochs == 0:
-                            self.make_samples(step)
-                        if p.save_every_n_epochs and done_epochs % p.save_every_n_epochs == 0:
-                            self.save(step, done_epochs)
-                    if step >= total or end_of_epoch:
-                        break
-            if p.sample_every_n_epochs:
-                self.make_samples(step)
-            if p.save_on_end:
-                self.save(step, step // steps_per_epoch)
-            message = f"trained {total} steps"
+            for epoch, items in micro_batches(s.data, s.step):
+                out = s.train_step(self.make_batch(s, items, epoch),
+                                   train_text_encoder=schedule.trains_text_encoder(s.step))
+                if not acc.sync_gradients:  # accumulating: no optimizer step yet
+                    continue
+                s.step += 1
+                due = schedule.after(s.step)
+                if due.freeze_text_encoder:
+                    self.freeze_text_encoders(s)
+                loss = acc.reduce(out.loss.detach().float(), reduction="mean").item()
+                if not math.isfinite(loss):
+                    last = f"the last good save is step {s.last_save_step}" if s.last_save_step is not None \
+                        else "nothing was saved"
+                    raise StopTraining("error", f"loss became {loss} at step {s.step}; stopped, {last}")
+                if s.ema is not None:
+                    s.ema.step(acc.unwrap_model(s.unet).parameters())
+                progress.update(s.step, epoch, loss, s.lr_scheduler.get_last_lr())
+                self.handle_requests(s)
+                if due.sample:
+                    self.make_samples(s)
+                if due.save:
+                    self.save(s)
+                if due.stop:
+                    break
         except StopTraining as stop:
             status, message = stop.status, stop.message
-        except OSError as e:
-            status = "error"
-            kept = f"; the previous save (step {self.last_save_step}) is intact" if self.last_save_step else ""
-            message = f"saving failed: {e}{kept}"
         finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+            progress.close()
         acc.wait_for_everyone()
-        if status == "done":
-            self.emit(Done(step, message))
-        elif status == "cancelled":
-            self.emit(Cancelled(step, message))
-        else:
-            self.emit(Error(message, step))
+        ending = {"done": Done, "cancelled": Cancelled}
+        self.emit(ending[status](s.step, message) if status in ending else Error(message, s.step))
         # What accelerate's end_training does for us (it needs trackers on accelerate 0.21, the webui's version).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        return TrainResult(status == "done", status, step, total, message, self.checkpoints, self.sample_paths)
+        return TrainResult(status == "done", status, s.step, schedule.total_steps, message, s.checkpoints, s.samples)
 
     # -- pieces of the loop -------------------------------------------------------------------------------------
-    def make_batch(self, items, epoch: int) -> Batch:
-        c, p = self.c, self.p
+    def make_batch(self, s: TrainingState, items, epoch: int) -> Batch:
+        c, p, device = s.parts, self.p, self.accelerator.device
         latents, time_ids = [], []
         for item in items:
             key = (item.example.path, item.bucket)
-            if p.cache_latents and key in self.latent_cache:
-                latent, ids = self.latent_cache[key]
+            if p.cache_latents and key in s.latent_cache:
+                latent, ids = s.latent_cache[key]
             else:
-                pixels, ids = self.data.load_item(item, epoch)
+                pixels, ids = s.data.load_item(item, epoch)
                 with torch.no_grad():
-                    pixels = pixels.unsqueeze(0).to(self.accelerator.device, c.vae.dtype)
-                    noise = torch.Generator(pixels.device).manual_seed(self.data.item_seed(item, epoch) % 2**63)
+                    pixels = pixels.unsqueeze(0).to(device, c.vae.dtype)
+                    noise = torch.Generator(pixels.device).manual_seed(s.data.item_seed(item, epoch) % 2**63)
                     latent = c.vae.encode(pixels).latent_dist.sample(noise)[0] * c.vae.config.scaling_factor
                 if p.cache_latents:
-                    self.latent_cache[key] = (latent, ids)
+                    s.latent_cache[key] = (latent, ids)
             latents.append(latent)
             time_ids.append(ids)
         prompts = [item.example.prompt for item in items]
-        device = self.accelerator.device
         return Batch(
             latents=torch.stack(latents).float().to(device),
             input_ids=tuple(i.to(device) for i in tokenize(c.tokenizers, prompts)),
@@ -315,68 +311,32 @@ class Trainer:
             is_prior=torch.tensor([item.is_prior for item in items], device=device),
         )
 
-    def freeze_text_encoders(self) -> None:
-        for te in self.text_encoders:
+    def freeze_text_encoders(self, s: TrainingState) -> None:
+        for te in s.text_encoders:
             te.requires_grad_(False)
-        log.info("text encoder frozen after %d steps", self.te_steps)
+        log.info("text encoder frozen after %d steps", s.schedule.text_encoder_steps)
 
-    def report(self, step, epoch, loss, started, start_step, bar, writer) -> None:
-        if not self.main:
-            return
-        lrs = self.lr_scheduler.get_last_lr()
-        elapsed = time.time() - started
-        it_per_s = (step - start_step) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total_steps - step) / it_per_s if it_per_s > 0 else None
-        if torch.cuda.is_available():
-            memory = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            import resource
-
-            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.emit(Step(step, epoch, loss, lrs[0], round(it_per_s, 4), None if eta is None else round(eta, 1),
-                       round(memory, 1)))
-        if bar is not None:
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
-            bar.update(1)
-        if writer is not None:
-            writer.add_scalar("loss", loss, step)
-            for i, lr in enumerate(lrs):
-                writer.add_scalar(f"lr/{['unet', 'text_encoder'][min(i, 1)]}", lr, step)
-
-    def handle_controls(self, step: int, epoch: int) -> None:
-        pending = self.controls.pending() if self.main else set()
-        if self.interrupted:
-            pending.add("cancel")
-        pending = self.broadcast(pending)
+    def handle_requests(self, s: TrainingState) -> None:
+        """Pause (wait), sample, save, cancel: each request is carried out, then withdrawn."""
+        pending = self.requests.pending()
         if "pause" in pending and "cancel" not in pending:
-            self.emit(Paused(step))
-            while True:
-                time.sleep(0.2)
-                now = self.controls.pending() if self.main else set()
-                if self.interrupted:
-                    now.add("cancel")
-                now = self.broadcast(now)
-                if "cancel" in now or "pause" not in now:
-                    pending |= now
-                    break
-            self.emit(Resumed(step))
+            self.emit(Paused(s.step))
+            pending = self.requests.wait_while_paused(pending)
+            self.emit(Resumed(s.step))
         if "sample" in pending:
-            if self.main:
-                self.controls.withdraw("sample")
-            self.make_samples(step)
+            self.requests.handled("sample")
+            self.make_samples(s)
         if "save" in pending:
-            if self.main:
-                self.controls.withdraw("save")
-            self.save(step, epoch)
+            self.requests.handled("save")
+            self.save(s)
         if "cancel" in pending:
-            if self.main:
-                self.controls.withdraw("cancel")
-            if self.p.save_on_cancel and self.last_save_step != step:
-                self.save(step, epoch)
-            raise StopTraining("cancelled", f"cancelled at step {step}")
+            self.requests.handled("cancel")
+            if self.p.save_on_cancel and s.last_save_step != s.step:
+                self.save(s)
+            raise StopTraining("cancelled", f"cancelled at step {s.step}")
 
     # -- class images, samples, saving --------------------------------------------------------------------------
-    def prepare_class_images(self, instances) -> dict:
+    def prepare_class_images(self, parts: Components, instances) -> dict:
         """Class examples per concept index; missing images are generated now with the frozen base model."""
         active = [(i, c) for i, c in enumerate(self.config.concepts) if c.instance_data_dir.strip()]
         plans = []  # (concept index, concept, folder or None, images to use, prompts to generate, all wanted)
@@ -395,7 +355,7 @@ class Trainer:
             plans.append((index, concept, folder, reuse, missing, wanted))
         total_missing = sum(len(plan[4]) for plan in plans)
         if total_missing and self.main:
-            self.generate_class_images(plans, total_missing)
+            self.generate_class_images(parts, plans, total_missing)
         self.accelerator.wait_for_everyone()
         classes = {}
         for index, concept, folder, pairs, missing, wanted in plans:
@@ -404,8 +364,8 @@ class Trainer:
             classes[index] = class_examples_from(pairs, index)
         return classes
 
-    def generate_class_images(self, plans, total_missing: int) -> None:
-        c, res = self.c, self.p.resolution
+    def generate_class_images(self, parts: Components, plans, total_missing: int) -> None:
+        c, res = parts, self.p.resolution
         pipe = gen.make_pipeline(c.unet, c.vae, c.text_encoders, c.tokenizers, c.noise_scheduler.config, c.sdxl)
         done = 0
         self.emit(ClassImages(0, total_missing))
@@ -422,17 +382,18 @@ class Trainer:
 
             def progress(n, _total, offset=done):
                 self.emit(ClassImages(offset + n, total_missing))
-                if self.accelerator.num_processes == 1 and (self.interrupted or "cancel" in self.controls.pending()):
-                    self.controls.withdraw("cancel")  # the images made so far are kept and reused next time
+                # Only the main process generates: the others wait, so only a single process can stop here.
+                if self.accelerator.num_processes == 1 and "cancel" in self.requests.local():
+                    self.requests.handled("cancel")  # the images made so far are kept and reused next time
                     raise StopTraining("cancelled", f"cancelled while generating class images ({offset + n} made)")
 
             class_data.generate_missing(folder, missing, make, parameters, progress)
             done += len(missing)
 
-    def sample_prompts(self):
+    def sample_prompts(self, s: TrainingState):
         """(concept position, concept, prompt) for each active concept with previews."""
         active = [c for c in self.config.concepts if c.instance_data_dir.strip()]
-        for pos, (concept, examples) in enumerate(zip(active, self.instances)):
+        for pos, (concept, examples) in enumerate(zip(active, s.instances)):
             if concept.num_samples == 0:
                 continue
             caption = captions.caption_of(examples[0].path)
@@ -443,16 +404,16 @@ class Trainer:
                 prompt = examples[0].prompt
             yield pos, concept, prompt
 
-    def make_samples(self, step: int) -> None:
+    def make_samples(self, s: TrainingState) -> None:
         if self.main:
-            acc, c = self.accelerator, self.c
-            unet = acc.unwrap_model(self.unet)
-            tes = [acc.unwrap_model(te) for te in self.text_encoders]
+            acc, c, step = self.accelerator, s.parts, s.step
+            unet = acc.unwrap_model(s.unet)
+            tes = [acc.unwrap_model(te) for te in s.text_encoders]
             pipe = gen.make_pipeline(unet, c.vae, tes, c.tokenizers, c.noise_scheduler.config, c.sdxl)
             res = self.p.resolution
             paths = []
             with torch.no_grad():
-                for pos, concept, prompt in self.sample_prompts():
+                for pos, concept, prompt in self.sample_prompts(s):
                     for i in range(concept.num_samples):
                         seed = concept.sample_seed + i if concept.sample_seed >= 0 else random.randrange(2**31)
                         image = gen.generate(pipe, prompt, concept.sample_negative_prompt, concept.sample_infer_steps,
@@ -464,74 +425,108 @@ class Trainer:
                         gen.save_png(image, path, info)
                         paths.append(path)
             if paths:
-                self.sample_paths.extend(paths)
+                s.samples.extend(paths)
                 self.emit(Sample(step, tuple(str(x) for x in paths)))
         self.accelerator.wait_for_everyone()
 
-    def save(self, step: int, epoch: int) -> None:
+    def save(self, s: TrainingState) -> None:
         """Resume state (with the trained weights) into state/, the weights into working/, then a checkpoint file.
 
         state/ is the commit point: it is replaced in one rename and holds weights, optimizer, scheduler, EMA, step
         and RNG together, so a kill at any moment resumes from a consistent save. working/ gets hard links to the
         same weight files (no extra disk), for `export` and the UI. Main process only writes.
         """
-        acc, p = self.accelerator, self.p
         if self.main:
-            from ..checkpoint.export import write_single_file
+            try:
+                self._write_save(s)
+            except OSError as e:
+                kept = f"; the previous save (step {s.last_save_step}) is intact" if s.last_save_step else ""
+                raise StopTraining("error", f"saving failed: {e}{kept}") from e
+        s.last_save_step = s.step
+        self.accelerator.wait_for_everyone()
 
-            unet = acc.unwrap_model(self.unet)
-            trained = {"unet": unet}
-            if self.te_steps > 0:
-                for name, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
-                    trained[name] = acc.unwrap_model(te)
+    def _write_save(self, s: TrainingState) -> None:
+        from ..checkpoint.export import write_single_file
 
-            def write_weights(tmp: Path) -> None:
-                for name, module in trained.items():
-                    module.save_pretrained(tmp / name, safe_serialization=True)
+        acc, p, step = self.accelerator, self.p, s.step
+        unet = acc.unwrap_model(s.unet)
+        trained = {"unet": unet}
+        if s.schedule.text_encoder_steps > 0:
+            for name, te in zip(("text_encoder", "text_encoder_2"), s.text_encoders):
+                trained[name] = acc.unwrap_model(te)
 
-            save_state(self.model.state, step, self.total_steps, self.optimizer, self.lr_scheduler, self.ema,
-                       write_weights)
-            working = self.model.working
-            for name in trained:
-                swap_folder(working / name, lambda tmp, name=name: link_tree(self.model.state / name, tmp))
-            state_dicts = {name: module.state_dict() for name, module in trained.items()}
-            if self.ema is not None:
-                ema_unet = self._ema_unet(unet)
-                swap_folder(self.model.ema_unet, lambda tmp: ema_unet.save_pretrained(tmp, safe_serialization=True))
-                if p.save_ema_weights:
-                    state_dicts["unet"] = ema_unet.state_dict()
-            summary = {"step": step, "epoch": epoch, "total_steps": self.total_steps,
-                       "learning_rate": p.learning_rate, "text_encoder_learning_rate": p.text_encoder_learning_rate,
-                       "text_encoder_steps": self.te_steps, "ema": p.use_ema,
-                       "instance_images": len(self.data.instances), "prompts": sorted({e.prompt for e in self.data.instances})[:8]}
-            atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
-            out = self.root.checkpoints / f"{self.model.name}_{step}.{p.checkpoint_format}"
-            metadata = {"dreambooth.training": json.dumps(summary)}
-            path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
-                                     state_dicts=state_dicts, metadata=metadata, training=summary)
-            self.checkpoints.append(Path(path))
-            self.emit(Checkpoint(step, str(path)))
-        self.last_save_step = step
-        acc.wait_for_everyone()
+        def write_weights(tmp: Path) -> None:
+            for name, module in trained.items():
+                module.save_pretrained(tmp / name, safe_serialization=True)
 
-    def _ema_unet(self, unet):
+        save_state(self.model.state, step, s.schedule.total_steps, s.optimizer, s.lr_scheduler, s.ema, write_weights)
+        working = self.model.working
+        for name in trained:
+            swap_folder(working / name, lambda tmp, name=name: link_tree(self.model.state / name, tmp))
+        state_dicts = {name: module.state_dict() for name, module in trained.items()}
+        if s.ema is not None:
+            ema_unet = self._ema_unet(s, unet)
+            swap_folder(self.model.ema_unet, lambda tmp: ema_unet.save_pretrained(tmp, safe_serialization=True))
+            if p.save_ema_weights:
+                state_dicts["unet"] = ema_unet.state_dict()
+        summary = {"step": step, "epoch": s.schedule.epoch(step), "total_steps": s.schedule.total_steps,
+                   "learning_rate": p.learning_rate, "text_encoder_learning_rate": p.text_encoder_learning_rate,
+                   "text_encoder_steps": s.schedule.text_encoder_steps, "ema": p.use_ema,
+                   "instance_images": len(s.data.instances),
+                   "prompts": sorted({e.prompt for e in s.data.instances})[:8]}
+        atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
+        out = self.root.checkpoints / f"{self.model.name}_{step}.{p.checkpoint_format}"
+        metadata = {"dreambooth.training": json.dumps(summary)}
+        path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
+                                 state_dicts=state_dicts, metadata=metadata, training=summary)
+        s.checkpoints.append(Path(path))
+        self.emit(Checkpoint(step, str(path)))
+
+    @staticmethod
+    def _ema_unet(s: TrainingState, unet):
         import copy
 
         ema_unet = copy.deepcopy(unet)
-        self.ema.copy_to(ema_unet.parameters())
+        s.ema.copy_to(ema_unet.parameters())
         return ema_unet
 
-    # -- output -------------------------------------------------------------------------------------------------
-    def tensorboard(self):
-        if not self.main:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=str(self.model.tensorboard))
+class Progress:
+    """How the run shows its progress: step events, the progress bar and TensorBoard (the last two: main process)."""
 
-    def progress_bar(self, total: int, step: int):
-        if not self.main:
-            return None
-        from tqdm.auto import tqdm
+    def __init__(self, trainer: Trainer, step: int, total: int):
+        self.trainer, self.total = trainer, total
+        self.started, self.start_step = time.time(), step
+        self.bar = self.writer = None
+        if trainer.main:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=step, desc=f"training {self.model.name}", unit="step", dynamic_ncols=True)
+            self.writer = SummaryWriter(log_dir=str(trainer.model.tensorboard))
+            self.bar = tqdm(total=total, initial=step, desc=f"training {trainer.model.name}", unit="step",
+                            dynamic_ncols=True)
+
+    def update(self, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
+        if not self.trainer.main:
+            return
+        elapsed = time.time() - self.started
+        it_per_s = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / it_per_s if it_per_s > 0 else None
+        if torch.cuda.is_available():
+            memory = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            import resource
+
+            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.trainer.emit(Step(step, epoch, loss, lrs[0], round(it_per_s, 4), None if eta is None else round(eta, 1),
+                               round(memory, 1)))
+        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
+        self.bar.update(1)
+        self.writer.add_scalar("loss", loss, step)
+        for i, lr in enumerate(lrs):
+            self.writer.add_scalar(f"lr/{['unet', 'text_encoder'][min(i, 1)]}", lr, step)
+
+    def close(self) -> None:
+        for thing in (self.bar, self.writer):
+            if thing is not None:
+                thing.close()

@@ -15,7 +15,8 @@ from dreambooth.config import Parameters
 from dreambooth.data.dataset import Example, Item, TrainingData
 from dreambooth.errors import UserError
 from dreambooth.train.components import set_attention
-from dreambooth.train.loop import choose_precision, make_ema, plan_total_steps
+from dreambooth.train.loop import choose_precision, make_ema
+from dreambooth.train.schedule import plan_total_steps
 from dreambooth.train.optim import make_lr_scheduler, make_optimizer
 from dreambooth.train.step import Batch, TrainStep
 

@@ -1,0 +1,82 @@
+"""When things happen in a run: how many steps, how long the text encoder trains, when previews and saves are made.
+
+Pure arithmetic on step counts (no torch), so it is tested on its own. Steps are optimizer steps; `step` is the number
+of steps done so far. The trainer asks, before each step, whether the text encoder trains in it
+(`trains_text_encoder(step)`), and after it what is due (`after(step)`):
+
+    schedule = Schedule.plan(params, steps_per_epoch=data.steps_per_epoch)
+    due = schedule.after(step)   # Due(freeze_text_encoder, sample, save, stop)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def plan_total_steps(params, steps_per_epoch: int, override: int | None = None) -> int:
+    """Optimizer steps of the whole run: --max-steps, else max_train_steps, else epochs x steps per epoch."""
+    return override or params.max_train_steps or params.num_train_epochs * steps_per_epoch
+
+
+def text_encoder_steps(ratio: float, total_steps: int) -> int:
+    """The steps the text encoder trains for: ratio x total steps, rounded to the nearest step (halves up), at least
+    one when the ratio is above 0, at most all of them. The only reading of `train_text_encoder_ratio`."""
+    if ratio <= 0 or total_steps <= 0:
+        return 0
+    return min(total_steps, max(1, math.floor(ratio * total_steps + 0.5)))
+
+
+def trains_text_encoder(ratio: float) -> bool:
+    """Whether the text encoders train at all (known before the run's length is): exactly when they get a step."""
+    return text_encoder_steps(ratio, 1) > 0
+
+
+@dataclass(frozen=True)
+class Due:
+    """What the run does once a step is done, in this order: freeze the text encoder, sample, save, stop."""
+    freeze_text_encoder: bool = False
+    sample: bool = False
+    save: bool = False
+    stop: bool = False
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    steps_per_epoch: int
+    text_encoder_steps: int = 0
+    sample_every_n_epochs: int = 0  # 0: no previews (not even at the end)
+    save_every_n_epochs: int = 0    # 0: no saves during the run
+    save_on_end: bool = True
+
+    @classmethod
+    def plan(cls, params, steps_per_epoch: int, max_steps: int | None = None) -> "Schedule":
+        total = plan_total_steps(params, steps_per_epoch, max_steps)
+        return cls(total, steps_per_epoch, text_encoder_steps(params.train_text_encoder_ratio, total),
+                   params.sample_every_n_epochs, params.save_every_n_epochs, params.save_on_end)
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def epoch(self, step: int) -> int:
+        """The epoch (from 0) that the step after `step` belongs to; also the number of whole epochs done."""
+        return step // self.steps_per_epoch
+
+    def trains_text_encoder(self, step: int) -> bool:
+        """Whether the text encoder trains in the step after `step`."""
+        return step < self.text_encoder_steps
+
+    def after(self, step: int) -> Due:
+        """What is due once `step` steps are done. Within the run previews and saves come at the end of every n-th
+        epoch; the last step makes previews when they are on at all, and saves when save_on_end is on."""
+        if step >= self.total_steps:
+            return Due(freeze_text_encoder=step == self.text_encoder_steps, sample=self.sample_every_n_epochs > 0,
+                       save=self.save_on_end, stop=True)
+        epochs, into_epoch = divmod(step, self.steps_per_epoch)
+
+        def every(n: int) -> bool:
+            return n > 0 and into_epoch == 0 and epochs % n == 0
+
+        return Due(freeze_text_encoder=step == self.text_encoder_steps, sample=every(self.sample_every_n_epochs),
+                   save=every(self.save_every_n_epochs))
