@@ -16,38 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 
+from architectures import ARCHITECTURES, components  # noqa: E402
 from dreambooth.checkpoint.convert import canonical_key, meta_model, plan_export  # noqa: E402
 from dreambooth.checkpoint.export import modelspec, write_entries  # noqa: E402
 from dreambooth.checkpoint.layout import render_yaml  # noqa: E402
 from dreambooth.checkpoint.tensorio import TensorSource  # noqa: E402
 
-CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-          "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
-BIG_G = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-         "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
-VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
-       "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-MODELS = {
-    "sd15": ("v1", {
-        "unet": {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
-                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "attention_head_dim": 8},
-        "vae": {**VAE, "scaling_factor": 0.18215},
-        "text_encoder": CLIP_L}),
-    "sdxl": ("sdxl", {
-        "unet": {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "cross_attention_dim": 2048,
-                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                 "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10],
-                 "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-                 "projection_class_embeddings_input_dim": 2816, "sample_size": 128},
-        "vae": {**VAE, "scaling_factor": 0.13025, "force_upcast": True},
-        "text_encoder": CLIP_L, "text_encoder_2": BIG_G}),
-}
+MODELS = {name: (arch["family"], components(name)) for name, arch in ARCHITECTURES.items()}
 
 
 class RandomSource(TensorSource):

@@ -98,12 +98,6 @@ def cmd_ui(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="data root (default: $DREAMBOOTH_ROOT or ./data)")
@@ -146,29 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7861)
     p.set_defaults(run=cmd_ui)
-
-    p = verbs.add_parser("bench", help="time the training step against a diffusers-style reference loop")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(run=cmd_bench)
     return parser
 
 
-def _split_bench_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """argparse's REMAINDER drops a leading option (`bench --case X`), so bench's own arguments are split off first."""
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        i += 2 if argv[i] == "--root" else 1
-    if i < len(argv) and argv[i] == "bench":
-        return argv[: i + 1], argv[i + 1:]
-    return argv, []
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv, bench_args = _split_bench_args(argv)
     args = build_parser().parse_args(argv)
-    if args.verb == "bench":
-        args.bench_args = bench_args
     report = EventLog(Path(args.report)) if args.report else None
     printed = io.StringIO()
     try:

@@ -1,7 +1,8 @@
-"""Smoke test of `python -m dreambooth bench` at tiny size: the table comes out with sane numbers.
+"""The benchmarks in bench/: the training-step bench smoke-tested at tiny size (the table comes out with sane
+numbers), and the one file of full-size architectures both benches build from.
 
-Runs the real command (real subprocesses, real TrainStep, real reference loop) on the tiny architecture; the
-full-size cases are benchmarks, not tests.
+The smoke test runs the real script (real subprocesses, real TrainStep, real reference loop) on the tiny
+architecture; the full-size cases are benchmarks, not tests.
 """
 from __future__ import annotations
 
@@ -14,22 +15,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import train_bench as bench  # noqa: E402
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "dreambooth", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "bench" / "train_bench.py"), *args], cwd="/", env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = run_cli("bench", "--case", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--json", str(out))
+    proc = run_script("--case", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_table_has_both_loops_and_a_ratio(tiny_run):
     stdout, _ = tiny_run
     table = [line for line in stdout.splitlines() if line.startswith("|")]
@@ -48,6 +53,7 @@ def test_table_has_both_loops_and_a_ratio(tiny_run):
     assert ratio == pytest.approx(float(ours["steps/s"]) / float(ref["steps/s"]), rel=0.02)
 
 
+@pytest.mark.slow
 def test_numbers_are_sane(tiny_run):
     _, results = tiny_run
     (row,) = results["rows"]
@@ -62,26 +68,22 @@ def test_numbers_are_sane(tiny_run):
     assert row["ratio"] == pytest.approx(row["ours"]["steps_per_s"] / row["reference"]["steps_per_s"])
 
 
-def test_bad_options_are_one_line_errors():
-    proc = run_cli("bench", "--case", "no-such-case", timeout=60)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --case: unknown case no-such-case (see --list)"]
-    proc = run_cli("bench", "--case", "tiny", "--steps", "0", timeout=60)
-    assert proc.returncode == 2 and "--steps" in proc.stderr
+def test_bad_options_are_one_line_errors(capsys):
+    assert bench.run(["--case", "no-such-case", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --case: unknown case no-such-case (see --list)"]
+    assert bench.run(["--case", "tiny", "--device", "cpu", "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
 
 
-def test_list_names_the_issue_cases():
-    proc = run_cli("bench", "--list", timeout=60)
-    assert proc.returncode == 0
-    names = [line.split()[0] for line in proc.stdout.splitlines()]
+def test_list_names_the_issue_cases(capsys):
+    assert bench.run(["--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert "sd15-256-cpu" in names
     assert any(n.startswith("sd15-512-b1") for n in names) and any(n.startswith("sd15-512-b8") for n in names)
     assert any(n.startswith("sdxl-1024-b1") for n in names)
 
 
 def test_mfu_uses_the_issue_flop_counts_and_shows_in_the_table():
-    from dreambooth import bench
-
     sd15 = bench.CASES["sd15-512-b8-bf16-adamw-cached"]
     sdxl = bench.CASES["sdxl-1024-b1-bf16-adamw8bit-gc-cached"]
     assert bench.unet_flop_per_sample(sd15) == 2.41e12
@@ -99,8 +101,6 @@ def test_mfu_uses_the_issue_flop_counts_and_shows_in_the_table():
 
 def test_full_size_architectures_have_the_published_parameter_counts():
     # Built on the meta device: shapes only, no memory, no arithmetic.
-    from dreambooth import bench
-
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
@@ -111,3 +111,23 @@ def test_full_size_architectures_have_the_published_parameter_counts():
     sdxl = bench.build_models("sdxl", "meta")
     assert count(sdxl.unet) == 2_567_463_684
     assert [count(t) for t in sdxl.text_encoders] == [123_060_480, 694_659_840]  # CLIP-L and OpenCLIP bigG
+
+
+def test_the_io_bench_builds_the_same_architectures():
+    import io_bench
+
+    from dreambooth.checkpoint.convert import meta_model
+
+    def count(component, arch):
+        family, configs = io_bench.MODELS[arch]
+        return sum(p.numel() for p in meta_model(component, configs[component], family).parameters())
+
+    assert count("unet", "sd15") == 859_520_964 and count("vae", "sd15") == 83_653_863
+    assert count("unet", "sdxl") == 2_567_463_684 and count("text_encoder_2", "sdxl") == 694_659_840
+
+
+def test_the_product_cli_has_no_bench_verb():
+    from dreambooth.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench"])

@@ -1,11 +1,12 @@
-"""`python -m dreambooth bench`: time the trainer's step against a diffusers-style reference step.
+"""Training-step benchmark: time the trainer's step against a diffusers-style reference step.
+
+    .venv/bin/python bench/train_bench.py [--case NAME] [--device cpu|cuda] [--steps N] [--warmup N] [--json OUT]
 
 Both loops run on full-size random-weight architectures (SD1.5: UNet, VAE and CLIP-L text encoder; SDXL: UNet and
-VAE, text embeddings cached) built in code from the published architecture numbers, so nothing is downloaded.
+VAE, text embeddings cached) built from bench/architectures.py, so nothing is downloaded.
 
-- "ours" is `dreambooth.train.step.TrainStep`, the unit the trainer runs, set up the way the trainer sets it up
-  (latents and, when the text encoder is frozen, text embeddings computed once; optimizer from the trainer's
-  settings).
+- "ours" is `dreambooth.train.step.TrainStep`, the unit the trainer runs, built by the trainer's own functions
+  (`prepare_for_training`, `build_step`) with the trainer's settings.
 - "reference" is a step written the way diffusers' examples/dreambooth/train_dreambooth.py writes it: VAE encode every
   step, text encoder forward every step, noise, timesteps, add_noise, UNet forward, MSE, accelerator.backward, clip,
   optimizer.step, lr_scheduler.step, zero_grad, and a `loss.item()` for the progress bar.
@@ -27,13 +28,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # the product package and the shared architectures
+
+from architectures import ARCHITECTURES, text_encoder_configs  # noqa: E402
+from dreambooth.errors import UserError  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 
 # UNet forward + backward FLOP per sample at the family's native resolution (from the issue).
 UNET_FLOP_PER_SAMPLE = {("sd15", 512): 2.41e12, ("sdxl", 1024): 20.2e12}
-NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+NATIVE_RESOLUTION = {**{arch: c["resolution"] for arch, c in ARCHITECTURES.items()}, "tiny": 64}
 ARCH_LABEL = {"sd15": "SD1.5", "sdxl": "SDXL", "tiny": "tiny"}
 
 
@@ -80,54 +85,27 @@ LOOPS = ("ours", "reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Architectures: diffusers / transformers configs written from the published model numbers.
+# Architectures: the full-size ones from bench/architectures.py; a tiny one for the smoke test.
 
-def _unet_config(arch: str) -> dict:
-    if arch == "sd15":
-        return dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                    block_out_channels=(320, 640, 1280, 1280),
-                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                    cross_attention_dim=768, attention_head_dim=8)
-    if arch == "sdxl":
-        return dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                    block_out_channels=(320, 640, 1280),
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-    return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2,
-                norm_num_groups=32)
+TINY = {
+    "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2,
+                 norm_num_groups=32),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=32, sample_size=64),
+    "text_encoder": dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32),
+}
 
 
-def _vae_config(arch: str) -> dict:
-    if arch == "tiny":
-        return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                    norm_num_groups=32, sample_size=64)
-    # SD1.5 and SDXL share the VAE architecture; SDXL's latents use a different scale.
-    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=NATIVE_RESOLUTION[arch],
-                scaling_factor=0.13025 if arch == "sdxl" else 0.18215)
+def _configs(arch: str) -> dict:
+    return TINY if arch == "tiny" else ARCHITECTURES[arch]
 
 
 def _text_encoder_configs(arch: str) -> list[dict]:
-    if arch == "tiny":
-        return [dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)]
-    # CLIP ViT-L/14 text tower (SD1.5; SDXL's first encoder).
-    clip_l = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-    if arch == "sd15":
-        return [clip_l]
-    # OpenCLIP ViT-bigG/14 text tower (SDXL's second encoder, with projection).
-    big_g = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-    return [clip_l, big_g]
+    return [TINY["text_encoder"]] if arch == "tiny" else text_encoder_configs(arch)
 
 
 @dataclass
@@ -149,8 +127,8 @@ def build_models(arch: str, device, text_encoders: bool = True) -> Models:
     torch.manual_seed(0)
     encoders = []
     with torch.device(device):
-        unet = UNet2DConditionModel(**_unet_config(arch))
-        vae = AutoencoderKL(**_vae_config(arch))
+        unet = UNet2DConditionModel(**_configs(arch)["unet"])
+        vae = AutoencoderKL(**_configs(arch)["vae"])
         if text_encoders:
             configs = _text_encoder_configs(arch)
             for i, config in enumerate(configs):
@@ -158,7 +136,7 @@ def build_models(arch: str, device, text_encoders: bool = True) -> Models:
                 encoders.append(cls(CLIPTextConfig(**config)))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="epsilon")
-    context_dim = _unet_config(arch)["cross_attention_dim"]
+    context_dim = _configs(arch)["unet"]["cross_attention_dim"]
     return Models(unet, vae, tuple(encoders), scheduler, arch == "sdxl", context_dim)
 
 
@@ -175,7 +153,7 @@ def make_inputs(case: Case, device) -> dict:
     inputs = {"pixels": (torch.rand(b, 3, r, r, generator=g) * 2 - 1).to(device),
               "input_ids": tuple(ids.to(device) for _ in _text_encoder_configs(case.arch))}
     if case.arch == "sdxl":
-        context_dim = _unet_config(case.arch)["cross_attention_dim"]
+        context_dim = _configs(case.arch)["unet"]["cross_attention_dim"]
         inputs["prompt_embeds"] = torch.randn(b, 77, context_dim, generator=g).to(device)
         inputs["pooled_embeds"] = torch.randn(b, 1280, generator=g).to(device)
         inputs["add_time_ids"] = torch.tensor([[r, r, 0, 0, r, r]] * b, dtype=torch.float32).to(device)
@@ -198,10 +176,10 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     import torch
     from accelerate import Accelerator
 
-    from .config import Parameters
-    from .train.components import Components, prepare_for_training
-    from .train.loop import build_step, choose_precision
-    from .train.step import Batch
+    from dreambooth.config import Parameters
+    from dreambooth.train.components import Components, prepare_for_training
+    from dreambooth.train.loop import build_step, choose_precision
+    from dreambooth.train.step import Batch
 
     params = Parameters(optimizer=case.optimizer, mixed_precision=case.precision, train_batch_size=case.batch,
                         resolution=case.resolution, cache_latents=case.cache_latents,
@@ -436,9 +414,7 @@ def _child_main(args) -> int:
 
 def _run_child(extra: list[str], timeout: float) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "dreambooth.bench", *extra]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *extra]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -489,7 +465,7 @@ def _default_device() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreambooth bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="bench/train_bench.py", description=__doc__.splitlines()[0])
     p.add_argument("--case", action="append", default=None,
                    help="case name (repeatable, or comma-separated); default: the device's list. See --list")
     p.add_argument("--device", default="auto", help="cpu or cuda (default: cuda when available)")
@@ -562,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", bf16 matmul peak {peak_flops / 1e12:.1f} TFLOP/s" if peak_flops else ""))
     print(format_table(rows), flush=True)
     if args.json:
-        from .store import atomic_write_text
+        from dreambooth.store import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps({"device": dev, "peak_flops": peak_flops, "rows": rows},
                                                       indent=2) + "\n")
@@ -570,5 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """main() with bad input as one line `error: ...` and exit status 2, as the product's CLI does."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run(sys.argv[1:]))
