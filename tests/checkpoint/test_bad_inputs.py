@@ -132,6 +132,7 @@ def test_the_webui_check_rejects_plain_torch_save(tmp_path):
         check_zip_filenames("plain.ckpt", names)
 
 
+@pytest.mark.slow
 def test_cli_in_a_real_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_ROOT": str(tmp_path / "root")}
     run = lambda *a: subprocess.run([sys.executable, "-m", "dreambooth", *a], env=env, capture_output=True,  # noqa: E731
@@ -144,6 +145,7 @@ def test_cli_in_a_real_process(tmp_path):
     assert "path separators" in failed.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_export_leaves_the_previous_file(created, tmp_path):
     """SIGKILL in the middle of writing: the final name still holds the previous file, never a partial one."""
     import signal

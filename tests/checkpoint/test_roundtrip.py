@@ -76,6 +76,7 @@ def test_safetensors_metadata_is_modelspec(fam, created, tmp_path):
     assert meta["modelspec.title"] == fam and meta["modelspec.date"].startswith("20")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_diffusers_from_single_file_reads_the_same_model(fam, created, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

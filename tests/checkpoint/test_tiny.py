@@ -38,6 +38,7 @@ def test_small_and_described_by_its_yaml(fam, tiny_sources):
     assert vae_keys(first["ddconfig"], first["embed_dim"]) == ours
 
 
+@pytest.mark.slow
 def test_full_text_encoder_keeps_the_real_widths(tmp_path):
     path = write_tiny_checkpoint("v1", tmp_path / "full.safetensors", full_text_encoder=True)
     tensors = load_file(str(path))

@@ -3,7 +3,9 @@
 Reference: plain torch + the diffusers/transformers modules, no project code. DreamBooth (Ruiz et al. 2022):
 loss = MSE(instance) + lambda * MSE(class) in one batch; v-prediction (Salimans & Ho 2022): v = sqrt(abar) eps -
 sqrt(1-abar) x0; min-SNR (Hang et al. 2023): weight min(SNR, gamma)/SNR for eps, min(SNR, gamma)/(SNR+1) for v;
-offset noise: eps + offset * N(0,1) per sample and channel. Both sides get the same model, batch, and random draws.
+offset noise: eps + offset * N(0,1) per sample and channel. Both sides get the same model and batch, and the same
+noise and timesteps, handed to the step through compute_loss(noise=, timesteps=) (not through the order of random
+draws). How the step draws them itself is checked on its own.
 """
 from __future__ import annotations
 
@@ -19,13 +21,8 @@ from dreambooth.train.step import Batch, TrainStep
 from train_helpers import tiny_text_encoder, tiny_unet
 
 
-def reference_loss(unet, text_encoders, alphas_cumprod, latents, ids, is_prior, prediction, offset, gamma, weight,
-                   seed, sdxl=False, time_ids=None):
-    torch.manual_seed(seed)
-    noise = torch.randn_like(latents)
-    if offset:
-        noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
-    t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],))
+def reference_loss(unet, text_encoders, alphas_cumprod, latents, ids, is_prior, prediction, noise, t, gamma, weight,
+                   sdxl=False, time_ids=None):
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     target = noise if prediction == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
@@ -47,12 +44,28 @@ def reference_loss(unet, text_encoders, alphas_cumprod, latents, ids, is_prior, 
     return err.mean()
 
 
-def grads(modules):
-    return [p.grad.clone() for m in modules for p in m.parameters() if p.grad is not None]
+def draws(g, latents, offset=0.0):
+    """Noise (with offset noise: plus a per-sample, per-channel constant) and timesteps for a batch."""
+    noise = torch.randn(latents.shape, generator=g)
+    if offset:
+        noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=g)
+    return noise, torch.randint(0, 1000, (latents.shape[0],), generator=g)
 
 
 def assert_close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def assert_same_gradients(ours, theirs):
+    """Module by module, parameter by parameter: the same parameters got a gradient, and the same one."""
+    assert len(ours) == len(theirs)
+    for mine, ref in zip(ours, theirs):
+        got = {n: p.grad for n, p in mine.named_parameters() if p.grad is not None}
+        want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        assert want, f"the reference gives {type(ref).__name__} no gradient at all"
+        assert got.keys() == want.keys(), f"{type(mine).__name__}: gradients for other parameters than the reference"
+        for name in want:
+            assert_close(got[name], want[name])
 
 
 CASES = list(itertools.product(("epsilon", "v_prediction"), (False, True), ((0.0, 0.0), (0.1, 5.0))))
@@ -73,19 +86,17 @@ def test_loss_and_gradients_match_reference(prediction, prior, extras):
     ids = (torch.randint(0, 1000, (4, 77), generator=g),)
     is_prior = torch.tensor([False, True, False, True]) if prior else torch.zeros(4, dtype=torch.bool)
 
+    noise, t = draws(g, latents, offset)
+
     step = TrainStep(unet, (te,), scheduler, params, sdxl=False)
-    torch.manual_seed(11)
-    out = step.compute_loss(Batch(latents=latents, input_ids=ids, is_prior=is_prior))
+    out = step.compute_loss(Batch(latents=latents, input_ids=ids, is_prior=is_prior), noise=noise, timesteps=t)
     out.loss.backward()
-    ref = reference_loss(ref_unet, (ref_te,), scheduler.alphas_cumprod, latents, ids, is_prior, prediction, offset,
-                         gamma, 0.7, seed=11)
+    ref = reference_loss(ref_unet, (ref_te,), scheduler.alphas_cumprod, latents, ids, is_prior, prediction, noise, t,
+                         gamma, 0.7)
     ref.backward()
 
     assert_close(out.loss, ref)
-    ours, theirs = grads([unet, te]), grads([ref_unet, ref_te])
-    assert len(ours) == len(theirs) > 0
-    for a, b in zip(ours, theirs):
-        assert_close(a, b)
+    assert_same_gradients([unet, te], [ref_unet, ref_te])
     if prior:
         assert out.prior_loss is not None and out.prior_loss > 0
 
@@ -104,14 +115,34 @@ def test_sdxl_conditioning_matches_reference():
     ids = (torch.randint(0, 1000, (2, 77), generator=g), torch.randint(0, 1000, (2, 77), generator=g))
     time_ids = torch.tensor([[64.0, 80, 0, 8, 64, 64], [64, 64, 0, 0, 64, 64]])
     is_prior = torch.tensor([False, True])
+    noise, t = draws(g, latents)
 
     step = TrainStep(unet, (te1, te2), scheduler, params, sdxl=True)
-    torch.manual_seed(4)
-    out = step.compute_loss(Batch(latents=latents, input_ids=ids, add_time_ids=time_ids, is_prior=is_prior))
+    out = step.compute_loss(Batch(latents=latents, input_ids=ids, add_time_ids=time_ids, is_prior=is_prior),
+                            noise=noise, timesteps=t)
     out.loss.backward()
-    ref = reference_loss(refs[0], refs[1:], scheduler.alphas_cumprod, latents, ids, is_prior, "epsilon", 0, 0, 1.0,
-                         seed=4, sdxl=True, time_ids=time_ids)
+    ref = reference_loss(refs[0], refs[1:], scheduler.alphas_cumprod, latents, ids, is_prior, "epsilon", noise, t, 0,
+                         1.0, sdxl=True, time_ids=time_ids)
     ref.backward()
     assert_close(out.loss, ref)
-    for a, b in zip(grads([unet, te1, te2]), grads(refs)):
-        assert_close(a, b)
+    assert_same_gradients([unet, te1, te2], refs)
+
+
+def test_the_step_draws_offset_noise_and_timesteps():
+    """Without injected draws: standard normal noise, plus offset x N(0, 1) per sample and channel; t ~ U{0, T-1}."""
+    from diffusers import DDPMScheduler
+
+    latents = torch.zeros(64, 4, 32, 32)
+    torch.manual_seed(0)
+    for offset in (0.0, 0.2):
+        step = TrainStep(tiny_unet(), (tiny_text_encoder(),), DDPMScheduler(num_train_timesteps=1000),
+                         Parameters(offset_noise=offset), sdxl=False)
+        noise = step.draw_noise(latents)
+        assert noise.shape == latents.shape
+        # The spatial mean of each (sample, channel) plane has variance 1/(32*32) plus offset^2.
+        variance = noise.mean(dim=(2, 3)).var().item()
+        assert variance == pytest.approx(1 / 1024 + offset ** 2, rel=0.35)
+        # Around that constant the noise is standard normal.
+        assert (noise - noise.mean(dim=(2, 3), keepdim=True)).std().item() == pytest.approx(1.0, rel=0.02)
+    t = step.draw_timesteps(torch.zeros(4000, 4, 1, 1))
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999 and len(t.unique()) > 950

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from train_helpers import draw_images, make_model, read_events
 
+pytestmark = pytest.mark.slow  # real processes: kill, SIGTERM, two ranks, the demo
+
 REPO = Path(__file__).resolve().parents[2]
 
 

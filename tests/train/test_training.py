@@ -19,6 +19,8 @@ from dreambooth.train import train_model
 
 from train_helpers import draw_images, make_model, read_events
 
+pytestmark = pytest.mark.slow  # whole training runs, several seconds each
+
 UNET, VAE, TE = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 
 

@@ -4,6 +4,10 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a server process and a browser
+
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"  # git-ignored; kept by CI
 
 TIMEOUT = 120_000

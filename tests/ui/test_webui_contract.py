@@ -78,6 +78,7 @@ def start_webui(webui, argv):
     return script, tabs, app
 
 
+@pytest.mark.slow
 def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     import gradio as gr
     from fastapi.testclient import TestClient

@@ -43,6 +43,7 @@ def recording_host(root):
                 checkpoints_changed=lambda: calls.append("refresh")), calls
 
 
+@pytest.mark.slow
 def test_finishes_and_reports(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
@@ -56,6 +57,7 @@ def test_finishes_and_reports(tmp_path, fake, wait_for):
     assert worker.running_job(root) is None
 
 
+@pytest.mark.slow
 def test_second_start_refused_naming_the_running_model(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "first", tmp_path)
@@ -79,6 +81,7 @@ def test_second_start_refused_naming_the_running_model(tmp_path, fake, wait_for)
     wait_for(lambda: worker.status(root, "second").state == "done")
 
 
+@pytest.mark.slow
 def test_crash_shows_error_with_log_tail(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
@@ -90,6 +93,7 @@ def test_crash_shows_error_with_log_tail(tmp_path, fake, wait_for):
     wait_for(lambda: "exit code -9" in worker.status(root, "m").message)
 
 
+@pytest.mark.slow
 def test_stale_lock_is_ignored_and_bad_config_refused(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
