@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from .schedule import trains_text_encoder
-from .state import recover_folder
+from .state import damaged, recover_folder
 
 log = logging.getLogger("dreambooth")
 
@@ -57,21 +57,40 @@ def load_components(working: Path, family: str, device, params, resume_from: Pat
         raise UserError(f"{working}: the working model is missing its unet folder (re-create the model)")
     sdxl = (working / "text_encoder_2").is_dir() or family == "sdxl"
     f32 = torch.float32
-    def home(part: str) -> Path:
-        return resume_from if resume_from is not None and (Path(resume_from) / part).is_dir() else working
 
-    unet = UNet2DConditionModel.from_pretrained(home("unet"), subfolder="unet", torch_dtype=f32)
+    def trained(cls, part: str):
+        """A trained part: from the saved state when it has it (a damaged one is an error naming it)."""
+        if resume_from is None or not (Path(resume_from) / part).is_dir():
+            return cls.from_pretrained(working, subfolder=part, torch_dtype=f32)
+        try:
+            return cls.from_pretrained(resume_from, subfolder=part, torch_dtype=f32)
+        except Exception as e:  # truncated or overwritten weights: each library says so its own way
+            raise damaged(Path(resume_from) / part, f"its weights cannot be loaded: {type(e).__name__}") from e
+
+    unet = trained(UNet2DConditionModel, "unet")
     vae = AutoencoderKL.from_pretrained(working, subfolder="vae", torch_dtype=f32)
-    encoders = [CLIPTextModel.from_pretrained(home("text_encoder"), subfolder="text_encoder", torch_dtype=f32)]
+    encoders = [trained(CLIPTextModel, "text_encoder")]
     tokenizers = [CLIPTokenizer.from_pretrained(working, subfolder="tokenizer")]
     if sdxl:
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(home("text_encoder_2"), subfolder="text_encoder_2",
-                                                                    torch_dtype=f32))
+        encoders.append(trained(CLIPTextModelWithProjection, "text_encoder_2"))
         tokenizers.append(CLIPTokenizer.from_pretrained(working, subfolder="tokenizer_2"))
     noise_scheduler = DDPMScheduler.from_pretrained(working, subfolder="scheduler")
 
+    if torch.device(device).type == "cpu":  # (moving to a GPU gives new memory anyway)
+        for module in (unet, vae, *encoders):
+            own_aligned_memory(module)
     prepare_for_training(unet, vae, encoders, params, device)
     return Components(unet, vae, tuple(encoders), tuple(tokenizers), noise_scheduler, sdxl)
+
+
+def own_aligned_memory(module: torch.nn.Module) -> None:
+    """Give each weight torch's own 64-byte-aligned memory.
+
+    Weights read from safetensors files can sit at any address, and CPU matrix kernels (MKL) round differently by
+    alignment: without this, a resumed run drifts by float noise from an uninterrupted one."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.data_ptr() % 64:
+            tensor.data = tensor.data.clone()
 
 
 def prepare_for_training(unet, vae, text_encoders, params, device) -> bool:

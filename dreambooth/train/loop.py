@@ -7,6 +7,7 @@ Under `accelerate launch` every process trains its share of each epoch; only the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,7 +34,8 @@ from .components import Components, load_components
 from .optim import make_lr_scheduler, make_optimizer
 from .requests import Requests
 from .schedule import Schedule
-from .state import link_tree, load_state, save_state, saved_step, swap_folder
+from .state import (disk_full, link_tree, load_state, mark_checkpoint_written, read_trainer_info, remove_leftovers,
+                    save_state, swap_folder, write_failed)
 from .step import Batch, TrainStep
 
 log = logging.getLogger("dreambooth")
@@ -123,6 +125,37 @@ def build_step(params, parts: Components, accelerator, total_steps: int, train_t
         trainable += [q for te in encoders for q in te.parameters() if q.requires_grad]
     return TrainStep(unet, encoders, parts.noise_scheduler, params, sdxl=parts.sdxl, vae=parts.vae,
                      optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable)
+
+
+def resume_words(last_save_step: int | None) -> str:
+    return f"the last save (step {last_save_step})" if last_save_step is not None else "the start"
+
+
+@contextlib.contextmanager
+def writing(what: Path, last_save_step: int | None = None):
+    """A write that fails (disk full, no permission, ...) ends the run, named; atomic writes keep the old file."""
+    try:
+        yield
+    except Exception as e:
+        if not write_failed(e):
+            raise
+        log.debug("writing %s failed", what, exc_info=True)
+        problem = "disk full" if disk_full(e) else f"writing failed ({e})"
+        raise StopTraining("error", f"{problem} while writing {what}; the previous file is intact. Train again to "
+                                    f"go on from {resume_words(last_save_step)}") from e
+
+
+def read_item(data: TrainingData, item, epoch: int, last_save_step: int | None = None):
+    """An image of a batch, read now: one deleted or broken since the run started stops the run, named."""
+    try:
+        return data.load_item(item, epoch)
+    except (OSError, ValueError) as e:
+        log.debug("reading %s failed", item.example.path, exc_info=True)
+        kind = "class image" if item.is_prior else "instance image"
+        happened = "was deleted" if isinstance(e, FileNotFoundError) else f"was changed and cannot be read ({e})"
+        raise StopTraining("error", f"{kind} {item.example.path} {happened} during the run; put it back (or remove "
+                                    f"it from its folder) and train again to go on from "
+                                    f"{resume_words(last_save_step)}") from e
 
 
 def micro_batches(data: TrainingData, step: int):
@@ -215,9 +248,12 @@ class Trainer:
     def setup(self) -> TrainingState:
         """Images, models (from the last save when resuming), class images, data order, schedule, optimizer, EMA."""
         acc, p = self.accelerator, self.p
+        if self.main:
+            remove_leftovers(self.model.path, self.root.checkpoints, self.model.name)
         instances = collect_instances(self.config)  # bad images are reported before the models load
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
-        resume_from = self.model.state if saved_step(self.model.state) is not None else None
+        saved = read_trainer_info(self.model.state)
+        resume_from = self.model.state if saved is not None else None
         parts = load_components(self.model.working, self.config.model.family, acc.device, p, resume_from)
         classes = self.prepare_class_images(parts, instances)
         data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
@@ -236,6 +272,8 @@ class Trainer:
                 torch.manual_seed(p.seed + 1000003 * acc.process_index + resumed)
             if schedule.text_encoder_steps and not schedule.trains_text_encoder(resumed):
                 self.freeze_text_encoders(state)
+            if not saved["checkpoint_written"]:  # the last save was killed before its checkpoint file was complete
+                self.publish(state)
         return state
 
     def train(self, s: TrainingState) -> TrainResult:
@@ -294,7 +332,7 @@ class Trainer:
             if p.cache_latents and key in s.latent_cache:
                 latent, ids = s.latent_cache[key]
             else:
-                pixels, ids = s.data.load_item(item, epoch)
+                pixels, ids = read_item(s.data, item, epoch, s.last_save_step)
                 with torch.no_grad():
                     pixels = pixels.unsqueeze(0).to(device, c.vae.dtype)
                     noise = torch.Generator(pixels.device).manual_seed(s.data.item_seed(item, epoch) % 2**63)
@@ -387,7 +425,8 @@ class Trainer:
                     self.requests.handled("cancel")  # the images made so far are kept and reused next time
                     raise StopTraining("cancelled", f"cancelled while generating class images ({offset + n} made)")
 
-            class_data.generate_missing(folder, missing, make, parameters, progress)
+            with writing(folder):
+                class_data.generate_missing(folder, missing, make, parameters, progress)
             done += len(missing)
 
     def sample_prompts(self, s: TrainingState):
@@ -422,7 +461,8 @@ class Trainer:
                         info = gen.png_parameters(prompt, concept.sample_negative_prompt, concept.sample_infer_steps,
                                                   concept.sample_guidance_scale, seed, res, res,
                                                   {"Model": self.model.name, "Training step": step})
-                        gen.save_png(image, path, info)
+                        with writing(path, s.last_save_step):
+                            gen.save_png(image, path, info)
                         paths.append(path)
             if paths:
                 s.samples.extend(paths)
@@ -430,43 +470,48 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def save(self, s: TrainingState) -> None:
-        """Resume state (with the trained weights) into state/, the weights into working/, then a checkpoint file.
+        """Resume state (with the trained weights) into state/, then `publish` it: working/ and a checkpoint file.
 
         state/ is the commit point: it is replaced in one rename and holds weights, optimizer, scheduler, EMA, step
-        and RNG together, so a kill at any moment resumes from a consistent save. working/ gets hard links to the
-        same weight files (no extra disk), for `export` and the UI. Main process only writes.
+        and RNG together, so a kill at any moment resumes from a consistent save (and writes a checkpoint file the
+        kill cut short). Main process only writes.
         """
         if self.main:
-            try:
-                self._write_save(s)
-            except OSError as e:
-                kept = f"; the previous save (step {s.last_save_step}) is intact" if s.last_save_step else ""
-                raise StopTraining("error", f"saving failed: {e}{kept}") from e
+            trained = self.trained_modules(s)
+
+            def write_weights(tmp: Path) -> None:
+                for name, module in trained.items():
+                    module.save_pretrained(tmp / name, safe_serialization=True)
+
+            with writing(self.model.state, s.last_save_step):
+                save_state(self.model.state, s.step, s.schedule.total_steps, s.optimizer, s.lr_scheduler, s.ema,
+                           write_weights)
+            s.last_save_step = s.step
+            self.publish(s)
         s.last_save_step = s.step
         self.accelerator.wait_for_everyone()
 
-    def _write_save(self, s: TrainingState) -> None:
-        from ..checkpoint.export import write_single_file
-
-        acc, p, step = self.accelerator, self.p, s.step
-        unet = acc.unwrap_model(s.unet)
-        trained = {"unet": unet}
+    def trained_modules(self, s: TrainingState) -> dict:
+        acc = self.accelerator
+        trained = {"unet": acc.unwrap_model(s.unet)}
         if s.schedule.text_encoder_steps > 0:
             for name, te in zip(("text_encoder", "text_encoder_2"), s.text_encoders):
                 trained[name] = acc.unwrap_model(te)
+        return trained
 
-        def write_weights(tmp: Path) -> None:
-            for name, module in trained.items():
-                module.save_pretrained(tmp / name, safe_serialization=True)
-
-        save_state(self.model.state, step, s.schedule.total_steps, s.optimizer, s.lr_scheduler, s.ema, write_weights)
-        working = self.model.working
+    def publish(self, s: TrainingState) -> None:
+        """The saved step's weights into working/ (hard links to state/: no extra disk), for `export` and the UI,
+        its summary, and the checkpoint file in models/Stable-diffusion; state/ then records that it is written."""
+        p, step, working = self.p, s.step, self.model.working
+        trained = self.trained_modules(s)
         for name in trained:
-            swap_folder(working / name, lambda tmp, name=name: link_tree(self.model.state / name, tmp))
+            with writing(working / name, s.last_save_step):
+                swap_folder(working / name, lambda tmp, name=name: link_tree(self.model.state / name, tmp))
         state_dicts = {name: module.state_dict() for name, module in trained.items()}
         if s.ema is not None:
-            ema_unet = self._ema_unet(s, unet)
-            swap_folder(self.model.ema_unet, lambda tmp: ema_unet.save_pretrained(tmp, safe_serialization=True))
+            ema_unet = self._ema_unet(s, trained["unet"])
+            with writing(self.model.ema_unet, s.last_save_step):
+                swap_folder(self.model.ema_unet, lambda tmp: ema_unet.save_pretrained(tmp, safe_serialization=True))
             if p.save_ema_weights:
                 state_dicts["unet"] = ema_unet.state_dict()
         summary = {"step": step, "epoch": s.schedule.epoch(step), "total_steps": s.schedule.total_steps,
@@ -474,11 +519,16 @@ class Trainer:
                    "text_encoder_steps": s.schedule.text_encoder_steps, "ema": p.use_ema,
                    "instance_images": len(s.data.instances),
                    "prompts": sorted({e.prompt for e in s.data.instances})[:8]}
-        atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
+        with writing(self.model.training_summary, s.last_save_step):
+            atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
+        from ..checkpoint.export import write_single_file
+
         out = self.root.checkpoints / f"{self.model.name}_{step}.{p.checkpoint_format}"
-        metadata = {"dreambooth.training": json.dumps(summary)}
-        path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
-                                 state_dicts=state_dicts, metadata=metadata, training=summary)
+        with writing(out, s.last_save_step):
+            path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
+                                     state_dicts=state_dicts, metadata={"dreambooth.training": json.dumps(summary)},
+                                     training=summary)
+            mark_checkpoint_written(self.model.state)
         s.checkpoints.append(Path(path))
         self.emit(Checkpoint(step, str(path)))
 

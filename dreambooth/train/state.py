@@ -1,21 +1,31 @@
-"""Resume state and crash-safe folder replacement.
+"""Resume state, crash-safe folder replacement, and what a failed write means.
 
 <model>/state/ holds the trained weights together with what they alone do not: optimizer, LR scheduler, EMA,
-step and the torch RNG.
+step and the torch RNG; trainer.json says which step and whether that save's checkpoint file was written.
 Every save writes a complete new folder beside the old one and swaps it in with renames, so a kill or a full disk
-during a save leaves the previous state (and weights) usable; `recover_folder` finishes an interrupted swap.
+during a save leaves the previous state (and weights) usable; `recover_folder` finishes an interrupted swap and
+`remove_leftovers` drops the temporary files of a killed save. A damaged state file is an error naming it, never a
+silent restart from step 0.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import UserError
+from ..store import atomic_write_text
+
+log = logging.getLogger("dreambooth")
+TRAINER_FILE = "trainer.json"
 
 
 def _new(final: Path) -> Path:
@@ -67,30 +77,76 @@ def link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, dest)
 
 
+def _save_torch(obj, path: Path) -> None:
+    # Through a file object: a failed write then surfaces as the OSError it is (with a path, torch reports only
+    # "enforce fail at inline_container.cc").
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_state(folder: Path, step: int, total_steps: int, optimizer, lr_scheduler, ema,
                write_weights: Callable[[Path], None] | None = None) -> None:
     def write(tmp: Path) -> None:
         if write_weights is not None:
             write_weights(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_torch(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if ema is not None:
-            torch.save(ema.state_dict(), tmp / "ema.pt")
+            _save_torch(ema.state_dict(), tmp / "ema.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "total_steps": total_steps}) + "\n")
+        _save_torch(rng, tmp / "rng.pt")
+        info = {"step": step, "total_steps": total_steps, "checkpoint_written": False}
+        (tmp / TRAINER_FILE).write_text(json.dumps(info) + "\n")
 
     swap_folder(folder, write)
 
 
-def saved_step(folder: Path) -> int | None:
+def mark_checkpoint_written(folder: Path) -> None:
+    """The save's checkpoint file is complete: a resumed run need not write it again."""
+    info = read_trainer_info(folder)
+    atomic_write_text(Path(folder) / TRAINER_FILE, json.dumps({**info, "checkpoint_written": True}) + "\n")
+
+
+def damaged(path: Path, problem: str) -> UserError:
+    folder = Path(path).parent
+    return UserError(f"{path}: the saved training state is damaged ({problem}); put back a good copy of it, "
+                     f"or start over by deleting {folder} (the next run then starts at step 0 from the last saved "
+                     "weights)")
+
+
+def read_trainer_info(folder: Path) -> dict | None:
+    """{"step", "total_steps", "checkpoint_written"} of the saved run; None when nothing was saved."""
+    folder = Path(folder)
     recover_folder(folder)
-    try:
-        return int(json.loads((Path(folder) / "trainer.json").read_text())["step"])
-    except (FileNotFoundError, KeyError, ValueError):
+    if not folder.exists():
         return None
+    path = folder / TRAINER_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise damaged(path, "the file is missing") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise damaged(path, "not readable as JSON") from e
+    step = info.get("step") if isinstance(info, dict) else None
+    if type(step) is not int or step < 0:
+        raise damaged(path, f"no valid step count in it: {str(step)[:20]}")
+    return {"total_steps": None, "checkpoint_written": True, **info}
+
+
+def saved_step(folder: Path) -> int | None:
+    info = read_trainer_info(folder)
+    return None if info is None else info["step"]
+
+
+def _load(path: Path):
+    if not path.is_file():
+        raise damaged(path, "the file is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or overwritten: torch says so in many ways (zip, pickle, EOF)
+        raise damaged(path, f"cannot be read: {type(e).__name__}") from e
 
 
 def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema) -> int | None:
@@ -99,20 +155,69 @@ def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema) -> int |
     if step is None:
         return None
     folder = Path(folder)
-    load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
+    optimizer_state, scheduler_state = _load(folder / "optimizer.pt"), _load(folder / "lr_scheduler.pt")
     try:
-        optimizer.load_state_dict(load("optimizer.pt"))
-        lr_scheduler.load_state_dict(load("lr_scheduler.pt"))
+        optimizer.load_state_dict(optimizer_state)
+        lr_scheduler.load_state_dict(scheduler_state)
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{folder}: the saved training state does not fit the current settings (optimizer or text "
                         f"encoder training changed: {e}); put the settings back, or delete that folder to start a "
-                        "new run from the saved weights") from None
+                        "new run from the saved weights") from e
     if ema is not None and (folder / "ema.pt").exists():
-        ema.load_state_dict(load("ema.pt"))
+        try:
+            ema.load_state_dict(_load(folder / "ema.pt"))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise damaged(folder / "ema.pt", f"not an EMA state: {e}") from e
         ema.to(accelerator.device)
-    rng = load("rng.pt")
-    if accelerator.is_main_process:
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+    rng = _load(folder / "rng.pt")
+    try:
+        if accelerator.is_main_process:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise damaged(folder / "rng.pt", "not a random generator state") from e
     return step
+
+
+# -- what a failed write means ----------------------------------------------------------------------------------
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether a failed write ran out of space: an OSError ENOSPC anywhere in the chain, or safetensors' own error
+    type (not an OSError) saying so."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if isinstance(e, SafetensorError) and re.search(r"os error 28\b|code: 28\b|StorageFull|No space left", str(e)):
+            return True
+    return False
+
+
+def write_failed(error: BaseException) -> bool:
+    """Whether an exception raised while writing files is the write failing (not a bug in the writer)."""
+    return any(isinstance(e, (OSError, SafetensorError)) for e in _chain(error)) or (
+        isinstance(error, RuntimeError) and "inline_container" in str(error))
+
+
+def remove_leftovers(model_folder: Path, checkpoints: Path, name: str) -> list[Path]:
+    """Remove the temporary files a killed save or export left: `.X.*.tmp` (store.atomic_path) anywhere in the model's
+    folder, and those of this model's checkpoint files (NAME_<step>.*) in the checkpoints folder."""
+    removed = []
+    candidates = list(Path(model_folder).rglob(".*.tmp")) if Path(model_folder).is_dir() else []
+    mine = re.compile(rf"^\.{re.escape(name)}_\d+\.(safetensors|ckpt|yaml)\..+\.tmp$")
+    if Path(checkpoints).is_dir():
+        candidates += [p for p in Path(checkpoints).iterdir() if mine.match(p.name)]
+    for path in candidates:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+            log.info("removed %s, left by an interrupted save", path)
+    return removed

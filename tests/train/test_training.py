@@ -5,6 +5,7 @@ Every run is a real one (real files, real diffusers models, the real exporter); 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -221,7 +222,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_save(tmp_path, tiny_source, monk
     assert read_events(model)[-1]["kind"] == "error"
 
 
-def test_failing_save_keeps_the_previous_checkpoint(tmp_path, tiny_source, monkeypatch):
+def test_disk_full_at_export_keeps_the_previous_checkpoint_and_resume_writes_it(tmp_path, tiny_source, monkeypatch):
+    import errno
+
     from dreambooth.checkpoint import export
 
     write = export.write_single_file
@@ -230,18 +233,71 @@ def test_failing_save_keeps_the_previous_checkpoint(tmp_path, tiny_source, monke
     def disk_full_on_second(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return write(*a, **k)
 
     monkeypatch.setattr(export, "write_single_file", disk_full_on_second)
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=2,
                              save_every_n_epochs=1)
     result = train_model(root, "m")
-    assert result.status == "error" and "No space left on device" in result.message
-    assert "previous save (step 2) is intact" in result.message
+    out = root.checkpoints / "m_4.safetensors"
+    assert result.status == "error" and result.message == (
+        f"disk full while writing {out}; the previous file is intact. Train again to go on from the last save (step 4)")
     files = sorted(p.name for p in root.checkpoints.iterdir())
     assert files == ["m_2.safetensors", "m_2.yaml"] or files == ["m_2.safetensors"]
     assert load_checkpoint(root.checkpoints / "m_2.safetensors")  # still a whole, readable file
+
+    # Train again: the leftovers of the interrupted save go, and the checkpoint the failure cut short is written.
+    monkeypatch.undo()
+    leftovers = [root.checkpoints / ".m_4.safetensors.x1y2z3w4.tmp", model.working / ".training.json.abcd1234.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    again = train_model(root, "m")
+    assert again.ok and "nothing to do" in again.message and again.checkpoints == [out]
+    assert not any(p.exists() for p in leftovers)
+    assert load_file(out) and json.loads((model.working / "training.json").read_text())["step"] == 4
+    assert [e["step"] for e in read_events(model) if e["kind"] == "checkpoint"] == [4]
+    again = train_model(root, "m")  # written once: not again
+    assert again.ok and again.checkpoints == []
+
+
+def test_an_instance_image_deleted_during_the_run_is_named(tmp_path, tiny_source, monkeypatch):
+    from dreambooth.data.dataset import TrainingData
+
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=2,
+                             save_every_n_epochs=1, cache_latents=False)
+    load_item = TrainingData.load_item
+    calls = {"n": 0}
+
+    def deleted_in_the_second_epoch(self, item, epoch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            item.example.path.unlink()
+        return load_item(self, item, epoch)
+
+    monkeypatch.setattr(TrainingData, "load_item", deleted_in_the_second_epoch)
+    result = train_model(root, "m")
+    assert result.status == "error" and "saving failed" not in result.message
+    assert re.match(r"instance image .*\.png was deleted during the run; put it back .* go on from the last save "
+                    r"\(step 2\)$", result.message)
+    assert read_events(model)[-1] == {**read_events(model)[-1], "kind": "error", "message": result.message}
+
+
+def test_damaged_resume_state_is_an_error_not_a_new_run(tmp_path, tiny_source):
+    from dreambooth.config import Config
+    from dreambooth.errors import UserError
+
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], max_train_steps=1)
+    assert train_model(root, "m").ok
+    Config.load(model.config_path).with_parameters(max_train_steps=3).save(model.config_path)
+    rng = model.state / "rng.pt"
+    rng.write_bytes(rng.read_bytes()[:100])
+    with pytest.raises(UserError, match=rf"^{re.escape(str(rng))}: the saved training state is damaged"):
+        train_model(root, "m")
+    assert "step" not in kinds(model) and read_events(model)[-1]["kind"] == "error"
+    (model.state / "trainer.json").write_text('{"step": null}')
+    with pytest.raises(UserError, match="trainer.json: the saved training state is damaged"):
+        train_model(root, "m")
 
 
 @pytest.mark.parametrize("family", ["v2", "v2-v", "sdxl"])
