@@ -168,6 +168,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
             os.kill(job["pid"], signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_data_dir_flag_and_setting(webui, tmp_path):
     other = tmp_path / "elsewhere"
     script, _, app = start_webui(webui, ["--dreambooth-dir", str(other)])
