@@ -3,7 +3,6 @@ killed save, images that go away during a run."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import subprocess
