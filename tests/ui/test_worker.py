@@ -118,6 +118,7 @@ def test_controls_need_a_running_job(tmp_path):
     assert not root.model("m").path.exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_job_file_does_not_let_a_second_training_in(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "first", tmp_path)
@@ -143,6 +144,7 @@ def test_a_damaged_job_file_does_not_let_a_second_training_in(tmp_path, fake, wa
     assert not root.model("first").path.exists()
 
 
+@pytest.mark.slow
 def test_child_verbs_report_through_events_not_printed_text(tmp_path):
     root = DataRoot(tmp_path / "root")
     with pytest.raises(UserError) as e:
