@@ -51,12 +51,27 @@ def on_ui_tabs():
     return [(build(webui_host()), "DreamBooth", "dreambooth")]
 
 
+def api_credentials():
+    """Who may call the REST routes: --api-auth's users, else --gradio-auth's (the password that protects the tab
+    also protects the routes that drive it), else anyone who can reach the webui (as its own API)."""
+    opts = shared.cmd_opts
+    if getattr(opts, "api_auth", None):
+        return opts.api_auth
+    try:
+        from modules.initialize_util import get_gradio_auth_creds
+    except ImportError:  # older webuis: --gradio-auth only
+        return getattr(opts, "gradio_auth", None)
+    return [tuple(c) for c in get_gradio_auth_creds() if len(c) == 2]
+
+
 def on_app_started(demo, app):
     from dreambooth.ui.routes import add_routes, basic_auth
 
     host = webui_host()
-    auth = getattr(shared.cmd_opts, "api_auth", None)
-    add_routes(app, host, basic_auth(auth) if auth else [])
+    opts = shared.cmd_opts
+    if getattr(opts, "api", False) or getattr(opts, "nowebui", False):  # where the webui mounts its own API
+        credentials = api_credentials()
+        add_routes(app, host, basic_auth(credentials) if credentials else [])
     worker.attach(host.root, host)  # a training that outlived the last webui run: reload/refresh when it ends
 
 

@@ -1,4 +1,4 @@
-"""REST routes under /dreambooth/: drive a training over HTTP (the webui mounts them on its FastAPI app).
+"""REST routes under /dreambooth/: drive a training over HTTP, on the webui's FastAPI app or the standalone app's.
 
 GET  /dreambooth/models              {"models": [names], "running": job or null}
 GET  /dreambooth/config/{name}       the model's config.json
@@ -7,28 +7,57 @@ POST /dreambooth/start/{name}        start training (409 while another runs)
 GET  /dreambooth/status[/{name}]     status of the running job, or of a model
 POST /dreambooth/cancel              cancel the running job
 
-Bad input answers 400 with {"detail": message}; an unknown model 404; a second training 409.
+Access: the routes exist where the host's own API does (webui: --api or --nowebui) and sit behind its HTTP Basic
+auth when one is set. A POST must say `Content-Type: application/json` (its body may be empty where none is needed):
+a web page can send text/plain or form posts to another site without asking, but not JSON, so a page open in the same
+browser cannot start, cancel or reconfigure a training. Bodies are at most MAX_BODY bytes of UTF-8 JSON, bounded as
+config files are (config.parse_json: depth, no NaN/Infinity).
+
+Bad input answers 400 with {"detail": one line}; a body that is not JSON 415; one too large 413; an unknown model 404;
+a second training 409.
 """
 from __future__ import annotations
 
+import json
 from hmac import compare_digest
 
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
 from .. import worker
-from ..config import Config
+from ..config import MAX_CONFIG_BYTES, Config, parse_json
 from ..errors import UserError
 from ..host import Host
 from ..models import save_config
 
+MAX_BODY = MAX_CONFIG_BYTES
 
-def basic_auth(credentials: str) -> list:
-    """The webui's API auth (--api-auth user:pass[,user:pass]): the same HTTP Basic check its own API attaches."""
-    from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-    users = dict(item.strip().split(":", 1) for item in credentials.split(",") if ":" in item)
+def parse_credentials(text: str | None) -> list[tuple[str, str]]:
+    """'user:pass[,user:pass]' (the webui's --api-auth / --gradio-auth format) -> [(user, pass)]."""
+    pairs = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if ":" not in item:
+            raise UserError("credentials: expected user:password (several separated by commas)")
+        user, password = item.split(":", 1)
+        if not user or not password:
+            raise UserError("credentials: user and password must not be empty")
+        pairs.append((user, password))
+    return pairs
+
+
+def basic_auth(credentials) -> list:
+    """HTTP Basic auth as the webui's own API does it (--api-auth): a list of FastAPI dependencies.
+
+    `credentials` is 'user:pass[,user:pass]' or a list of (user, pass) pairs."""
+    pairs = parse_credentials(credentials) if isinstance(credentials, str) else list(credentials)
+    users = {user: password for user, password in pairs}
 
     def auth(given: HTTPBasicCredentials = Depends(HTTPBasic())):
-        if given.username in users and compare_digest(given.password, users[given.username]):
+        if given.username in users and compare_digest(given.password.encode(), users[given.username].encode()):
             return True
         raise HTTPException(status_code=401, detail="Incorrect username or password",
                             headers={"WWW-Authenticate": "Basic"})
@@ -36,17 +65,42 @@ def basic_auth(credentials: str) -> list:
     return [Depends(auth)]
 
 
-def add_routes(app, host: Host, dependencies: list = ()) -> None:
-    from fastapi import APIRouter, Body, HTTPException
+async def json_body(request: Request):
+    """The JSON body of a state-changing request (None when empty); 415 / 413 / 400 otherwise."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPException(status_code=415, detail="send the request as JSON (Content-Type: application/json)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise HTTPException(status_code=413, detail=f"request body: larger than {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise HTTPException(status_code=413, detail=f"request body: larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return None
+    try:
+        return parse_json(raw, "request body")
+    except UserError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from None
 
+
+def add_routes(app, host: Host, dependencies: list = ()) -> None:
     root = host.root
     router = APIRouter(prefix="/dreambooth", dependencies=list(dependencies), tags=["dreambooth"])
+    body = Depends(json_body)
+
+    def bad(e: UserError) -> HTTPException:
+        return HTTPException(status_code=400, detail=str(e))
 
     def model(name: str):
         try:
             m = root.model(name)
         except UserError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+            raise bad(e) from None
         if not m.exists():
             raise HTTPException(status_code=404, detail=f"model {name!r}: not found")
         return m
@@ -60,16 +114,18 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
         try:
             return Config.load(model(name).config_path).to_dict()
         except UserError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+            raise bad(e) from None
 
     @router.post("/config/{name}")
-    def set_config(name: str, body: dict = Body(...)):
+    def set_config(name: str, data=body):
+        if not isinstance(data, dict):
+            raise HTTPException(status_code=400, detail="request body: expected the config as a JSON object")
         try:
-            return save_config(model(name), body).to_dict()
+            return save_config(model(name), data).to_dict()
         except UserError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+            raise bad(e) from None
 
-    @router.post("/start/{name}")
+    @router.post("/start/{name}", dependencies=[body])
     def start(name: str):
         model(name)
         try:
@@ -77,7 +133,7 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
         except worker.JobRunningError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         except UserError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+            raise bad(e) from None
 
     @router.get("/status")
     def running_status():
@@ -88,11 +144,14 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
     def model_status(name: str):
         return worker.status(root, model(name).name).to_dict()
 
-    @router.post("/cancel")
+    @router.post("/cancel", dependencies=[body])
     def cancel():
         job = worker.running_job(root)
         if job is None:
             raise HTTPException(status_code=409, detail="no training is running")
-        return {"message": worker.request(root, job["name"], "cancel"), "name": job["name"]}
+        try:
+            return {"message": worker.request(root, job["name"], "cancel"), "name": job["name"]}
+        except UserError as e:
+            raise bad(e) from None
 
     app.include_router(router)

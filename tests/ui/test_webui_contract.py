@@ -59,22 +59,30 @@ def webui(tmp_path, monkeypatch):
     sys.modules.update(saved)
 
 
-def start_webui(webui, argv):
-    """What the webui does at start: preload flags, parse, load scripts, settings, tabs, app."""
+def start_webui(webui, argv, build_tabs=True):
+    """What webui.py does at start: preload flags, parse, load scripts, settings; then either the UI with its app
+    (plus the REST API with --api) or, with --nowebui, only the API's app (no tabs, demo None). build_tabs=False
+    leaves the (slow) tab out where a test is about the app only."""
     shared = webui["shared"]
     preload = load_file(webui["ext"] / "preload.py", "preload")
     parser = shared.parser
     preload.preload(parser)
     shared.cmd_opts = parser.parse_args(argv)
     script = load_file(webui["ext"] / "scripts" / "dreambooth_tab.py", "dreambooth_tab.py")
+    from fastapi import FastAPI
     from modules import script_callbacks
+    from modules.api.api import Api
 
     script_callbacks.ui_settings_callback()
-    tabs = script_callbacks.ui_tabs_callback()
-    from fastapi import FastAPI
-
     app = FastAPI()
-    script_callbacks.app_started_callback(None, app)
+    if shared.cmd_opts.nowebui:
+        Api(app)
+        script_callbacks.app_started_callback(None, app)
+        return script, [], app
+    tabs = script_callbacks.ui_tabs_callback() if build_tabs else []
+    if shared.cmd_opts.api:
+        Api(app)
+    script_callbacks.app_started_callback(tabs[0][0] if tabs else None, app)
     return script, tabs, app
 
 
@@ -84,7 +92,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     from fastapi.testclient import TestClient
 
     home, sd_models, shared = webui["home"], webui["sd_models"], webui["shared"]
-    script, tabs, app = start_webui(webui, ["--api-auth", "alice:secret"])
+    script, tabs, app = start_webui(webui, ["--api", "--api-auth", "alice:secret"])
 
     # the package came from the extension's own (oddly named) folder
     import dreambooth
@@ -134,7 +142,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     missing = client.post("/dreambooth/config/dog", auth=auth,
                           json={"concepts": [{"instance_data_dir": str(home / "no such folder")}]})
     assert missing.status_code == 200
-    refused = client.post("/dreambooth/start/dog", auth=auth)
+    refused = client.post("/dreambooth/start/dog", auth=auth, json={})
     assert refused.status_code == 400 and "no such folder" in refused.json()["detail"]
     assert "unload" not in sd_models.calls
 
@@ -148,20 +156,20 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
                         lambda r, name: [sys.executable, str(FAKE_TRAINER), str(r.model(name).path), "wait"])
     sd_models.calls.clear()
     try:
-        job = client.post("/dreambooth/start/dog", auth=auth).json()
+        job = client.post("/dreambooth/start/dog", auth=auth, json={}).json()
         assert job["name"] == "dog"
         assert sd_models.calls[:1] == ["unload"] and sd_models.model_data.sd_model is None
-        again = client.post("/dreambooth/start/dog", auth=auth)
+        again = client.post("/dreambooth/start/dog", auth=auth, json={})
         assert again.status_code == 409 and "'dog'" in again.json()["detail"]
         wait_for(lambda: client.get("/dreambooth/status", auth=auth).json().get("step", 0) >= 2)
         worker.request(root, "dog", "save")  # the trainer writes a checkpoint: the webui's list is refreshed
         wait_for(lambda: client.get("/dreambooth/status/dog", auth=auth).json()["checkpoints"])
         wait_for(lambda: "list_models" in sd_models.calls)
-        assert client.post("/dreambooth/cancel", auth=auth).json()["name"] == "dog"
+        assert client.post("/dreambooth/cancel", auth=auth, json={}).json()["name"] == "dog"
         wait_for(lambda: client.get("/dreambooth/status/dog", auth=auth).json()["state"] == "cancelled")
         wait_for(lambda: "reload" in sd_models.calls)
         assert sd_models.model_data.sd_model == "loaded"
-        assert client.post("/dreambooth/cancel", auth=auth).status_code == 409
+        assert client.post("/dreambooth/cancel", auth=auth, json={}).status_code == 409
     finally:
         job = worker.running_job(root)
         if job:
@@ -171,7 +179,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
 @pytest.mark.slow
 def test_data_dir_flag_and_setting(webui, tmp_path):
     other = tmp_path / "elsewhere"
-    script, _, app = start_webui(webui, ["--dreambooth-dir", str(other)])
+    script, _, app = start_webui(webui, ["--api", "--dreambooth-dir", str(other)])
     assert script.data_root().root == other
     assert (other / "models" / "dreambooth").is_dir()
     webui["shared"].opts.data["dreambooth_data_dir"] = str(tmp_path / "from-settings")
@@ -179,6 +187,39 @@ def test_data_dir_flag_and_setting(webui, tmp_path):
     from fastapi.testclient import TestClient
 
     assert TestClient(app).get("/dreambooth/models").status_code == 200  # no --api-auth: open like the webui's API
+
+
+ALICE, GRETA = ("alice", "secret"), ("greta", "pw:with:colons")
+ACCESS = {  # flags -> (status of the routes for: no credentials, alice's, greta's), and of the webui's own /sdapi
+    "no flags": ([], (404, 404, 404), 404),
+    "--gradio-auth only": (["--gradio-auth", "greta:pw:with:colons"], (404, 404, 404), 404),
+    "--api": (["--api"], (200, 200, 200), 200),
+    "--nowebui": (["--nowebui"], (200, 200, 200), 200),
+    "--api --api-auth": (["--api", "--api-auth", "alice:secret"], (401, 200, 401), 401),
+    "--nowebui --api-auth": (["--nowebui", "--api-auth", "alice:secret"], (401, 200, 401), 401),
+    "--api --gradio-auth": (["--api", "--gradio-auth", "greta:pw:with:colons"], (401, 401, 200), 200),
+    "--api --gradio-auth-path": (["--api", "--gradio-auth-path", "{auth_file}"], (401, 401, 200), 200),
+    "--api --api-auth --gradio-auth": (["--api", "--api-auth", "alice:secret", "--gradio-auth", "greta:pw:with:colons"],
+                                       (401, 200, 401), 401),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCESS))
+def test_routes_follow_the_webuis_access_flags(webui, tmp_path, case):
+    """The routes exist where the webui's own API does (--api, --nowebui) and use --api-auth, else --gradio-auth."""
+    from fastapi.testclient import TestClient
+
+    flags, expected, sdapi = ACCESS[case]
+    auth_file = tmp_path / "auth.txt"
+    auth_file.write_text("\n greta:pw:with:colons,\n", encoding="utf-8")
+    argv = [a.replace("{auth_file}", str(auth_file)) for a in flags]
+    script, tabs, app = start_webui(webui, argv, build_tabs=False)
+    client = TestClient(app)
+    got = tuple(client.get("/dreambooth/models", auth=who).status_code for who in (None, ALICE, GRETA))
+    assert got == expected
+    assert client.get("/sdapi/v1/sd-models").status_code == sdapi  # the webui's own API, for comparison
+    if expected[0] != 404:  # a state-changing route needs the same credentials
+        assert client.post("/dreambooth/cancel", json={}).status_code == (401 if expected[0] == 401 else 409)
 
 
 def run_installer(ext: Path, site: Path, log: Path) -> list:

@@ -4,7 +4,12 @@ import argparse
 from modules import sd_models
 
 parser = argparse.ArgumentParser()
+# the access flags of modules/cmd_args.py
+parser.add_argument("--api", action="store_true", help="use api=True to launch the API together with the webui")
 parser.add_argument("--api-auth", type=str, default=None, help='Set authentication for API like "username:password"')
+parser.add_argument("--nowebui", action="store_true", help="use api=True to launch the API instead of the webui")
+parser.add_argument("--gradio-auth", type=str, default=None, help='set gradio authentication like "username:password"')
+parser.add_argument("--gradio-auth-path", type=str, default=None, help="set gradio authentication file path")
 cmd_opts = parser.parse_args([])  # the test re-parses after preload() added the extension's flags
 
 
