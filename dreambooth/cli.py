@@ -94,7 +94,7 @@ def cmd_demo(args) -> int:
 def cmd_ui(args) -> int:
     from .ui.app import launch
 
-    launch(_root(args), host=args.host, port=args.port)
+    launch(_root(args), host=args.host, port=args.port, auth=args.auth)
     return 0
 
 
@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_demo)
 
     p = verbs.add_parser("ui", help="the DreamBooth tab as a standalone app")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--auth", metavar="USER:PASS", help="login for the page and HTTP Basic auth for the REST routes "
+                                                       "(several: u1:p1,u2:p2)")
     p.set_defaults(run=cmd_ui)
     return parser
 

@@ -1,15 +1,23 @@
-"""`python -m dreambooth ui`: the DreamBooth tab as a standalone gradio app."""
+"""`python -m dreambooth ui`: the DreamBooth tab as a standalone gradio app, with the same REST routes as the webui.
+
+It listens on 127.0.0.1 unless told otherwise. `--auth user:pass[,user:pass]` puts gradio's login in front of the
+page and HTTP Basic auth in front of the REST routes. Like the webui, it drops gradio's CORS middleware, so that
+no other origin (another local app included) gets a browser's permission to call the routes.
+"""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .. import worker
-from ..host import standalone_host
+from ..host import Host, standalone_host
 from ..store import DataRoot
 from . import compat
+from .routes import add_routes, basic_auth, parse_credentials
 
 # style.css sits at the extension's root, where the webui loads it; the standalone app uses the same file.
 STYLE = Path(__file__).resolve().parents[2] / "style.css"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def create_app(root: DataRoot):
@@ -22,11 +30,27 @@ def create_app(root: DataRoot):
     return demo
 
 
-def launch(root: DataRoot, host: str = "127.0.0.1", port: int = 7861) -> None:
+def serve_routes(app, host: Host, credentials: list) -> None:
+    """Mount the REST routes on the app gradio serves, and take away gradio's CORS headers (as the webui does)."""
+    app.user_middleware = [m for m in app.user_middleware if "CORS" not in getattr(m.cls, "__name__", "")]
+    app.middleware_stack = None  # rebuilt from user_middleware on the next request
+    add_routes(app, host, basic_auth(credentials) if credentials else [])
+
+
+def launch(root: DataRoot, host: str = "127.0.0.1", port: int = 7861, auth: str | None = None) -> None:
+    credentials = parse_credentials(auth)
     demo = create_app(root)
     css = STYLE.read_text(encoding="utf-8") if STYLE.is_file() else None
     if css and "css" not in __import__("inspect").signature(type(demo).launch).parameters:
         demo.css = css  # gradio < 6 takes the css on the Blocks
     print(f"DreamBooth: data root {root.root}", flush=True)
-    compat.launch(demo, server_name=host, server_port=port, allowed_paths=[str(root.root)], css=css,
-                  show_api=False, inbrowser=False, quiet=False)
+    if host not in LOOPBACK and not credentials:
+        print(f"DreamBooth: warning: serving on {host} without --auth: anyone who can reach this machine can use "
+              "the tab and the REST routes", file=sys.stderr, flush=True)
+    app, local_url, _ = compat.launch(demo, server_name=host, server_port=port, allowed_paths=[str(root.root)],
+                                      css=css, auth=credentials or None, show_api=False, inbrowser=False, quiet=False,
+                                      prevent_thread_lock=True)
+    serve_routes(app, standalone_host(root), credentials)
+    print(f"DreamBooth: REST routes at {str(local_url).rstrip('/')}/dreambooth/"
+          + (" (HTTP Basic auth)" if credentials else ""), flush=True)
+    demo.block_thread()

@@ -31,9 +31,10 @@ def blocks(**kwargs) -> gr.Blocks:
     return gr.Blocks(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def launch(demo: gr.Blocks, **kwargs) -> None:
+def launch(demo: gr.Blocks, **kwargs):
+    """demo.launch without the arguments this gradio does not take; returns (FastAPI app, local url, share url)."""
     accepted = inspect.signature(gr.Blocks.launch).parameters
-    demo.launch(**{k: v for k, v in kwargs.items() if k in accepted})
+    return demo.launch(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def update(**kwargs):

@@ -24,11 +24,11 @@ def free_port() -> int:
 
 
 class App:
-    def __init__(self, python: str, root: Path, log: Path):
+    def __init__(self, python: str, root: Path, log: Path, args=()):
         self.root, self.port, self.log = root, free_port(), log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen([python, "-m", "dreambooth", "--root", str(root), "ui", "--port", str(self.port)],
-                                     cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([python, "-m", "dreambooth", "--root", str(root), "ui", "--port", str(self.port),
+                                      *args], cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}/"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -55,6 +55,31 @@ class App:
             self.proc.kill()
 
 
+STACKS = {  # gradio version: (variable naming its python, the environment .ci/setup builds)
+    "3.41": ("DREAMBOOTH_GRADIO3_PYTHON", ".venv-webui"),
+    "4.40": ("DREAMBOOTH_GRADIO4_PYTHON", ".venv-forge"),
+}
+
+
+def _stack_python(version: str) -> str:
+    variable, folder = STACKS[version]
+    python = os.environ.get(variable)
+    if python:
+        return python
+    local = REPO / folder / "bin" / "python"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{variable} is not set: CI must test the gradio {version} stack")
+    if not local.exists():
+        pytest.skip(f"no gradio {version} environment here (set {variable})")
+    return str(local)
+
+
+@pytest.fixture
+def stack_python():
+    """stack_python(gradio version) -> the python of that stack's environment (skips where it is absent)."""
+    return _stack_python
+
+
 @pytest.fixture
 def wait_for():
     """wait_for(predicate, timeout): poll until predicate() is truthy and return its value; fail after timeout."""
@@ -74,8 +99,8 @@ def wait_for():
 def start_app(tmp_path):
     apps = []
 
-    def start(python: str = sys.executable, root: Path | None = None) -> App:
-        app = App(python, root or tmp_path / "root", tmp_path / f"app{len(apps)}.log")
+    def start(python: str = sys.executable, root: Path | None = None, args=()) -> App:
+        app = App(python, root or tmp_path / "root", tmp_path / f"app{len(apps)}.log", args)
         apps.append(app)
         return app
 
