@@ -8,17 +8,33 @@ caption lacks the class token, "zwx dog, " is put in front. For class prompts th
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 FILEWORDS = "[filewords]"
+MAX_CAPTION_BYTES = 100_000  # a caption is a line or two; more is not a caption
+
+
+class CaptionWarning(UserWarning):
+    """A caption file that could not be used; the image's file name stands in. The message names the file."""
 
 
 def caption_of(image: Path) -> str:
     txt = Path(image).with_suffix(".txt")
     if txt.is_file():
-        text = txt.read_text(encoding="utf-8", errors="replace").strip()
-        if text:
-            return " ".join(text.split())
+        try:
+            with open(txt, "rb") as f:
+                raw = f.read(MAX_CAPTION_BYTES + 1)
+            if len(raw) > MAX_CAPTION_BYTES:
+                raise ValueError(f"longer than {MAX_CAPTION_BYTES} bytes")
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            warnings.warn(f"caption {txt}: cannot be read ({reason}); using the file name instead",
+                          CaptionWarning, stacklevel=2)
+        else:
+            text = raw.decode("utf-8", errors="replace").strip()
+            if text:
+                return " ".join(text.split())
     stem = Path(image).stem
     stem = re.sub(r"\(\d+\)$", "", stem)          # "name (2)" copies
     stem = re.sub(r"^\d+[-_ ]+", "", stem)        # "0001-name" numbering

@@ -1,31 +1,59 @@
 """Finding and reading training images: whatever a user's folder holds becomes clean RGB, or a named warning."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Larger images are shrunk on load: training never needs more than a few times the bucket size.
 MAX_SIDE = 4096
+# An images folder is searched this deep and this wide at most: a folder such as / or a home folder is refused with a
+# message instead of being walked (a training set is tens to thousands of images).
+MAX_DEPTH = 4
+MAX_ENTRIES = 10_000
 
 
 class ImageWarning(UserWarning):
     """An image that was skipped; the message names the file and why."""
 
 
-def find_images(folder: Path) -> list[Path]:
-    """Images under `folder`, searched recursively, in a stable order (hidden files and folders ignored)."""
+def find_images(folder: Path, max_depth: int = MAX_DEPTH, max_entries: int = MAX_ENTRIES) -> list[Path]:
+    """Images under `folder`, searched `max_depth` folders deep, in a stable order (hidden files and folders ignored).
+
+    Only reads the folder. UserError when it holds more than `max_entries` files and folders (or cannot be listed)."""
     folder = Path(folder).expanduser()
-    found = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            found.append(path)
+    found, visited = [], 0
+    todo = [(folder, 0)]
+    while todo:
+        current, depth = todo.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    visited += 1
+                    if visited > max_entries:
+                        raise UserError(f"{str(folder)!r}: more than {max_entries} files and folders; choose the "
+                                        "folder that holds only the training images")
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_dir():
+                            if depth < max_depth:
+                                todo.append((Path(entry.path), depth + 1))
+                        elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                            found.append(Path(entry.path))
+                    except OSError:
+                        continue  # a dangling link or an entry that vanished: not an image
+        except OSError as e:
+            if current == folder:
+                raise UserError(f"{str(folder)!r}: cannot be read ({e.strerror or type(e).__name__})") from None
+            warnings.warn(f"skipping folder {current}: cannot be read ({e.strerror or type(e).__name__})",
+                          ImageWarning, stacklevel=2)
     return sorted(found)
 
 
