@@ -138,10 +138,12 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
         if ema:
             if not (model.ema_unet / "config.json").is_file():
                 raise UserError(f"model {name!r}: has no EMA weights (working/unet_ema); train with use_ema first")
-            from safetensors.torch import load_file
+            from .checkpoint.tensorio import SafetensorsSource
+
             state_dicts = {"unet": {}}
             for f in sorted(model.ema_unet.glob("*.safetensors")):
-                state_dicts["unet"].update(load_file(str(f)))
+                source = SafetensorsSource([f])
+                state_dicts["unet"].update({k: source.get(k) for k in source.keys()})
         return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
                                  metadata={"dreambooth.ema": str(ema).lower()}, training=training)
 

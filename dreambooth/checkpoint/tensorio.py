@@ -21,6 +21,7 @@ DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                torch.bool: "BOOL"}
 NAMED_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+ELEMENT_SIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in NAMED_DTYPES.items()}
 
 
 class TensorSource:
@@ -97,9 +98,12 @@ class SafetensorsSource(TensorSource):
     def get(self, key):
         path, data_start, info = self.where[key]
         begin, end = info["data_offsets"]
-        with open(path, "rb") as f:
-            f.seek(data_start + begin)
-            raw = bytearray(f.read(end - begin))
+        try:
+            with open(path, "rb") as f:
+                f.seek(data_start + begin)
+                raw = bytearray(f.read(end - begin))
+        except OSError as e:
+            raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
         if len(raw) != end - begin:
             raise UserError(f"{path}: truncated inside tensor {key}")
         dtype = NAMED_DTYPES[info["dtype"]]
@@ -133,28 +137,69 @@ class RenamedSource(TensorSource):
         return self.source.get(self.names[key])
 
 
+MAX_HEADER = 100_000_000  # bytes; a full SDXL checkpoint's header is about 200 kB
+MAX_DIMS, MAX_DIM = 16, 2**48  # far beyond any real tensor, within what torch can describe
+
+
+def _is_count(value, limit: int = 2**62) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
+
+
+def _check_entry(info) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "not a tensor description"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in NAMED_DTYPES:
+        return f"dtype {str(dtype)[:20]!r} is not one of {', '.join(NAMED_DTYPES)}"
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d, MAX_DIM) for d in shape):
+        return "shape is not a list of sizes"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        return "data_offsets is not a pair of byte offsets"
+    begin, end = offsets
+    if begin > end:
+        return f"data_offsets {begin} > {end}"
+    count = 1
+    for d in shape:
+        count *= d
+    if count * ELEMENT_SIZE[dtype] != end - begin:
+        return f"{end - begin} bytes do not hold a {dtype} tensor of shape {str(shape)[:60]}"
+    return None
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, offset of the data section) of a safetensors file; UserError if it is not one."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: not a checkpoint (file too short)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > 100_000_000 or header_len + 8 > size:
-            raise UserError(f"{path}: not a checkpoint or truncated (bad safetensors header)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UserError(f"{path}: not a checkpoint (the safetensors header is not JSON)") from None
+    """(header dict, offset of the data section) of a safetensors file; UserError if it is not a sound one.
+
+    Every entry is checked (dtype, shape, offsets inside the file and matching the shape), so reading a tensor later
+    cannot fail on a malformed header."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: not a checkpoint (file too short)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER or header_len + 8 > size:
+                raise UserError(f"{path}: not a checkpoint or truncated (bad safetensors header)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UserError(f"{path}: not a checkpoint (the safetensors header is not JSON)") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a checkpoint (bad safetensors header)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: not a checkpoint (the safetensors metadata is not a table of texts)")
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in NAMED_DTYPES or "data_offsets" not in info:
-            raise UserError(f"{path}: not a checkpoint (bad entry {key!r} in the safetensors header)")
+        problem = _check_entry(info)
+        if problem:
+            raise UserError(f"{path}: damaged safetensors header (tensor {key[:100]!r}: {problem})")
         end = max(end, info["data_offsets"][1])
     if 8 + header_len + end > size:
         raise UserError(f"{path}: truncated ({size} bytes, the header needs {8 + header_len + end})")
@@ -168,8 +213,11 @@ def open_checkpoint(path: Path) -> TensorSource:
         raise UserError(f"{path}: no such file")
     if not path.is_file():
         raise UserError(f"{path}: not a file")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     if head[:2] == b"PK" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         return _open_torch(path)
     return SafetensorsSource([path])
