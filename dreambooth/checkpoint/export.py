@@ -6,11 +6,12 @@ yaml beside it when a host could not guess the config. The file is written to a 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, WriteError
 from ..families import family, family_from_folder
 from ..store import atomic_path, current_umask
 from .convert import (EXTRAS_FILE, canonical_source, components_of, component_source, plan_export, read_configs)
@@ -18,6 +19,9 @@ from .layout import render_yaml
 from .tensorio import Entry, SafetensorsSource, write_ckpt, write_safetensors
 
 FORMATS = ("safetensors", "ckpt")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def modelspec(family_name: str, title: str, training: dict | None = None) -> dict[str, str]:
     fam = family(family_name)
     meta = {
@@ -44,18 +48,32 @@ def write_entries(out: Path, entries: list[Entry], fmt: str, metadata: dict | No
         raise UserError(f"{out}: a {fmt} checkpoint must be named *.{fmt}")
     if out.is_dir():
         raise UserError(f"{out}: is a folder, expected a file path")
-    with atomic_path(out) as tmp:
+
+    def write_checkpoint(tmp: Path) -> None:
         if fmt == "safetensors":
             write_safetensors(tmp, entries, metadata={"format": "pt", **(metadata or {})})
         else:
             write_ckpt(tmp, entries)
-        _readable(tmp)
-    yaml_path = out.with_suffix(".yaml")
+
+    _write_file(out, write_checkpoint)
     if yaml_text:
-        with atomic_path(yaml_path) as tmp:
-            tmp.write_text(yaml_text, encoding="utf-8")
-            _readable(tmp)
+        _write_file(out.with_suffix(".yaml"), lambda tmp: tmp.write_text(yaml_text, encoding="utf-8"))
     return out
+
+
+def _write_file(path: Path, write) -> None:
+    """Write `path` through a temp file beside it; a failed write (disk full, no permission) is one line, and what
+    was there before stays as it was."""
+    existed = path.exists()
+    kept = "the previous file is intact" if existed else "no partial file was left"
+    try:
+        with atomic_path(path) as tmp:
+            write(tmp)
+            _readable(tmp)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise WriteError(f"disk full while writing {path}; {kept}") from None
+        raise WriteError(f"cannot write {path} ({e.strerror or type(e).__name__}); {kept}") from None
 
 
 def _readable(path: Path) -> None:

@@ -313,7 +313,13 @@ def write_ckpt(path: Path, entries: list[Entry]) -> None:
     try:
         state = OrderedDict((e.key, e.tensor()) for e in entries)
         with open(raw, "wb") as f:  # a file object: the archive folder is then named "archive"
-            torch.save({"state_dict": state}, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save({"state_dict": state}, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch reports a failed write only as a bad position
+                    raise writer.error from None
+                raise
         del state
         with zipfile.ZipFile(raw) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
             for info in zin.infolist():
@@ -322,6 +328,24 @@ def write_ckpt(path: Path, entries: list[Entry]) -> None:
                 _write_aligned(zout, info.filename, zin.read(info))
     finally:
         raw.unlink(missing_ok=True)
+
+
+class _RecordingWriter:
+    """A file for torch.save that keeps the OSError of a failed write (disk full), which torch would only report
+    as a C++ assertion about the archive's position."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def _write_aligned(zout: zipfile.ZipFile, name: str, data: bytes) -> None:
