@@ -31,7 +31,7 @@ from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
 from .components import Components, load_components
-from .optim import make_lr_scheduler, make_optimizer
+from .optim import check_optimizer_runs_here, make_lr_scheduler, make_optimizer
 from .requests import Requests
 from .schedule import Schedule
 from .state import (disk_full, link_tree, load_state, mark_checkpoint_written, read_trainer_info, remove_leftovers,
@@ -78,6 +78,7 @@ def train_model(root: DataRoot, name: str, max_steps: int | None = None, overrid
     if overrides:
         config = config.with_parameters(**overrides)
     validate_for_training(config)
+    check_optimizer_runs_here(config.parameters)
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps: must be at least 1, got {max_steps}")
     return Trainer(root, model, config, max_steps).run()
