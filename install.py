@@ -1,7 +1,9 @@
 """Run by the webui (with its own python and `launch` importable) when the extension loads.
 
 Installs only what is missing or older than the extension needs, from pyproject.toml's dependencies (plus
-bitsandbytes, which the default 8-bit AdamW optimizer uses). Every package already installed is pinned at its
+bitsandbytes, which the default 8-bit AdamW optimizer uses). A package with a preferred version (PREFERRED) is asked
+for at that version first; when the webui's packages do not allow it, at any version, and install.py says which
+version it settled for and what that means. Every package already installed is pinned at its
 installed version for every pip call, so pip only adds packages: it picks versions of the new ones that fit what the
 webui has (or fails with a message) and never upgrades or downgrades the webui's own — torch, torchvision and xformers
 are never touched at all. A package the webui pins is only upgraded where its version is below our minimum (none is,
@@ -17,6 +19,11 @@ HERE = Path(__file__).resolve().parent
 NEVER_TOUCH = ("torch", "torchvision", "xformers")
 EXTRAS = ("bitsandbytes",)  # optional-dependency groups the webui install gets too
 PROVIDED_BY_THE_WEBUI = ("gradio",)  # the webui brings its own; we never replace it
+# Versions worth asking for first, and what an older one means. bitsandbytes runs its 8-bit AdamW on a CPU only from
+# 0.50 on (which needs torch 2.4): with an older torch pip settles for an older bitsandbytes, which is fine on a GPU.
+PREFERRED = {
+    "bitsandbytes": ("0.50", "its 8-bit AdamW runs on CUDA GPUs only; on a CPU choose the adamw optimizer"),
+}
 
 
 def _strings(block: str) -> list:
@@ -95,6 +102,23 @@ def pinned_constraints(upgrading=()) -> str:
     return "\n".join(sorted(pins.values())) + "\n"
 
 
+def _install(launch, req: str, constraints: str) -> None:
+    """pip install `req`; a preferred version first, else any version, saying what it settled for."""
+    name, minimum = _split(req)
+    preferred, meaning = PREFERRED.get(name.lower(), (None, ""))
+    if preferred and not minimum:
+        wanted = f"{name}>={preferred}{req[len(name):]}"
+        try:
+            launch.run_pip(f'install "{wanted}" -c "{constraints}"', f"DreamBooth requirement: {wanted}")
+            return
+        except RuntimeError:  # the webui's run_pip raises when pip fails (here: no such version fits its packages)
+            print(f"DreamBooth: {wanted} does not fit the webui's packages; installing another {name}")
+    launch.run_pip(f'install "{req}" -c "{constraints}"', f"DreamBooth requirement: {req}")
+    settled = installed_version(name)
+    if preferred and settled and _version_tuple(settled) < _version_tuple(preferred):
+        print(f"DreamBooth: settled for {name} {settled}, older than the {preferred} it asked for: {meaning}")
+
+
 def main() -> None:
     import launch  # the webui's; only importable when the webui runs this file
 
@@ -106,7 +130,7 @@ def main() -> None:
         f.write(pinned_constraints(todo))
     try:
         for req in todo:
-            launch.run_pip(f'install "{req}" -c "{constraints}"', f"DreamBooth requirement: {req}")
+            _install(launch, req, constraints)
     finally:
         os.unlink(constraints)
 

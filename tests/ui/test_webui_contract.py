@@ -222,12 +222,15 @@ def test_routes_follow_the_webuis_access_flags(webui, tmp_path, case):
         assert client.post("/dreambooth/cancel", json={}).status_code == (401 if expected[0] == 401 else 409)
 
 
-def run_installer(ext: Path, site: Path, log: Path) -> list:
-    """The webui runs install.py as a subprocess with its own python and its folder on PYTHONPATH."""
+def run_installer(ext: Path, site: Path, log: Path, **stub_env) -> list:
+    """The webui runs install.py as a subprocess with its own python and its folder on PYTHONPATH. Returns the pip
+    commands; what install.py printed is in run_installer.output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(STUB), str(site)]), "STUB_SITE": str(site),
-           "STUB_PIP_LOG": str(log)}
+           "STUB_PIP_LOG": str(log), **stub_env}
     # -S: no site-packages, so the environment is exactly what STUB_SITE holds (a webui 1.10 stand-in)
-    subprocess.run([sys.executable, "-S", str(ext / "install.py")], env=env, check=True, cwd=ext)
+    done = subprocess.run([sys.executable, "-S", str(ext / "install.py")], env=env, check=True, cwd=ext,
+                          capture_output=True, text=True)
+    run_installer.output = done.stdout + done.stderr
     lines = log.read_text().splitlines() if log.exists() else []
     log.unlink(missing_ok=True)
     return lines
@@ -251,12 +254,31 @@ def test_install_only_what_is_missing_and_never_torch(webui, tmp_path):
     installed = [line.split('"')[1] for line in first]
     # transformers 4.30.2 cannot import diffusers 0.31+: the diffusers that fits it is asked for
     assert sorted(installed) == sorted(["diffusers>=0.27,<0.31", "accelerate>=0.21", "pyyaml", "tensorboard",
-                                        "bitsandbytes"])
+                                        "bitsandbytes>=0.50"])  # the version whose 8-bit AdamW runs on a CPU too
+    assert "settled" not in run_installer.output
     for line in first:  # torch & co are pinned to what is installed for every pip call
         constraints = line.split('-c "')[1].rstrip('"')
         assert not Path(constraints).exists()  # cleaned up after the run
     assert not any(name in " ".join(installed) for name in ("torch", "xformers", "transformers", "gradio"))
     assert run_installer(webui["ext"], site, log) == []  # the second start installs nothing
+
+
+def test_installer_says_which_older_version_it_settled_for(webui, tmp_path):
+    """SD.Next on a CPU: the webui's pins leave no bitsandbytes >= 0.50; pip settles for 0.42, and install.py says so."""
+    site = tmp_path / "site"
+    for name, version in (("torch", "2.1.2"), ("transformers", "4.30.2"), ("gradio", "3.43.0"), ("setuptools", "69.5.1")):
+        fake_dist(site, name, version)
+    log = tmp_path / "pip.log"
+    asked = run_installer(webui["ext"], site, log, STUB_PIP_REFUSE="bitsandbytes>=0.50",
+                          STUB_PIP_VERSIONS="bitsandbytes=0.42.0")
+    bnb = [line.split('"')[1] for line in asked if "bitsandbytes" in line]
+    assert bnb == ["bitsandbytes>=0.50", "bitsandbytes"]
+    said = [line for line in run_installer.output.splitlines() if "bitsandbytes" in line]
+    assert said == ["DreamBooth: bitsandbytes>=0.50 does not fit the webui's packages; installing another bitsandbytes",
+                    "DreamBooth: settled for bitsandbytes 0.42.0, older than the 0.50 it asked for: its 8-bit AdamW "
+                    "runs on CUDA GPUs only; on a CPU choose the adamw optimizer"]
+    assert run_installer(webui["ext"], site, log) == []  # what it settled for stays: the next start installs nothing
+    assert run_installer.output == ""
 
 
 def test_installer_pins_torch_family():
