@@ -39,7 +39,8 @@ def cmd_tiny_checkpoint(args) -> int:
 def cmd_create(args) -> int:
     from .models import create_model
 
-    model = create_model(_root(args), args.name, args.source, family=args.family, overwrite=args.overwrite)
+    model = create_model(_root(args), args.name, args.source, family=args.family, overwrite=args.overwrite,
+                         allow_pickle=args.allow_pickle_weights)
     print(f"created {model.path}")
     return 0
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True)
     p.add_argument("--family", default="auto", choices=("auto",) + FAMILIES)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="also load .bin (pickle) weights of a diffusers folder or hub model; pickles can run code: "
+                        "only for files you trust")
     p.set_defaults(run=cmd_create)
 
     p = verbs.add_parser("export", help="write the model as one checkpoint file")

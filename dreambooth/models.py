@@ -22,23 +22,86 @@ from .store import DataRoot, ModelDir, current_umask
 # "owner/name" on the Hugging Face hub; anything else that does not exist is a missing file or folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# Weights in these files are pickles, which can run code when loaded (torch 2.1, the webui's, unpickles by default).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT_HINT = ("convert them to .safetensors where you trust them (diffusers: DiffusionPipeline.from_pretrained(folder)"
+                ".save_pretrained(new_folder, safe_serialization=True)), or, if you trust these files, "
+                "pass --allow-pickle-weights to `create`")
 
 
-def _import_diffusers(source: str, working: Path, forced: str) -> dict:
-    """A diffusers folder or hub id: load the pipeline and save it as the working folder."""
+def _is_pickle(path: Path) -> bool:
+    name = path.name.lower()
+    return path.suffix.lower() in PICKLE_SUFFIXES or any(name.endswith(f"{s}.index.json") for s in PICKLE_SUFFIXES)
+
+
+def _pickle_only_components(folder: Path) -> list[str]:
+    """Components of a diffusers folder whose weights exist only as pickles."""
+    found = []
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f for f in component.iterdir() if f.is_file()]
+        if any(_is_pickle(f) for f in files) and not any(f.suffix == ".safetensors" for f in files):
+            found.append(component.name)
+    return found
+
+
+def _link(target: Path, link: Path) -> None:
+    try:
+        link.symlink_to(target.resolve())
+    except OSError:  # no symlinks here (Windows without the privilege): a hard link, else a copy
+        try:
+            os.link(target, link)
+        except OSError:
+            shutil.copy2(target, link)
+
+
+def _view_without_pickles(folder: Path, view: Path) -> Path:
+    """The diffusers folder as `view`: links to everything but its pickle files, so that no loader can fall back to
+    them (transformers 4.30, the webui's, reads pytorch_model.bin when model.safetensors is missing, even when told
+    to use safetensors)."""
+    view.mkdir()
+    for item in folder.iterdir():
+        if item.is_dir():
+            (view / item.name).mkdir()
+            for f in item.iterdir():
+                if f.is_file() and not _is_pickle(f):
+                    _link(f, view / item.name / f.name)
+        elif item.is_file() and not _is_pickle(item):
+            _link(item, view / item.name)
+    return view
+
+
+def _import_diffusers(source: str, working: Path, forced: str, allow_pickle: bool = False) -> dict:
+    """A diffusers folder or hub id: load the pipeline (from .safetensors weights only, unless `allow_pickle`) and
+    save it as the working folder."""
     import diffusers
 
     from .families import MODEL_INFO_FILE, detect
 
     local = Path(source).expanduser()
+    load_from, view = (str(local) if local.is_dir() else source), None
+    if local.is_dir() and not allow_pickle:
+        pickled = _pickle_only_components(local)
+        if pickled:
+            raise UserError(f"{source}: the weights of {', '.join(pickled)} are only in pickle files (.bin), which can "
+                            f"run code when loaded and are not read; {CONVERT_HINT}")
+        view = _view_without_pickles(local, working.parent / ".source_view")
+        load_from = str(view)
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else source,
-                                                           torch_dtype=_folder_dtype(local))
-    except Exception as e:  # hub errors, missing files, bad configs: all one line for the user
-        raise UserError(f"{source}: cannot load as a diffusers model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-        raise UserError(f"{source}: not a Stable Diffusion pipeline ({type(pipe).__name__})")
-    pipe.save_pretrained(str(working), safe_serialization=True)
+        try:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(load_from, torch_dtype=_folder_dtype(local),
+                                                               use_safetensors=None if allow_pickle else True)
+        except Exception as e:  # hub errors, missing files, bad configs: all one line for the user
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e).strip() else type(e).__name__
+            pickles = view is not None and any(_is_pickle(f) for f in local.glob("*/*"))
+            hint = f"; its pickle weights (.bin) are not read: {CONVERT_HINT}" if pickles else (
+                f"; if it has pickle weights (.bin) only, {CONVERT_HINT}" if "safetensors" in str(e) else "")
+            raise UserError(f"{source}: cannot load as a diffusers model ({reason}){hint}") from e
+        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+            raise UserError(f"{source}: not a Stable Diffusion pipeline ({type(pipe).__name__})")
+        pipe.save_pretrained(str(working), safe_serialization=True)
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
     for config_path in working.glob("text_encoder*/config.json"):  # load as float32 by default, like the UNet
         data = json.loads(config_path.read_text(encoding="utf-8"))
         data.update(dtype="float32", torch_dtype="float32")
@@ -72,7 +135,8 @@ def _folder_dtype(folder: Path):
     return dtypes.pop() if len(dtypes) == 1 and torch.float32 not in dtypes else None
 
 
-def create_model(root: DataRoot, name: str, source: str, family: str = "auto", overwrite: bool = False) -> ModelDir:
+def create_model(root: DataRoot, name: str, source: str, family: str = "auto", overwrite: bool = False,
+                 allow_pickle: bool = False) -> ModelDir:
     model = root.model(name)  # checks the name
     check_family_choice(family)
     if model.path.exists() and not overwrite:
@@ -85,11 +149,12 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
         if not path.exists() and (not HUB_ID.match(source) or path.suffix.lower() in CHECKPOINT_SUFFIXES):
             raise UserError(f"source {source!r}: no such file or folder")
         root.dreambooth.mkdir(parents=True, exist_ok=True)
-        _build_model(root, model, path, source, family)
+        _build_model(root, model, path, source, family, allow_pickle)
     return model
 
 
-def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, forced: str) -> None:
+def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, forced: str,
+                 allow_pickle: bool = False) -> None:
     """Import into a temp folder beside the final one, then swap it in (the old model goes only once it is done)."""
     from .checkpoint.convert import import_single_file
 
@@ -101,7 +166,7 @@ def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, force
         if path.is_file():
             info = import_single_file(path, working, forced)
         else:
-            info = _import_diffusers(str(path) if path.is_dir() else source, working, forced)
+            info = _import_diffusers(str(path) if path.is_dir() else source, working, forced, allow_pickle)
         config = Config(model=ModelSettings(source=str(path.resolve()) if path.exists() else source, family=info["family"]),
                         parameters=Parameters(resolution=family_facts(info["family"]).resolution))
         config.save(tmp / "config.json")
