@@ -72,8 +72,8 @@ def _write_file(path: Path, write) -> None:
             _readable(tmp)
     except OSError as e:
         if e.errno in DISK_FULL:
-            raise WriteError(f"disk full while writing {path}; {kept}") from None
-        raise WriteError(f"cannot write {path} ({e.strerror or type(e).__name__}); {kept}") from None
+            raise WriteError(f"disk full while writing {path}; {kept}") from e
+        raise WriteError(f"cannot write {path} ({e.strerror or type(e).__name__}); {kept}") from e
 
 
 def _readable(path: Path) -> None:

@@ -103,7 +103,7 @@ class SafetensorsSource(TensorSource):
                 f.seek(data_start + begin)
                 raw = bytearray(f.read(end - begin))
         except OSError as e:
-            raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+            raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from e
         if len(raw) != end - begin:
             raise UserError(f"{path}: truncated inside tensor {key}")
         dtype = NAMED_DTYPES[info["dtype"]]
@@ -183,11 +183,11 @@ def read_header(path: Path) -> tuple[dict, int]:
                 raise UserError(f"{path}: not a checkpoint or truncated (bad safetensors header)")
             raw = f.read(header_len)
     except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from e
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise UserError(f"{path}: not a checkpoint (the safetensors header is not JSON)") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not a checkpoint (the safetensors header is not JSON)") from e
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a checkpoint (bad safetensors header)")
     metadata = header.get("__metadata__", {})
@@ -217,7 +217,7 @@ def open_checkpoint(path: Path) -> TensorSource:
         with open(path, "rb") as f:
             head = f.read(8)
     except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from e
     if head[:2] == b"PK" or path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         return _open_torch(path)
     return SafetensorsSource([path])

@@ -51,7 +51,7 @@ def find_images(folder: Path, max_depth: int = MAX_DEPTH, max_entries: int = MAX
                         continue  # a dangling link or an entry that vanished: not an image
         except OSError as e:
             if current == folder:
-                raise UserError(f"{str(folder)!r}: cannot be read ({e.strerror or type(e).__name__})") from None
+                raise UserError(f"{str(folder)!r}: cannot be read ({e.strerror or type(e).__name__})") from e
             warnings.warn(f"skipping folder {current}: cannot be read ({e.strerror or type(e).__name__})",
                           ImageWarning, stacklevel=2)
     return sorted(found)

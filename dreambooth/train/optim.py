@@ -48,12 +48,12 @@ def check_optimizer_runs_here(params, device=None) -> None:
         return
     try:
         import bitsandbytes as bnb
-    except ImportError:
+    except ImportError as e:
         raise UserError("parameters.optimizer: adamw_8bit needs bitsandbytes, which is not installed "
-                        "(pip install bitsandbytes, or choose adamw)") from None
+                        "(pip install bitsandbytes, or choose adamw)") from e
     except Exception as e:  # a broken install failing while it loads its library
         raise UserError(f"parameters.optimizer: adamw_8bit needs bitsandbytes, which fails to load "
-                        f"({type(e).__name__}); choose adamw") from None
+                        f"({type(e).__name__}); choose adamw") from e
     if device is None:  # this process's GPU under `accelerate launch` (LOCAL_RANK), else the CPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

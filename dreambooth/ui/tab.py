@@ -140,7 +140,7 @@ def save_concepts(root: DataRoot, text: str, config: Config) -> Path:
     try:
         atomic_write_text(path, json.dumps(config.to_dict()["concepts"], indent=2) + "\n")
     except OSError as e:
-        raise UserError(f"concepts file {path}: cannot be written ({e.strerror or type(e).__name__})") from None
+        raise UserError(f"concepts file {path}: cannot be written ({e.strerror or type(e).__name__})") from e
     return path
 
 
@@ -171,7 +171,7 @@ def load_concepts(root: DataRoot, text: str) -> tuple[Config, Path]:
     try:
         raw = resolved.read_bytes()
     except OSError as e:
-        raise UserError(f"concepts file {given!r}: cannot be read ({e.strerror or type(e).__name__})") from None
+        raise UserError(f"concepts file {given!r}: cannot be read ({e.strerror or type(e).__name__})") from e
     data = parse_json(raw, f"concepts file {given!r}")
     if isinstance(data, dict) and "concepts" in data:  # a whole config.json is fine too
         data = data["concepts"]
@@ -179,7 +179,7 @@ def load_concepts(root: DataRoot, text: str) -> tuple[Config, Path]:
         raise UserError(f"concepts file {given!r}: not a concepts file (expected a list of concepts, or a config.json)")
     try:
         config = Config.from_dict({"concepts": data})
-    except UserError:
+    except UserError:  # its message would quote the file's keys and values: not chained, on purpose
         raise UserError(f"concepts file {given!r}: its concepts do not fit the settings of this version "
                         "(save them again from the tab, or compare with a model's config.json)") from None
     if len(config.concepts) > MIN_CONCEPTS:

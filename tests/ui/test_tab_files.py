@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from dreambooth.config import Concept, Config
+from dreambooth.config import MAX_CONFIG_BYTES, Concept, Config
 from dreambooth.errors import UserError
 from dreambooth.store import DataRoot
 from dreambooth.ui.tab import concepts_folder, load_concepts, save_concepts
@@ -107,7 +107,7 @@ BAD_FILES = {  # content -> words of the one-line error
     "an object": (json.dumps({SECRET: [1, 2]}).encode(), "not a concepts file"),
     "a number": (b"12345", "not a concepts file"),
     "too many": (json.dumps([{"instance_prompt": f"p{i}"} for i in range(5)]).encode(), "5 concepts"),
-    "too large": (b"[" + b" " * 1_000_001 + b"]", "larger than"),
+    "too large": (b"[" + b" " * MAX_CONFIG_BYTES + b"]", "larger than"),
 }
 
 
