@@ -8,7 +8,6 @@ EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 if str(EXTENSION_ROOT) not in sys.path:
     sys.path.insert(0, str(EXTENSION_ROOT))
 
-import gradio as gr  # noqa: E402
 from modules import paths, script_callbacks, sd_models, shared  # noqa: E402
 
 from dreambooth import worker  # noqa: E402
@@ -39,6 +38,8 @@ def webui_host() -> Host:
 
 def on_ui_settings():
     """The webui's Settings page section, generated from the host settings' declarations."""
+    import gradio as gr  # the webui's own (imported here: the routes need no gradio)
+
     for setting in HOST_SETTINGS:
         component, args = (gr.Radio, {"choices": list(setting.choices)}) if setting.choices else (None, None)
         shared.opts.add_option(f"dreambooth_{setting.name}", shared.OptionInfo(

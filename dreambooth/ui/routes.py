@@ -18,7 +18,6 @@ a second training 409.
 """
 from __future__ import annotations
 
-import json
 from hmac import compare_digest
 
 from fastapi import APIRouter, Depends, HTTPException, Request

@@ -62,6 +62,7 @@ def test_an_8bit_adamw_that_cannot_step_here_is_named(monkeypatch, step, words):
     assert "\n" not in message
 
 
+@pytest.mark.slow  # importing bitsandbytes takes seconds
 def test_the_installed_bitsandbytes_on_this_machine():
     """The real package: it either steps here, or the check says so (never a traceback at the first step)."""
     bnb = pytest.importorskip("bitsandbytes")

@@ -8,7 +8,7 @@ import pytest
 from dreambooth.config import MAX_CONFIG_BYTES, Concept, Config
 from dreambooth.errors import UserError
 from dreambooth.store import DataRoot
-from dreambooth.ui.tab import concepts_folder, load_concepts, save_concepts
+from dreambooth.ui.concepts_files import concepts_folder, load_concepts, save_concepts
 
 SECRET = "s3cr3t-TOKEN"
 

@@ -59,10 +59,10 @@ def webui(tmp_path, monkeypatch):
     sys.modules.update(saved)
 
 
-def start_webui(webui, argv, build_tabs=True):
+def start_webui(webui, argv, build_ui=True):
     """What webui.py does at start: preload flags, parse, load scripts, settings; then either the UI with its app
-    (plus the REST API with --api) or, with --nowebui, only the API's app (no tabs, demo None). build_tabs=False
-    leaves the (slow) tab out where a test is about the app only."""
+    (plus the REST API with --api) or, with --nowebui, only the API's app (no tabs, demo None). build_ui=False
+    leaves the settings page and the tab (and with them the slow gradio import) out where a test is about the app."""
     shared = webui["shared"]
     preload = load_file(webui["ext"] / "preload.py", "preload")
     parser = shared.parser
@@ -73,13 +73,14 @@ def start_webui(webui, argv, build_tabs=True):
     from modules import script_callbacks
     from modules.api.api import Api
 
-    script_callbacks.ui_settings_callback()
+    if build_ui:
+        script_callbacks.ui_settings_callback()
     app = FastAPI()
     if shared.cmd_opts.nowebui:
         Api(app)
         script_callbacks.app_started_callback(None, app)
         return script, [], app
-    tabs = script_callbacks.ui_tabs_callback() if build_tabs else []
+    tabs = script_callbacks.ui_tabs_callback() if build_ui else []
     if shared.cmd_opts.api:
         Api(app)
     script_callbacks.app_started_callback(tabs[0][0] if tabs else None, app)
@@ -213,7 +214,7 @@ def test_routes_follow_the_webuis_access_flags(webui, tmp_path, case):
     auth_file = tmp_path / "auth.txt"
     auth_file.write_text("\n greta:pw:with:colons,\n", encoding="utf-8")
     argv = [a.replace("{auth_file}", str(auth_file)) for a in flags]
-    script, tabs, app = start_webui(webui, argv, build_tabs=False)
+    script, tabs, app = start_webui(webui, argv, build_ui=False)
     client = TestClient(app)
     got = tuple(client.get("/dreambooth/models", auth=who).status_code for who in (None, ALICE, GRETA))
     assert got == expected
