@@ -73,10 +73,6 @@ def _view_without_pickles(folder: Path, view: Path) -> Path:
 def _import_diffusers(source: str, working: Path, forced: str, allow_pickle: bool = False) -> dict:
     """A diffusers folder or hub id: load the pipeline (from .safetensors weights only, unless `allow_pickle`) and
     save it as the working folder."""
-    import diffusers
-
-    from .families import MODEL_INFO_FILE, detect
-
     local = Path(source).expanduser()
     load_from, view = (str(local) if local.is_dir() else source), None
     if local.is_dir() and not allow_pickle:
@@ -86,6 +82,9 @@ def _import_diffusers(source: str, working: Path, forced: str, allow_pickle: boo
                             f"run code when loaded and are not read; {CONVERT_HINT}")
         view = _view_without_pickles(local, working.parent / ".source_view")
         load_from = str(view)
+    import diffusers
+
+    from .families import MODEL_INFO_FILE, detect
     try:
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(load_from, torch_dtype=_folder_dtype(local),
