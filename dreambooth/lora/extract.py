@@ -78,13 +78,22 @@ def extract_lora(trained: dict, base: dict, rank: int, te_rank: int | None = Non
     `rank` is for the UNet, `te_rank` (default: `rank`) for the text encoder(s).
     """
     result = Extraction(weights={})
+    targets = {part: _targets(part, source) for part, source in trained.items()}
+
+    def widest(text: bool) -> int:
+        return max([min(trained[p].shape(k)[0], math.prod(trained[p].shape(k)[1:]))
+                    for p in trained if (p != "unet") == text for k in targets[p]], default=0)
+
+    check_extraction_rank("--rank", rank, widest(False) or rank)
+    if te_rank is None:  # not given: the UNet's rank, as far as the text encoders are wide
+        te_rank = min(rank, widest(True) or rank)
+    else:
+        check_extraction_rank("--te-rank", te_rank, widest(True) or te_rank)
+    settings = {part: rank if part == "unet" else te_rank for part in trained}
     for part, source in trained.items():
-        setting, wanted = ("--rank", rank) if part == "unet" else ("--te-rank", rank if te_rank is None else te_rank)
-        keys = _targets(part, source)
+        keys, wanted = targets[part], settings[part]
         if not keys:
             continue
-        widest = max(min(source.shape(k)[0], math.prod(source.shape(k)[1:])) for k in keys)
-        check_extraction_rank(setting, wanted, widest)
         if part not in base:
             raise UserError(f"the base checkpoint has no {part}")
         adapters, lost, total = {}, 0.0, 0.0
@@ -173,9 +182,8 @@ def extract_model_lora(root, name: str, rank: int, te_rank: int | None = None, o
     training = read_training(model.working)
     suffix = f"_extract_r{rank}" + (f"_te{te_rank}" if te_rank is not None and te_rank != rank else "")
     out = Path(out).expanduser() if out else lora_path(root.lora, name, training.get("step", 0), suffix)
-    extra = {"dreambooth.extraction": {"rank": rank, "te_rank": te_rank if te_rank is not None else rank,
-                                       "relative_error": extraction.errors, "unchanged": extraction.unchanged,
-                                       "base": str(config.model.source)}}
+    extra = {"dreambooth.extraction": {"ranks": extraction.ranks, "relative_error": extraction.errors,
+                                       "unchanged": extraction.unchanged, "base": str(config.model.source)}}
     path = save_lora(out, family_name, configs["unet"], extraction.weights, half=half,
                      resolution=config.parameters.resolution, training=training, layers=EXTRACT_LAYERS, extra=extra)
     log.info("extracted %s\n%s", path, extraction.report())
