@@ -164,22 +164,26 @@ def base_sources(source: str, family_name: str, configs: dict) -> dict:
 def extract_model_lora(root, name: str, rank: int, te_rank: int | None = None, out: Path | None = None,
                        half: bool = True) -> tuple[Path, Extraction]:
     """Extract a LoRA from the DreamBooth model `name` (trained working weights vs its source checkpoint)."""
-    from ..checkpoint.convert import component_source, read_configs, read_family
+    from ..checkpoint.convert import component_source, read_configs
     from ..checkpoint.export import read_training
-    from ..config import Config
+    from ..families import family_from_folder
+    from ..models import load_config
     from .files import lora_path, save_lora
 
     model = root.model(name)
-    if not model.exists() or not (model.working / "model_index.json").is_file():
+    if not model.exists():
         raise UserError(f"model {name!r}: not found under {root.dreambooth}")
-    config = Config.load(model.config_path)
-    family_name = read_family(model.working)
-    configs = read_configs(model.working, family_name)
-    parts = [p for p in configs if p != "vae"]
-    trained = {part: component_source(model.working / part, part) for part in parts}
-    base = base_sources(config.model.source, family_name, configs)
-    extraction = extract_lora(trained, base, rank, te_rank)
-    training = read_training(model.working)
+    with model.lock("extracting a LoRA"):
+        if not (model.working / "model_index.json").is_file():
+            raise UserError(f"model {name!r}: its working model is missing (re-create the model)")
+        config = load_config(model)
+        family_name = family_from_folder(model.working)
+        configs = read_configs(model.working, family_name)
+        parts = [p for p in configs if p != "vae"]
+        trained = {part: component_source(model.working / part, part) for part in parts}
+        base = base_sources(config.model.source, family_name, configs)
+        extraction = extract_lora(trained, base, rank, te_rank)
+        training = read_training(model.working)
     suffix = f"_extract_r{rank}" + (f"_te{te_rank}" if te_rank is not None and te_rank != rank else "")
     out = Path(out).expanduser() if out else lora_path(root.lora, name, training.get("step", 0), suffix)
     extra = {"dreambooth.extraction": {"ranks": extraction.ranks, "relative_error": extraction.errors,
