@@ -1,0 +1,125 @@
+"""LoRA in the trainer: adapters on the loaded model, what trains and at which rate, saving and resuming the
+adapters, the weight they are previewed at, and the exports (the LoRA file; optionally the merged checkpoint).
+
+The model's own weights never change: they are frozen (and kept in the training precision, which is where the
+memory saving comes from); only the adapters train, in float32. The working model on disk stays the base.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .weights import ADAPTER, adapters_of, attach_adapters, lora_parameters
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+
+
+def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_dtype=torch.float32) -> dict:
+    """Freeze the model, put adapters on the UNet (and the text encoders when they train); {part: module}."""
+    parts = {"unet": unet}
+    if train_text_encoders:
+        parts.update(zip(TEXT_PARTS, text_encoders))
+    for module in (unet, *text_encoders):
+        module.requires_grad_(False)
+        module.to(weight_dtype)
+    for part, module in parts.items():
+        if part == "unet":
+            rank, alpha, setting = params.lora_unet_rank, params.lora_unet_alpha, "lora_unet_rank"
+        else:
+            rank, alpha, setting = params.lora_text_encoder_rank, params.lora_text_encoder_alpha, "lora_text_encoder_rank"
+        attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting)
+        for p in lora_parameters(module):
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    return parts
+
+
+def param_groups(parts: dict, params) -> list[dict]:
+    """The adapters' parameters with the LoRA learning rates (UNet first, as the trainer's groups are)."""
+    groups = [{"params": lora_parameters(parts["unet"]), "lr": params.lora_unet_learning_rate}]
+    text = [p for part in TEXT_PARTS if part in parts for p in lora_parameters(parts[part])]
+    if text:
+        groups.append({"params": text, "lr": params.lora_text_encoder_learning_rate})
+    return groups
+
+
+def save_adapters(folder: Path, parts: dict) -> None:
+    """The adapters of every part into `folder` (one safetensors file per part, module names as in the model)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, module in parts.items():
+        tensors = {}
+        for name, adapter in adapters_of(module).items():
+            tensors[f"{name}.lora_down.weight"] = adapter.down.contiguous()
+            tensors[f"{name}.lora_up.weight"] = adapter.up.contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(adapter.alpha)
+        save_file(tensors, str(folder / f"lora_{part}.safetensors"), metadata={"format": "pt"})
+
+
+def load_adapters(folder: Path, parts: dict) -> None:
+    """Put saved adapter weights back into the adapters of `parts`; a UserError when they do not fit."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    for part, module in parts.items():
+        path = Path(folder) / f"lora_{part}.safetensors"
+        layers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
+        saved = load_file(str(path)) if path.is_file() else {}
+        names = {k.rsplit(".", 2)[0] for k in saved if k.endswith(".lora_down.weight")}
+        if names != set(layers) or any(
+                saved[f"{n}.lora_down.weight"].shape != layers[n].lora_A[ADAPTER].weight.shape
+                or saved[f"{n}.lora_up.weight"].shape != layers[n].lora_B[ADAPTER].weight.shape for n in names):
+            raise UserError(f"{folder}: the saved LoRA adapters of the {part} do not fit the current settings (LoRA "
+                            "rank, layers or text-encoder training changed); put the settings back, or delete that "
+                            "folder to start a new run")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A[ADAPTER].weight.copy_(saved[f"{name}.lora_down.weight"])
+                layer.lora_B[ADAPTER].weight.copy_(saved[f"{name}.lora_up.weight"])
+
+
+@contextlib.contextmanager
+def adapter_weight(parts: dict, weight: float):
+    """Apply the adapters at `weight` (as `<lora:NAME:weight>` would) inside the block."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for module in parts.values() for m in module.modules() if isinstance(m, LoraLayer)]
+    before = [layer.scaling[ADAPTER] for layer in layers]
+    try:
+        for layer, scale in zip(layers, before):
+            layer.scaling[ADAPTER] = scale * weight
+        yield
+    finally:
+        for layer, scale in zip(layers, before):
+            layer.scaling[ADAPTER] = scale
+
+
+def lora_weights(parts: dict) -> dict:
+    """{part: {module: Adapter}} of the adapted parts, for the LoRA file."""
+    return {part: adapters_of(module) for part, module in parts.items()}
+
+
+def merged_state_dicts(parts: dict) -> dict:
+    """{part: state dict} of the adapted parts with the adapters merged into the weights (float32, diffusers names):
+    what the exporter needs to write the merged full checkpoint."""
+    result = {}
+    for part, module in parts.items():
+        state = {k.replace(".base_layer.", "."): v.detach().float() for k, v in module.state_dict().items()
+                 if ".lora_A." not in k and ".lora_B." not in k}
+        for name, adapter in adapters_of(module).items():
+            state[f"{name}.weight"] = state[f"{name}.weight"] + adapter.delta()
+        result[part] = state
+    return result
+
+
+def export_lora(out: Path, parts: dict, family_name: str, unet_config: dict, params, summary: dict) -> Path:
+    """Write the adapters as a kohya LoRA file (fp16 when the checkpoint setting says so)."""
+    from .files import save_lora
+
+    return save_lora(out, family_name, unet_config, lora_weights(parts), half=params.save_half,
+                     resolution=params.resolution, training=summary, layers=params.lora_layers)
+
