@@ -273,7 +273,11 @@ CONCEPT_RULES: tuple[Rule, ...] = (
          if c.num_class_images_per_image > 0 and c.class_data_dir.strip() and _folder_missing(c.class_data_dir)
          else None, training=True),
 )
-PARAMETER_RULES: tuple[Rule, ...] = ()
+PARAMETER_RULES: tuple[Rule, ...] = (
+    # LoRA keeps the model's weights as they are: an average of them would only copy the base.
+    Rule(("use_ema",), lambda p: "cannot be used with LoRA (use_lora); turn one of them off"
+         if p.use_ema and p.use_lora else None),
+)
 
 
 def _apply_rules(rules, section, where: tuple, training: bool, problems: list) -> None:

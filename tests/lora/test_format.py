@@ -190,3 +190,23 @@ def test_settings_are_declared_in_their_group():
                   "parameters.lora_text_encoder_alpha: 0.0 is below the minimum 0.01",
                   "parameters.lora_layers: 'all' is not one of"):
         assert words in str(e.value)
+
+
+def test_ema_and_lora_together_are_refused():
+    from dreambooth.config import Config
+
+    with pytest.raises(UserError, match="parameters.use_ema: cannot be used with LoRA"):
+        Config.from_dict({"parameters": {"use_ema": True, "use_lora": True}})
+    assert Config.from_dict({"parameters": {"use_ema": True}}).parameters.use_ema
+
+
+def test_the_optimizer_gets_the_lora_learning_rates_when_lora_is_on():
+    from dreambooth.config import Parameters
+    from dreambooth.train.optim import param_groups
+
+    unet, te = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    p = Parameters(learning_rate=1e-6, text_encoder_learning_rate=2e-6, lora_unet_learning_rate=3e-4,
+                   lora_text_encoder_learning_rate=4e-5)
+    assert [g["lr"] for g in param_groups(p, unet, [te])] == [1e-6, 2e-6]
+    lora = Parameters(**{**vars(p), "use_lora": True})
+    assert [g["lr"] for g in param_groups(lora, unet, [te])] == [3e-4, 4e-5]
