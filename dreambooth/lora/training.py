@@ -34,6 +34,10 @@ def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_
         for p in lora_parameters(module):
             p.data = p.data.float()
             p.requires_grad_(True)
+        if part != "unet" and getattr(module, "is_gradient_checkpointing", False):
+            # Older transformers checkpoint re-entrantly: a layer whose input needs no gradient (the frozen
+            # embeddings' output) would pass none back to its adapters. Make that input ask for one.
+            module.enable_input_require_grads()
     return parts
 
 

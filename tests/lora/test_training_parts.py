@@ -126,3 +126,21 @@ def test_merged_weights_give_the_adapted_model():
     unet2.load_state_dict(merged["unet"])
     te2.load_state_dict(merged["text_encoder"], strict=False)  # CLIP's position_ids buffer varies by version
     assert torch.allclose(_run(unet2, te2), expected, atol=1e-5)
+
+
+def test_every_adapter_gets_a_gradient_with_gradient_checkpointing():
+    """transformers 4.30 checkpoints re-entrantly: without care the text encoder's adapters would get no gradient."""
+    from dreambooth.lora.training import add_adapters
+
+    unet, te = _modules()
+    unet.enable_gradient_checkpointing()
+    te.gradient_checkpointing_enable()
+    unet.train()
+    te.train()
+    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    _randomise(parts)
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    unet(torch.randn(1, 4, 8, 8), 10, te(ids)[0]).sample.square().mean().backward()
+    for part, module in parts.items():
+        grads = [p.grad for n, p in module.named_parameters() if ".lora_A." in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), part
