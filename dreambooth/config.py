@@ -240,6 +240,7 @@ class Parameters:
     lora_dropout: float = setting(0.0, 'LoRA dropout', "Dropout on the adapters' input during training; 0.05-0.1 can curb overfitting.", group='lora', min=0, max=0.9, step=0.01)
     lora_layers: str = setting('attention', 'LoRA layers', 'attention: the attention projections only (the usual LoRA); attention+ff+conv: also feed-forward, transformer in/out projections and resnet convolutions (more capacity, bigger file).', group='lora', choices=('attention', 'attention+ff+conv'))
     lora_preview_weight: float = setting(1.0, 'LoRA preview weight', 'Weight of the adapters in preview images, like <lora:NAME:weight> in the webui.', group='lora', min=0, max=2, step=0.05)
+    lora_export_merged: bool = setting(False, 'Also export the merged checkpoint', 'Besides the LoRA file, write the model with the adapters merged in as a full checkpoint (models/Stable-diffusion), on the same schedule.', group='lora')
 
 
 MODEL_SETTINGS = settings_of(ModelSettings)

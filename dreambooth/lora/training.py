@@ -7,6 +7,7 @@ memory saving comes from); only the adapters train, in float32. The working mode
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,11 @@ from ..errors import UserError
 from .weights import ADAPTER, adapters_of, attach_adapters, lora_parameters
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
+
+
+def training_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype the frozen model is kept in during a LoRA run: the mixed-precision one ("fp16", "bf16"), else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_dtype=torch.float32) -> dict:
@@ -30,7 +36,9 @@ def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_
             rank, alpha, setting = params.lora_unet_rank, params.lora_unet_alpha, "lora_unet_rank"
         else:
             rank, alpha, setting = params.lora_text_encoder_rank, params.lora_text_encoder_alpha, "lora_text_encoder_rank"
-        attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting)
+        with torch.random.fork_rng(devices=[]):  # the same seed gives the same adapters, whatever ran before
+            torch.manual_seed(params.seed + len(part))
+            attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting)
         for p in lora_parameters(module):
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -127,3 +135,62 @@ def export_lora(out: Path, parts: dict, family_name: str, unet_config: dict, par
     return save_lora(out, family_name, unet_config, lora_weights(parts), half=params.save_half,
                      resolution=params.resolution, training=summary, layers=params.lora_layers)
 
+
+
+class LoraRun:
+    """The LoRA side of a training run: the trainer calls it where a LoRA run differs from a full fine-tune.
+
+    start()     adapters on the loaded model (from the saved state when resuming); the optimizer then sees only them
+    previews()  a context in which previews show the adapters at the preview weight
+    write_state(folder)  the adapters into the resume state (the model's own weights are not saved: they never change)
+    export(...) the LoRA file <root>/models/Lora/NAME_<step>.safetensors, and the merged checkpoint when asked
+    """
+
+    def __init__(self, parts: dict, params, family_name: str, unet_config: dict, weight_dtype):
+        self.parts, self.params, self.family, self.unet_config = parts, params, family_name, unet_config
+        self.weight_dtype = weight_dtype
+
+    @classmethod
+    def start(cls, unet, text_encoders, params, family_name: str, train_text_encoders: bool,
+              resume_from: Path | None = None, weight_dtype=torch.float32) -> "LoraRun | None":
+        if not params.use_lora:
+            return None
+        parts = add_adapters(unet, text_encoders, params, train_text_encoders, weight_dtype)
+        if resume_from is not None:
+            load_adapters(resume_from, parts)
+        return cls(parts, params, family_name, dict(unet.config), weight_dtype)
+
+    @contextlib.contextmanager
+    def previews(self):
+        device = next(self.parts["unet"].parameters()).device
+        autocast = (torch.autocast(device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32
+                    else contextlib.nullcontext())  # frozen half-precision weights beside a float32 VAE
+        with adapter_weight(self.parts, self.params.lora_preview_weight), autocast:
+            yield
+
+    def write_state(self, folder: Path) -> None:
+        save_adapters(folder, self.parts)
+
+    def summary(self) -> dict:
+        p = self.params
+        return {"lora": {"unet_rank": p.lora_unet_rank, "unet_alpha": p.lora_unet_alpha,
+                         "text_encoder_rank": p.lora_text_encoder_rank, "text_encoder_alpha": p.lora_text_encoder_alpha,
+                         "layers": p.lora_layers, "dropout": p.lora_dropout, "parts": list(self.parts)},
+                "learning_rate": p.lora_unet_learning_rate,
+                "text_encoder_learning_rate": p.lora_text_encoder_learning_rate}
+
+    def export(self, lora_folder: Path, checkpoints: Path, working: Path, name: str, step: int,
+               summary: dict) -> list[Path]:
+        """The LoRA file (and the merged full checkpoint when lora_export_merged is on); their paths."""
+        from ..checkpoint.export import write_single_file
+        from .files import lora_path
+
+        p = self.params
+        paths = [export_lora(lora_path(lora_folder, name, step), self.parts, self.family, self.unet_config, p,
+                             summary)]
+        if p.lora_export_merged:
+            out = Path(checkpoints) / f"{name}_{step}.{p.checkpoint_format}"
+            paths.append(write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
+                                           state_dicts=merged_state_dicts(self.parts),
+                                           metadata={"dreambooth.training": json.dumps(summary)}))
+        return paths
