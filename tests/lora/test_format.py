@@ -210,3 +210,16 @@ def test_the_optimizer_gets_the_lora_learning_rates_when_lora_is_on():
     assert [g["lr"] for g in param_groups(p, unet, [te])] == [1e-6, 2e-6]
     lora = Parameters(**{**vars(p), "use_lora": True})
     assert [g["lr"] for g in param_groups(lora, unet, [te])] == [3e-4, 4e-5]
+
+
+def test_a_models_lora_files_are_listed_with_their_prompt_tags(tmp_path):
+    from dreambooth.lora.files import lora_exports
+
+    for name in ("dog_10.safetensors", "dog_500.safetensors", "dog_500_extract_r8.safetensors", "dog_2.safetensors",
+                 "dogs_5.safetensors", "dog_x.safetensors", "dog_7.ckpt", ".dog_9.safetensors.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert [(p.name, tag) for p, tag in lora_exports(tmp_path, "dog")] == [
+        ("dog_2.safetensors", "<lora:dog_2:1>"), ("dog_10.safetensors", "<lora:dog_10:1>"),
+        ("dog_500.safetensors", "<lora:dog_500:1>"),
+        ("dog_500_extract_r8.safetensors", "<lora:dog_500_extract_r8:1>")]
+    assert lora_exports(tmp_path / "missing", "dog") == []
