@@ -25,9 +25,9 @@ from ..data import captions
 from ..data import class_images as class_data
 from ..data.dataset import Example, TrainingData, class_examples_from, collect_instances, tokenize
 from ..errors import UserError
-from ..lora.training import LoraRun, training_dtype
 from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
                       Sample, Start, Step)
+from ..lora.training import LoraRun, training_dtype
 from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
