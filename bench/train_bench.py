@@ -9,7 +9,9 @@ VAE, text embeddings cached) built from bench/architectures.py, so nothing is do
   (`prepare_for_training`, `build_step`) with the trainer's settings.
 - "reference" is a step written the way diffusers' examples/dreambooth/train_dreambooth.py writes it: VAE encode every
   step, text encoder forward every step, noise, timesteps, add_noise, UNet forward, MSE, accelerator.backward, clip,
-  optimizer.step, lr_scheduler.step, zero_grad, and a `loss.item()` for the progress bar.
+  optimizer.step, lr_scheduler.step, zero_grad, and a `loss.item()` for the progress bar. LoRA cases: as
+  train_dreambooth_lora.py sets it up (frozen models in the weight dtype, peft adapters on the attention projections
+  with `add_adapter`, float32 adapters, the optimizer over the adapters only), the same loop body.
 
 Every (case, loop) runs in its own subprocess so peak memory (RSS on CPU, peak allocated VRAM on CUDA) does not mix.
 Warm-up steps are excluded from the timing. On CUDA the time is taken with CUDA events around the timed steps and
@@ -53,6 +55,7 @@ class Case:
     cache_latents: bool       # ours: VAE latents computed once; the reference always encodes every step
     train_text_encoder: bool  # False: text encoder(s) frozen
     gradient_checkpointing: bool = False
+    lora_rank: int = 0        # > 0: LoRA of this rank (alpha = rank) on the attention layers instead of a full fine-tune
 
 
 def _sd15(name, res, batch, precision, optimizer, cache, gc=False):
@@ -76,11 +79,17 @@ CASES = {c.name: c for c in (
     # SDXL at 1024, UNet only (text encoders frozen, embeddings cached), 8-bit AdamW, gradient checkpointing.
     Case("sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sdxl", 1024, 1, "bf16", "adamw_8bit", True, False, True),
     Case("sdxl-1024-b1-bf16-adamw8bit-gc", "sdxl", 1024, 1, "bf16", "adamw_8bit", False, False, True),
-    # Tiny architecture for the smoke test.
+    # LoRA (rank 16 on the attention layers): SD1.5 at 512 with the text encoder, SDXL at 1024 UNet only, batch 1.
+    Case("sd15-512-b1-fp16-lora16-cached", "sd15", 512, 1, "fp16", "adamw", True, True, lora_rank=16),
+    Case("sd15-512-b1-bf16-lora16-cached", "sd15", 512, 1, "bf16", "adamw", True, True, lora_rank=16),
+    Case("sdxl-1024-b1-bf16-lora16-gc-cached", "sdxl", 1024, 1, "bf16", "adamw", True, False, True, lora_rank=16),
+    Case("sd15-256-cpu-lora16", "sd15", 256, 1, "no", "adamw", False, True, lora_rank=16),
+    # Tiny architecture for the smoke tests.
     Case("tiny", "tiny", 64, 2, "no", "adamw", False, True),
+    Case("tiny-lora", "tiny", 64, 2, "no", "adamw", False, True, lora_rank=4),
 )}
 DEFAULT_CASES = {"cpu": ["sd15-256-cpu"],
-                 "cuda": [n for n, c in CASES.items() if c.arch != "tiny" and not n.endswith(("-cpu", "-cpu-cached"))]}
+                 "cuda": [n for n, c in CASES.items() if c.arch != "tiny" and "-cpu" not in n]}
 LOOPS = ("ours", "reference")
 
 
@@ -181,14 +190,22 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     from dreambooth.train.loop import build_step, choose_precision
     from dreambooth.train.step import Batch
 
+    from dreambooth.lora.training import LoraRun, training_dtype
+
     params = Parameters(optimizer=case.optimizer, mixed_precision=case.precision, train_batch_size=case.batch,
                         resolution=case.resolution, cache_latents=case.cache_latents,
                         gradient_checkpointing=case.gradient_checkpointing, lr_scheduler="constant",
-                        train_text_encoder_ratio=1.0 if case.train_text_encoder else 0.0)
+                        train_text_encoder_ratio=1.0 if case.train_text_encoder else 0.0,
+                        use_lora=case.lora_rank > 0, lora_unet_rank=max(1, case.lora_rank),
+                        lora_unet_alpha=float(max(1, case.lora_rank)), lora_text_encoder_rank=max(1, case.lora_rank),
+                        lora_text_encoder_alpha=float(max(1, case.lora_rank)))
     cuda = str(device).startswith("cuda")
     acc = Accelerator(mixed_precision=choose_precision(params.mixed_precision, cuda), cpu=not cuda)
     vae = models.vae
     trainable = prepare_for_training(models.unet, vae, list(models.text_encoders), params, device)
+    # As Trainer.setup: with LoRA, adapters on the frozen model (in the training precision) before the step is built.
+    LoraRun.start(models.unet, models.text_encoders, params, "sdxl" if models.sdxl else "v1", trainable,
+                  weight_dtype=training_dtype(acc.mixed_precision))
     parts = Components(models.unet, vae, models.text_encoders, (), models.noise_scheduler, models.sdxl)
     step = build_step(params, parts, acc, total_steps=1000, train_text_encoder=trainable)
 
@@ -221,8 +238,6 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
 
 def build_reference(case: Case, models: Models, inputs: dict, device):
     """A step written the way diffusers' examples/dreambooth/train_dreambooth.py writes its loop body."""
-    import itertools
-
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -240,14 +255,33 @@ def build_reference(case: Case, models: Models, inputs: dict, device):
     if text_encoder is not None and not train_te:
         text_encoder.requires_grad_(False)
         text_encoder.to(device, dtype=weight_dtype)
+    if case.lora_rank:  # train_dreambooth_lora.py: frozen models in the weight dtype, adapters in float32
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        unet.add_adapter(LoraConfig(r=case.lora_rank, lora_alpha=case.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        if train_te:
+            text_encoder.requires_grad_(False)
+            text_encoder.to(device, dtype=weight_dtype)
+            text_encoder.add_adapter(LoraConfig(r=case.lora_rank, lora_alpha=case.lora_rank,
+                                                init_lora_weights="gaussian",
+                                                target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        for model in (unet, text_encoder) if train_te else (unet,):
+            for q in model.parameters():
+                if q.requires_grad:
+                    q.data = q.data.float()
     if case.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_te:
             text_encoder.gradient_checkpointing_enable()
 
-    params_to_optimize = itertools.chain(unet.parameters(), text_encoder.parameters()) if train_te \
-        else unet.parameters()
-    kwargs = dict(lr=2e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    def trainable(model):
+        return [q for q in model.parameters() if q.requires_grad]
+
+    params_to_optimize = trainable(unet) + (trainable(text_encoder) if train_te else [])
+    kwargs = dict(lr=1e-4 if case.lora_rank else 2e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     if case.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
@@ -287,9 +321,7 @@ def build_reference(case: Case, models: Models, inputs: dict, device):
             loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                params_to_clip = itertools.chain(unet.parameters(), text_encoder.parameters()) if train_te \
-                    else unet.parameters()
-                accelerator.clip_grad_norm_(params_to_clip, 1.0)
+                accelerator.clip_grad_norm_(params_to_optimize, 1.0)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=False)
@@ -435,7 +467,8 @@ def _fmt_bytes(n: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table, two rows per case (ours, reference), the ratio on the ours row."""
-    header = ["case", "model", "res", "batch", "precision", "optimizer", "latents", "text enc", "grad ckpt", "loop",
+    header = ["case", "model", "res", "batch", "precision", "optimizer", "trains", "latents", "text enc", "grad ckpt",
+              "loop",
               "steps/s", "samples/s", "peak mem", "MFU", "ours/ref"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
@@ -443,6 +476,7 @@ def format_table(rows: list[dict]) -> str:
         for loop in LOOPS:
             r = row[loop]
             settings = [c.name, ARCH_LABEL[c.arch], str(c.resolution), str(c.batch), c.precision, c.optimizer,
+                        f"LoRA r{c.lora_rank}" if c.lora_rank else "full",
                         ("cached" if c.cache_latents else "encoded") if loop == "ours" else "encoded",
                         "trained" if c.train_text_encoder else ("cached" if loop == "reference" and c.arch == "sdxl"
                                                                  else "frozen"),

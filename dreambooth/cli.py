@@ -54,6 +54,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_extract_lora(args) -> int:
+    from .lora.extract import extract_model_lora
+
+    path, extraction = extract_model_lora(_root(args), args.name, args.rank, args.te_rank,
+                                          out=Path(args.out) if args.out else None, half=not args.full_precision)
+    print(extraction.report())
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .config import parse_overrides
     from .train import train_model
@@ -129,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="export the EMA UNet weights")
     p.add_argument("--out", help="output path (default: <root>/models/Stable-diffusion/NAME_<step>.<format>)")
     p.set_defaults(run=cmd_export)
+
+    p = verbs.add_parser("extract-lora", help="extract a LoRA from a trained model (low-rank SVD of trained - base)")
+    p.add_argument("name")
+    p.add_argument("--rank", type=int, required=True, help="UNet rank (capped per layer at the layer's width)")
+    p.add_argument("--te-rank", type=int, default=None, help="text-encoder rank (default: --rank)")
+    p.add_argument("--out", help="output path (default: <root>/models/Lora/NAME_<step>_extract_r<R>.safetensors)")
+    p.add_argument("--full-precision", action="store_true", help="write fp32 weights (default fp16)")
+    p.set_defaults(run=cmd_extract_lora)
 
     p = verbs.add_parser("train", help="train a model from its config (resumes where it stopped)")
     p.add_argument("name")

@@ -229,12 +229,24 @@ class Parameters:
     save_ema_weights: bool = setting(True, 'Export EMA weights', 'When EMA is on, export the averaged UNet instead of the raw one.', group='saving')
     save_on_end: bool = setting(True, 'Save at the end', 'Export a checkpoint when training finishes.', group='saving')
     save_on_cancel: bool = setting(True, 'Save on cancel', 'Export a checkpoint when training is cancelled.', group='saving')
+    # lora
+    use_lora: bool = setting(False, 'Use LoRA', "Train small low-rank adapters instead of the whole model: far less memory, a few-MB file (models/Lora) for the webui's <lora:NAME:1>.", group='lora')
+    lora_unet_rank: int = setting(16, 'UNet LoRA rank', 'Rank (dim) of the UNet adapters: 4-32 is usual; higher learns more detail and makes a bigger file.', group='lora', min=1, max=1024)
+    lora_unet_alpha: float = setting(16.0, 'UNet LoRA alpha', 'The adapters are scaled by alpha / rank; alpha = rank applies them as trained.', group='lora', min=0.01, max=1024, step=0.5)
+    lora_text_encoder_rank: int = setting(8, 'Text encoder LoRA rank', 'Rank of the text-encoder adapters (both encoders for SDXL); they train for the text-encoder step ratio.', group='lora', min=1, max=1024)
+    lora_text_encoder_alpha: float = setting(8.0, 'Text encoder LoRA alpha', 'The text-encoder adapters are scaled by alpha / rank.', group='lora', min=0.01, max=1024, step=0.5)
+    lora_unet_learning_rate: float = setting(1e-4, 'UNet LoRA learning rate', 'Learning rate of the UNet adapters (replaces the UNet learning rate when LoRA is on).', group='lora', min=0, max=1, step=1e-5)
+    lora_text_encoder_learning_rate: float = setting(5e-5, 'Text encoder LoRA learning rate', 'Learning rate of the text-encoder adapters.', group='lora', min=0, max=1, step=1e-5)
+    lora_dropout: float = setting(0.0, 'LoRA dropout', "Dropout on the adapters' input during training; 0.05-0.1 can curb overfitting.", group='lora', min=0, max=0.9, step=0.01)
+    lora_layers: str = setting('attention', 'LoRA layers', 'attention: the attention projections only (the usual LoRA); attention+ff+conv: also feed-forward, transformer in/out projections and resnet convolutions (more capacity, bigger file).', group='lora', choices=('attention', 'attention+ff+conv'))
+    lora_preview_weight: float = setting(1.0, 'LoRA preview weight', 'Weight of the adapters in preview images, like <lora:NAME:weight> in the webui.', group='lora', min=0, max=2, step=0.05)
+    lora_export_merged: bool = setting(False, 'Also export the merged checkpoint', 'Besides the LoRA file, write the model with the adapters merged in as a full checkpoint (models/Stable-diffusion), on the same schedule.', group='lora')
 
 
 MODEL_SETTINGS = settings_of(ModelSettings)
 CONCEPT_SETTINGS = settings_of(Concept)
 PARAMETER_SETTINGS = settings_of(Parameters)
-GROUPS = ("performance", "intervals", "batch", "learning rate", "loss", "image processing", "saving")
+GROUPS = ("performance", "intervals", "batch", "learning rate", "loss", "image processing", "saving", "lora")
 
 
 # ---------------------------------------------------------------- rules relating several settings
@@ -262,7 +274,11 @@ CONCEPT_RULES: tuple[Rule, ...] = (
          if c.num_class_images_per_image > 0 and c.class_data_dir.strip() and _folder_missing(c.class_data_dir)
          else None, training=True),
 )
-PARAMETER_RULES: tuple[Rule, ...] = ()
+PARAMETER_RULES: tuple[Rule, ...] = (
+    # LoRA keeps the model's weights as they are: an average of them would only copy the base.
+    Rule(("use_ema",), lambda p: "cannot be used with LoRA (use_lora); turn one of them off"
+         if p.use_ema and p.use_lora else None),
+)
 
 
 def _apply_rules(rules, section, where: tuple, training: bool, problems: list) -> None:

@@ -36,7 +36,7 @@ def _text_config(full: bool, openclip: bool, sdxl_second: bool) -> dict:
             "pad_token_id": 0 if openclip else 1}
 
 
-def tiny_configs(family_name: str, full_text_encoder: bool = False) -> dict[str, dict]:
+def tiny_configs(family_name: str, full_text_encoder: bool = False, unet_layers_per_block: int = 1) -> dict[str, dict]:
     fam = family(family_name)
     configs = {}
     if fam.is_sdxl:
@@ -49,7 +49,7 @@ def tiny_configs(family_name: str, full_text_encoder: bool = False) -> dict[str,
     attention = [not fam.is_sdxl, True]  # SDXL has no attention at its first level
     unet = {
         "sample_size": fam.resolution // 8, "in_channels": 4, "out_channels": 4,
-        "block_out_channels": TINY_CHANNELS, "layers_per_block": 1,
+        "block_out_channels": TINY_CHANNELS, "layers_per_block": unet_layers_per_block,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
         "cross_attention_dim": context,
@@ -91,8 +91,12 @@ def _random_state_dict(component: str, config: dict, family_name: str, seed: int
     return canonical_source(component, model.state_dict())
 
 
-def write_tiny_checkpoint(family: str, out: Path, seed: int = 0, full_text_encoder: bool = False) -> Path:
-    """Write a tiny random `family` model to `out` (.safetensors or .ckpt) and its .yaml beside it."""
+def write_tiny_checkpoint(family: str, out: Path, seed: int = 0, full_text_encoder: bool = False,
+                          unet_layers_per_block: int = 1) -> Path:
+    """Write a tiny random `family` model to `out` (.safetensors or .ckpt) and its .yaml beside it.
+
+    `unet_layers_per_block` 2 gives the real models' UNet depth (2 res blocks a level), which some LoRA loaders assume.
+    """
     from ..families import family as family_facts
 
     family_name = family_facts(family).name
@@ -102,7 +106,7 @@ def write_tiny_checkpoint(family: str, out: Path, seed: int = 0, full_text_encod
         raise UserError(f"{out}: the output must end in .safetensors or .ckpt")
     if seed < 0:
         raise UserError(f"seed {seed}: must not be negative")
-    configs = tiny_configs(family_name, full_text_encoder)
+    configs = tiny_configs(family_name, full_text_encoder, unet_layers_per_block)
     sources = {c: _random_state_dict(c, cfg, family_name, seed) for c, cfg in configs.items()}
     entries = plan_export(family_name, configs, sources, extras=None, include_ema=False, half=False)
     yaml_text, _ = render_yaml(family_name, configs["unet"], configs["vae"])

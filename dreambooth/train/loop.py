@@ -27,6 +27,7 @@ from ..data.dataset import Example, TrainingData, class_examples_from, collect_i
 from ..errors import UserError
 from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
                       Sample, Start, Step)
+from ..lora.training import LoraRun, training_dtype
 from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
@@ -187,6 +188,7 @@ class TrainingState:
     latent_cache: dict = field(default_factory=dict)
     checkpoints: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    lora: LoraRun | None = None  # LoRA: the adapters the run trains (the model itself stays frozen)
 
 
 class Trainer:
@@ -251,6 +253,7 @@ class Trainer:
         acc, p = self.accelerator, self.p
         if self.main:
             remove_leftovers(self.model.path, self.root.checkpoints, self.model.name)
+            remove_leftovers(self.model.path, self.root.lora, self.model.name)
         instances = collect_instances(self.config)  # bad images are reported before the models load
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
         saved = read_trainer_info(self.model.state)
@@ -259,10 +262,13 @@ class Trainer:
         classes = self.prepare_class_images(parts, instances)
         data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
         schedule = Schedule.plan(p, data.steps_per_epoch, self.max_steps_override)
+        # LoRA: adapters on the frozen model (kept in the training precision); the optimizer then sees only them.
+        lora = LoraRun.start(parts.unet, parts.text_encoders, p, self.config.model.family,
+                             schedule.text_encoder_steps > 0, resume_from, training_dtype(acc.mixed_precision))
         train_step = build_step(p, parts, acc, schedule.total_steps, schedule.text_encoder_steps > 0)
         ema = make_ema(p, acc.unwrap_model(train_step.unet))
         state = TrainingState(parts, train_step.unet, list(train_step.text_encoders), train_step.optimizer,
-                              train_step.lr_scheduler, ema, train_step, instances, data, schedule)
+                              train_step.lr_scheduler, ema, train_step, instances, data, schedule, lora=lora)
 
         resumed = load_state(self.model.state, acc, state.optimizer, state.lr_scheduler, ema)
         if resumed is None:
@@ -452,7 +458,7 @@ class Trainer:
             pipe = gen.make_pipeline(unet, c.vae, tes, c.tokenizers, c.noise_scheduler.config, c.sdxl)
             res = self.p.resolution
             paths = []
-            with torch.no_grad():
+            with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()):
                 for pos, concept, prompt in self.sample_prompts(s):
                     for i in range(concept.num_samples):
                         seed = concept.sample_seed + i if concept.sample_seed >= 0 else random.randrange(2**31)
@@ -481,6 +487,9 @@ class Trainer:
             trained = self.trained_modules(s)
 
             def write_weights(tmp: Path) -> None:
+                if s.lora is not None:  # the adapters only: the model's own weights never change
+                    s.lora.write_state(tmp)
+                    return
                 for name, module in trained.items():
                     module.save_pretrained(tmp / name, safe_serialization=True)
 
@@ -503,6 +512,8 @@ class Trainer:
     def publish(self, s: TrainingState) -> None:
         """The saved step's weights into working/ (hard links to state/: no extra disk), for `export` and the UI,
         its summary, and the checkpoint file in models/Stable-diffusion; state/ then records that it is written."""
+        if s.lora is not None:
+            return self.publish_lora(s)
         p, step, working = self.p, s.step, self.model.working
         trained = self.trained_modules(s)
         for name in trained:
@@ -532,6 +543,22 @@ class Trainer:
             mark_checkpoint_written(self.model.state)
         s.checkpoints.append(Path(path))
         self.emit(Checkpoint(step, str(path)))
+
+    def publish_lora(self, s: TrainingState) -> None:
+        """LoRA: the saved step's adapters as models/Lora/NAME_<step>.safetensors (and the merged checkpoint when
+        asked); working/ stays the base model."""
+        step = s.step
+        summary = {"step": step, "epoch": s.schedule.epoch(step), "total_steps": s.schedule.total_steps,
+                   **s.lora.summary(), "text_encoder_steps": s.schedule.text_encoder_steps,
+                   "instance_images": len(s.data.instances),
+                   "prompts": sorted({e.prompt for e in s.data.instances})[:8]}
+        with writing(self.root.lora, s.last_save_step):
+            paths = s.lora.export(self.root.lora, self.root.checkpoints, self.model.working, self.model.name, step,
+                                  summary)
+            mark_checkpoint_written(self.model.state)
+        for path in paths:
+            s.checkpoints.append(Path(path))
+            self.emit(Checkpoint(step, str(path)))
 
     @staticmethod
     def _ema_unet(s: TrainingState, unet):

@@ -9,10 +9,13 @@ from ..errors import UserError
 
 
 def param_groups(params, unet, text_encoders) -> list[dict]:
-    groups = [{"params": [q for q in unet.parameters() if q.requires_grad], "lr": params.learning_rate}]
+    """What trains (with LoRA: only the adapters), UNet and text encoders as separate groups with their own rates."""
+    unet_lr, te_lr = ((params.lora_unet_learning_rate, params.lora_text_encoder_learning_rate) if params.use_lora
+                      else (params.learning_rate, params.text_encoder_learning_rate))
+    groups = [{"params": [q for q in unet.parameters() if q.requires_grad], "lr": unet_lr}]
     te = [q for m in text_encoders for q in m.parameters() if q.requires_grad]
     if te:
-        groups.append({"params": te, "lr": params.text_encoder_learning_rate})
+        groups.append({"params": te, "lr": te_lr})
     return groups
 
 

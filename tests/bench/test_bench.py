@@ -131,3 +131,16 @@ def test_the_product_cli_has_no_bench_verb():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench"])
+
+
+@pytest.mark.slow
+def test_lora_cases_run_both_loops_at_tiny_size(tmp_path):
+    out = tmp_path / "lora.json"
+    proc = run_script("--case", "tiny-lora", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    for loop in ("ours", "reference"):
+        assert row[loop]["steps"] == 2 and 0 < row[loop]["loss"] < 100
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-lora ")]
+    assert len(table) == 2 and all("| LoRA r4 |" in line for line in table)
+    assert {"sd15-512-b1-fp16-lora16-cached", "sdxl-1024-b1-bf16-lora16-gc-cached"} <= set(bench.DEFAULT_CASES["cuda"])

@@ -1,0 +1,196 @@
+"""LoRA in the trainer: adapters on the loaded model, what trains and at which rate, saving and resuming the
+adapters, the weight they are previewed at, and the exports (the LoRA file; optionally the merged checkpoint).
+
+The model's own weights never change: they are frozen (and kept in the training precision, which is where the
+memory saving comes from); only the adapters train, in float32. The working model on disk stays the base.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .weights import ADAPTER, adapters_of, attach_adapters, lora_parameters
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+
+
+def training_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype the frozen model is kept in during a LoRA run: the mixed-precision one ("fp16", "bf16"), else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_dtype=torch.float32) -> dict:
+    """Freeze the model, put adapters on the UNet (and the text encoders when they train); {part: module}."""
+    parts = {"unet": unet}
+    if train_text_encoders:
+        parts.update(zip(TEXT_PARTS, text_encoders))
+    for module in (unet, *text_encoders):
+        module.requires_grad_(False)
+        module.to(weight_dtype)
+    for part, module in parts.items():
+        if part == "unet":
+            rank, alpha, setting = params.lora_unet_rank, params.lora_unet_alpha, "lora_unet_rank"
+        else:
+            rank, alpha, setting = params.lora_text_encoder_rank, params.lora_text_encoder_alpha, "lora_text_encoder_rank"
+        with torch.random.fork_rng(devices=[]):  # the same seed gives the same adapters, whatever ran before
+            torch.manual_seed(params.seed + len(part))
+            attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting)
+        for p in lora_parameters(module):
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if part != "unet" and getattr(module, "is_gradient_checkpointing", False):
+            # Older transformers checkpoint re-entrantly: a layer whose input needs no gradient (the frozen
+            # embeddings' output) would pass none back to its adapters. Make that input ask for one.
+            module.enable_input_require_grads()
+    return parts
+
+
+def param_groups(parts: dict, params) -> list[dict]:
+    """The adapters' parameters with the LoRA learning rates (UNet first, as the trainer's groups are)."""
+    groups = [{"params": lora_parameters(parts["unet"]), "lr": params.lora_unet_learning_rate}]
+    text = [p for part in TEXT_PARTS if part in parts for p in lora_parameters(parts[part])]
+    if text:
+        groups.append({"params": text, "lr": params.lora_text_encoder_learning_rate})
+    return groups
+
+
+def save_adapters(folder: Path, parts: dict) -> None:
+    """The adapters of every part into `folder` (one safetensors file per part, module names as in the model)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, module in parts.items():
+        tensors = {}
+        for name, adapter in adapters_of(module).items():
+            tensors[f"{name}.lora_down.weight"] = adapter.down.contiguous()
+            tensors[f"{name}.lora_up.weight"] = adapter.up.contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(adapter.alpha)
+        save_file(tensors, str(folder / f"lora_{part}.safetensors"), metadata={"format": "pt"})
+
+
+def load_adapters(folder: Path, parts: dict) -> None:
+    """Put saved adapter weights back into the adapters of `parts`; a UserError when they do not fit."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    for part, module in parts.items():
+        path = Path(folder) / f"lora_{part}.safetensors"
+        layers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
+        saved = load_file(str(path)) if path.is_file() else {}
+        names = {k.rsplit(".", 2)[0] for k in saved if k.endswith(".lora_down.weight")}
+        if names != set(layers) or any(
+                saved[f"{n}.lora_down.weight"].shape != layers[n].lora_A[ADAPTER].weight.shape
+                or saved[f"{n}.lora_up.weight"].shape != layers[n].lora_B[ADAPTER].weight.shape for n in names):
+            raise UserError(f"{folder}: the saved LoRA adapters of the {part} do not fit the current settings (LoRA "
+                            "rank, layers or text-encoder training changed); put the settings back, or delete that "
+                            "folder to start a new run")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A[ADAPTER].weight.copy_(saved[f"{name}.lora_down.weight"])
+                layer.lora_B[ADAPTER].weight.copy_(saved[f"{name}.lora_up.weight"])
+
+
+@contextlib.contextmanager
+def adapter_weight(parts: dict, weight: float):
+    """Apply the adapters at `weight` (as `<lora:NAME:weight>` would) inside the block."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for module in parts.values() for m in module.modules() if isinstance(m, LoraLayer)]
+    before = [layer.scaling[ADAPTER] for layer in layers]
+    try:
+        for layer, scale in zip(layers, before):
+            layer.scaling[ADAPTER] = scale * weight
+        yield
+    finally:
+        for layer, scale in zip(layers, before):
+            layer.scaling[ADAPTER] = scale
+
+
+def lora_weights(parts: dict) -> dict:
+    """{part: {module: Adapter}} of the adapted parts, for the LoRA file."""
+    return {part: adapters_of(module) for part, module in parts.items()}
+
+
+def merged_state_dicts(parts: dict) -> dict:
+    """{part: state dict} of the adapted parts with the adapters merged into the weights (float32, diffusers names):
+    what the exporter needs to write the merged full checkpoint."""
+    result = {}
+    for part, module in parts.items():
+        state = {k.replace(".base_layer.", "."): v.detach().float() for k, v in module.state_dict().items()
+                 if ".lora_A." not in k and ".lora_B." not in k}
+        for name, adapter in adapters_of(module).items():
+            state[f"{name}.weight"] = state[f"{name}.weight"] + adapter.delta()
+        result[part] = state
+    return result
+
+
+def export_lora(out: Path, parts: dict, family_name: str, unet_config: dict, params, summary: dict) -> Path:
+    """Write the adapters as a kohya LoRA file (fp16 when the checkpoint setting says so)."""
+    from .files import save_lora
+
+    return save_lora(out, family_name, unet_config, lora_weights(parts), half=params.save_half,
+                     resolution=params.resolution, training=summary, layers=params.lora_layers)
+
+
+
+class LoraRun:
+    """The LoRA side of a training run: the trainer calls it where a LoRA run differs from a full fine-tune.
+
+    start()     adapters on the loaded model (from the saved state when resuming); the optimizer then sees only them
+    previews()  a context in which previews show the adapters at the preview weight
+    write_state(folder)  the adapters into the resume state (the model's own weights are not saved: they never change)
+    export(...) the LoRA file <root>/models/Lora/NAME_<step>.safetensors, and the merged checkpoint when asked
+    """
+
+    def __init__(self, parts: dict, params, family_name: str, unet_config: dict, weight_dtype):
+        self.parts, self.params, self.family, self.unet_config = parts, params, family_name, unet_config
+        self.weight_dtype = weight_dtype
+
+    @classmethod
+    def start(cls, unet, text_encoders, params, family_name: str, train_text_encoders: bool,
+              resume_from: Path | None = None, weight_dtype=torch.float32) -> "LoraRun | None":
+        if not params.use_lora:
+            return None
+        parts = add_adapters(unet, text_encoders, params, train_text_encoders, weight_dtype)
+        if resume_from is not None:
+            load_adapters(resume_from, parts)
+        return cls(parts, params, family_name, dict(unet.config), weight_dtype)
+
+    @contextlib.contextmanager
+    def previews(self):
+        device = next(self.parts["unet"].parameters()).device
+        autocast = (torch.autocast(device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32
+                    else contextlib.nullcontext())  # frozen half-precision weights beside a float32 VAE
+        with adapter_weight(self.parts, self.params.lora_preview_weight), autocast:
+            yield
+
+    def write_state(self, folder: Path) -> None:
+        save_adapters(folder, self.parts)
+
+    def summary(self) -> dict:
+        p = self.params
+        return {"lora": {"unet_rank": p.lora_unet_rank, "unet_alpha": p.lora_unet_alpha,
+                         "text_encoder_rank": p.lora_text_encoder_rank, "text_encoder_alpha": p.lora_text_encoder_alpha,
+                         "layers": p.lora_layers, "dropout": p.lora_dropout, "parts": list(self.parts)},
+                "learning_rate": p.lora_unet_learning_rate,
+                "text_encoder_learning_rate": p.lora_text_encoder_learning_rate}
+
+    def export(self, lora_folder: Path, checkpoints: Path, working: Path, name: str, step: int,
+               summary: dict) -> list[Path]:
+        """The LoRA file (and the merged full checkpoint when lora_export_merged is on); their paths."""
+        from ..checkpoint.export import write_single_file
+        from .files import lora_path
+
+        p = self.params
+        paths = [export_lora(lora_path(lora_folder, name, step), self.parts, self.family, self.unet_config, p,
+                             summary)]
+        if p.lora_export_merged:
+            out = Path(checkpoints) / f"{name}_{step}.{p.checkpoint_format}"
+            paths.append(write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
+                                           state_dicts=merged_state_dicts(self.parts),
+                                           metadata={"dreambooth.training": json.dumps(summary)}))
+        return paths

@@ -1,0 +1,69 @@
+"""Helpers for the LoRA tests: pipelines with random peft adapters, a fixed UNet input, peft's own merged weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def parts_of(pipe, family: str) -> dict:
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if family == "sdxl":
+        parts["text_encoder_2"] = pipe.text_encoder_2
+    return parts
+
+
+def load_pipeline(working: Path, family: str):
+    from dreambooth.families import pipeline_class
+
+    return pipeline_class(family).from_pretrained(str(working), torch_dtype=torch.float32)
+
+
+def add_random_adapters(pipe, family: str, layers: str, unet=(4, 8.0), text=(2, 1.0), seed: int = 0) -> dict:
+    """Our peft adapters on every part, with random (non-zero) weights, as a trained LoRA would have."""
+    from dreambooth.lora.weights import attach_adapters
+
+    parts = parts_of(pipe, family)
+    generator = torch.Generator().manual_seed(seed)
+    for part, module in parts.items():
+        rank, alpha = unet if part == "unet" else text
+        attach_adapters(module, part, rank, alpha, layers)
+        for name, p in module.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return parts
+
+
+def unet_output(pipe, family: str, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(UNet prediction, text conditioning) for a fixed latent, timestep and prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    ids = pipe.tokenizer(["a photo of zwx dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        if family == "sdxl":
+            ids2 = pipe.tokenizer_2(["a photo of zwx dog"], padding="max_length", max_length=77,
+                                    return_tensors="pt").input_ids
+            first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+            second = pipe.text_encoder_2(ids2, output_hidden_states=True)
+            context = torch.cat([first, second.hidden_states[-2]], dim=-1)
+            added = {"text_embeds": second.text_embeds, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+            return pipe.unet(sample, 500, context, added_cond_kwargs=added).sample, context
+        context = pipe.text_encoder(ids)[0]
+        return pipe.unet(sample, 500, context).sample, context
+
+
+def peft_merged_state_dict(module: torch.nn.Module) -> dict:
+    """The module's weights with peft's own delta (get_delta_weight) added: what merging the adapters gives."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in module.state_dict().items()
+             if ".lora_" not in k}
+    for name, layer in module.named_modules():
+        if isinstance(layer, LoraLayer):
+            state[f"{name}.weight"] += layer.get_delta_weight("default").detach()
+    return state
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())

@@ -1,0 +1,146 @@
+"""The trainer's LoRA pieces on small modules: what trains, the learning rates, saving and resuming adapters, the
+preview weight, and the merged weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth.config import Parameters
+from dreambooth.errors import UserError
+
+pytestmark = pytest.mark.slow  # diffusers, transformers and peft take seconds to import
+
+
+def _modules(seed=0):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=8))
+    return unet, te
+
+
+def _run(unet, te):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 100, (1, 8), generator=g)
+    with torch.no_grad():
+        context = te(ids)[0]
+        return unet(torch.randn(1, 4, 8, 8, generator=g), 10, context).sample
+
+
+def _randomise(parts, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in parts.values():
+            for n, p in module.named_parameters():
+                if ".lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+P = Parameters(lora_unet_rank=4, lora_unet_alpha=2.0, lora_text_encoder_rank=2, lora_text_encoder_alpha=2.0,
+               lora_unet_learning_rate=3e-4, lora_text_encoder_learning_rate=7e-5, lora_layers="attention+ff+conv")
+
+
+def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op():
+    from dreambooth.lora.training import add_adapters, param_groups
+
+    unet, te = _modules()
+    before = _run(unet, te)
+    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    assert list(parts) == ["unet", "text_encoder"]
+    assert torch.equal(_run(unet, te), before)  # fresh adapters (up = 0) change nothing
+    trainable = {n for m in (unet, te) for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    groups = param_groups(parts, P)
+    assert [g["lr"] for g in groups] == [3e-4, 7e-5]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert all(p.dtype == torch.float32 for g in groups for p in g["params"])
+
+    unet2, te2 = _modules()
+    parts2 = add_adapters(unet2, (te2,), P, train_text_encoders=False)
+    assert list(parts2) == ["unet"] and not any(p.requires_grad for p in te2.parameters())
+    assert len(param_groups(parts2, P)) == 1
+
+
+def test_frozen_weights_are_kept_in_the_training_precision():
+    from dreambooth.lora.training import add_adapters
+
+    unet, te = _modules()
+    parts = add_adapters(unet, (te,), P, train_text_encoders=True, weight_dtype=torch.bfloat16)
+    for module in parts.values():
+        for n, p in module.named_parameters():
+            assert p.dtype == (torch.float32 if ".lora_" in n else torch.bfloat16), n
+
+
+def test_adapters_are_saved_and_resumed_exactly(tmp_path):
+    from dreambooth.lora.training import add_adapters, load_adapters, save_adapters
+
+    unet, te = _modules()
+    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    _randomise(parts)
+    expected = _run(unet, te)
+    save_adapters(tmp_path / "state", parts)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["lora_text_encoder.safetensors",
+                                                                       "lora_unet.safetensors"]
+    unet2, te2 = _modules()
+    parts2 = add_adapters(unet2, (te2,), P, train_text_encoders=True)
+    load_adapters(tmp_path / "state", parts2)
+    assert torch.equal(_run(unet2, te2), expected)
+
+    unet3, te3 = _modules()
+    other = Parameters(**{**vars(P), "lora_unet_rank": 2})
+    with pytest.raises(UserError, match="saved LoRA adapters of the unet do not fit the current settings"):
+        load_adapters(tmp_path / "state", add_adapters(unet3, (te3,), other, train_text_encoders=True))
+
+
+def test_preview_weight_scales_the_adapters_and_is_undone():
+    from dreambooth.lora.training import adapter_weight, add_adapters
+
+    unet, te = _modules()
+    base = _run(unet, te)
+    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    _randomise(parts)
+    full = _run(unet, te)
+    with adapter_weight(parts, 0.0):
+        assert torch.allclose(_run(unet, te), base, atol=1e-6)
+    with adapter_weight(parts, 0.5):
+        half = _run(unet, te)
+    assert float((half - base).norm()) < float((full - base).norm())
+    assert torch.equal(_run(unet, te), full)
+
+
+def test_merged_weights_give_the_adapted_model():
+    from dreambooth.lora.training import add_adapters, merged_state_dicts
+
+    unet, te = _modules()
+    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    _randomise(parts)
+    expected = _run(unet, te)
+    merged = merged_state_dicts(parts)
+    unet2, te2 = _modules()
+    unet2.load_state_dict(merged["unet"])
+    te2.load_state_dict(merged["text_encoder"], strict=False)  # CLIP's position_ids buffer varies by version
+    assert torch.allclose(_run(unet2, te2), expected, atol=1e-5)
+
+
+def test_every_adapter_gets_a_gradient_with_gradient_checkpointing():
+    """transformers 4.30 checkpoints re-entrantly: without care the text encoder's adapters would get no gradient."""
+    from dreambooth.lora.training import add_adapters
+
+    unet, te = _modules()
+    unet.enable_gradient_checkpointing()
+    te.gradient_checkpointing_enable()
+    unet.train()
+    te.train()
+    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    _randomise(parts)
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    unet(torch.randn(1, 4, 8, 8), 10, te(ids)[0]).sample.square().mean().backward()
+    for part, module in parts.items():
+        grads = [p.grad for n, p in module.named_parameters() if ".lora_A." in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), part
