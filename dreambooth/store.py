@@ -266,10 +266,3 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def temp_leftovers(folder: Path, stem: str = "") -> list[Path]:
-    """Temporary files that a killed atomic write left in `folder` (for names starting with `stem`)."""
-    if not Path(folder).is_dir():
-        return []
-    return [p for p in Path(folder).glob(f".{stem}*.tmp") if p.is_file()]

@@ -61,14 +61,14 @@ def load_components(working: Path, family: str, device, params, resume_from: Pat
     def trained(cls, part: str):
         """A trained part: from the saved state when it has it (a damaged one is an error naming it)."""
         if resume_from is None or not (Path(resume_from) / part).is_dir():
-            return cls.from_pretrained(working, subfolder=part, torch_dtype=f32)
+            return cls.from_pretrained(working, subfolder=part, torch_dtype=f32, use_safetensors=True)
         try:
-            return cls.from_pretrained(resume_from, subfolder=part, torch_dtype=f32)
+            return cls.from_pretrained(resume_from, subfolder=part, torch_dtype=f32, use_safetensors=True)
         except Exception as e:  # truncated or overwritten weights: each library says so its own way
             raise damaged(Path(resume_from) / part, f"its weights cannot be loaded: {type(e).__name__}") from e
 
     unet = trained(UNet2DConditionModel, "unet")
-    vae = AutoencoderKL.from_pretrained(working, subfolder="vae", torch_dtype=f32)
+    vae = AutoencoderKL.from_pretrained(working, subfolder="vae", torch_dtype=f32, use_safetensors=True)
     encoders = [trained(CLIPTextModel, "text_encoder")]
     tokenizers = [CLIPTokenizer.from_pretrained(working, subfolder="tokenizer")]
     if sdxl:
