@@ -9,7 +9,6 @@ silent restart from step 0.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 
+from ..checkpoint.export import DISK_FULL
 from ..errors import UserError
 from ..store import atomic_write_text
 
@@ -191,10 +191,10 @@ def _chain(error: BaseException):
 
 
 def disk_full(error: BaseException) -> bool:
-    """Whether a failed write ran out of space: an OSError ENOSPC anywhere in the chain, or safetensors' own error
-    type (not an OSError) saying so."""
+    """Whether a failed write ran out of space (or quota): an OSError saying so anywhere in the chain (the exporter's
+    WriteError carries it as its cause), or safetensors' own error type (not an OSError) saying so."""
     for e in _chain(error):
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
             return True
         if isinstance(e, SafetensorError) and re.search(r"os error 28\b|code: 28\b|StorageFull|No space left", str(e)):
             return True

@@ -96,6 +96,7 @@ def test_settings_that_do_not_fit_are_told_apart_from_damage(saved):
 
 def test_disk_full_is_recognised_in_every_shape():
     assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert disk_full(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert disk_full(SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
                                      '"No space left on device" })'))  # safetensors 0.4 (the webui's)
@@ -106,6 +107,11 @@ def test_disk_full_is_recognised_in_every_shape():
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     except RuntimeError as torch_error:  # torch.save into a file object: its own error, the OSError as context
         assert disk_full(torch_error) and write_failed(torch_error)
+    from dreambooth.errors import WriteError
+
+    export_error = WriteError("disk full while writing m_4.safetensors; the previous file is intact")
+    export_error.__cause__ = OSError(errno.ENOSPC, "No space left on device")  # as the exporter raises it
+    assert disk_full(export_error) and write_failed(export_error)
     assert not disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not disk_full(SafetensorError("Error while serializing: I/O error: No such file or directory (os error 2)"))
     assert write_failed(OSError(errno.EACCES, "Permission denied"))

@@ -227,16 +227,17 @@ def test_disk_full_at_export_keeps_the_previous_checkpoint_and_resume_writes_it(
 
     from dreambooth.checkpoint import export
 
-    write = export.write_single_file
+    write = export.write_safetensors
     calls = {"n": 0}
 
-    def disk_full_on_second(*a, **k):
+    def disk_full_on_second(path, *a, **k):  # the exporter's own writer, so its WriteError is what the trainer sees
         calls["n"] += 1
         if calls["n"] == 2:
+            Path(path).write_bytes(b"half a file")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write(*a, **k)
+        return write(path, *a, **k)
 
-    monkeypatch.setattr(export, "write_single_file", disk_full_on_second)
+    monkeypatch.setattr(export, "write_safetensors", disk_full_on_second)
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=2,
                              save_every_n_epochs=1)
     result = train_model(root, "m")
