@@ -468,8 +468,7 @@ def _fmt_bytes(n: float) -> str:
 def format_table(rows: list[dict]) -> str:
     """A markdown table, two rows per case (ours, reference), the ratio on the ours row."""
     header = ["case", "model", "res", "batch", "precision", "optimizer", "trains", "latents", "text enc", "grad ckpt",
-              "loop",
-              "steps/s", "samples/s", "peak mem", "MFU", "ours/ref"]
+              "loop", "steps/s", "samples/s", "peak mem", "MFU", "ours/ref"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         c = CASES[row["case"]]
