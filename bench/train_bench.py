@@ -55,7 +55,7 @@ class Case:
     cache_latents: bool       # ours: VAE latents computed once; the reference always encodes every step
     train_text_encoder: bool  # False: text encoder(s) frozen
     gradient_checkpointing: bool = False
-    lora_rank: int = 0        # > 0: LoRA of this rank (alpha = rank) on the attention layers instead of a full fine-tune
+    lora_rank: int = 0        # > 0: LoRA of this rank (alpha = rank) on the attention layers, not a full fine-tune
 
 
 def _sd15(name, res, batch, precision, optimizer, cache, gc=False):

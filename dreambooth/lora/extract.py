@@ -165,9 +165,8 @@ def extract_model_lora(root, name: str, rank: int, te_rank: int | None = None, o
                        half: bool = True) -> tuple[Path, Extraction]:
     """Extract a LoRA from the DreamBooth model `name` (trained working weights vs its source checkpoint)."""
     from ..checkpoint.convert import component_source, read_configs
-    from ..checkpoint.export import read_training
     from ..families import family_from_folder
-    from ..models import load_config
+    from ..models import load_config, read_training_summary
     from .files import lora_path, save_lora
 
     model = root.model(name)
@@ -183,7 +182,7 @@ def extract_model_lora(root, name: str, rank: int, te_rank: int | None = None, o
         trained = {part: component_source(model.working / part, part) for part in parts}
         base = base_sources(config.model.source, family_name, configs)
         extraction = extract_lora(trained, base, rank, te_rank)
-        training = read_training(model.working)
+        training = read_training_summary(model) or {"step": 0, "epoch": 0}
     suffix = f"_extract_r{rank}" + (f"_te{te_rank}" if te_rank is not None and te_rank != rank else "")
     out = Path(out).expanduser() if out else lora_path(root.lora, name, training.get("step", 0), suffix)
     extra = {"dreambooth.extraction": {"ranks": extraction.ranks, "relative_error": extraction.errors,

@@ -32,10 +32,9 @@ def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_
         module.requires_grad_(False)
         module.to(weight_dtype)
     for part, module in parts.items():
-        if part == "unet":
-            rank, alpha, setting = params.lora_unet_rank, params.lora_unet_alpha, "lora_unet_rank"
-        else:
-            rank, alpha, setting = params.lora_text_encoder_rank, params.lora_text_encoder_alpha, "lora_text_encoder_rank"
+        which = "unet" if part == "unet" else "text_encoder"
+        rank, alpha = getattr(params, f"lora_{which}_rank"), getattr(params, f"lora_{which}_alpha")
+        setting = f"lora_{which}_rank"
         with torch.random.fork_rng(devices=[]):  # the same seed gives the same adapters, whatever ran before
             torch.manual_seed(params.seed + len(part))
             attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting)
@@ -191,6 +190,6 @@ class LoraRun:
         if p.lora_export_merged:
             out = Path(checkpoints) / f"{name}_{step}.{p.checkpoint_format}"
             paths.append(write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
-                                           state_dicts=merged_state_dicts(self.parts),
+                                           state_dicts=merged_state_dicts(self.parts), training=summary,
                                            metadata={"dreambooth.training": json.dumps(summary)}))
         return paths
