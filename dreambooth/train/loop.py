@@ -32,7 +32,7 @@ from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
 from .components import Components, load_components
-from .optim import check_optimizer_runs_here, make_lr_scheduler, make_optimizer
+from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler, make_optimizer
 from .requests import Requests
 from .schedule import Schedule
 from .state import (disk_full, link_tree, load_state, mark_checkpoint_written, read_trainer_info, remove_leftovers,
@@ -85,12 +85,14 @@ def train_model(root: DataRoot, name: str, max_steps: int | None = None, overrid
     return Trainer(root, model, config, max_steps).run()
 
 
-def choose_precision(requested: str, on_gpu: bool, gpu_has_bf16: bool = True) -> str:
+def choose_precision(requested: str, on_gpu: bool, gpu_has_bf16: bool = True, pure_bf16: bool = False) -> str:
     """The precision that can run here, said in one line when it differs from the request.
 
     fp16 autocast on a CPU is slow and poorly supported: fp32 there instead. bf16 on a GPU without it (before
     Ampere): fp16 instead. bf16 on a CPU works.
     """
+    if pure_bf16 and (gpu_has_bf16 or not on_gpu):
+        return "bf16"  # weights held in bf16 compute in bf16
     if requested == "fp16" and not on_gpu:
         warnings.warn("mixed_precision fp16 needs a GPU; training in full precision (fp32) on the CPU", stacklevel=2)
         return "no"
@@ -126,7 +128,9 @@ def build_step(params, parts: Components, accelerator, total_steps: int, train_t
     if train_text_encoder:
         trainable += [q for te in encoders for q in te.parameters() if q.requires_grad]
     return TrainStep(unet, encoders, parts.noise_scheduler, params, sdxl=parts.sdxl, vae=parts.vae,
-                     optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable)
+                     optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable,
+                     fused=make_fused_step(params, optimizer, trainable, acc),
+                     pure_bf16=any(q.dtype == torch.bfloat16 for q in trainable))
 
 
 def resume_words(last_save_step: int | None) -> str:
@@ -202,7 +206,8 @@ class Trainer:
         self.accelerator = Accelerator(
             # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
             cpu=not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            mixed_precision=choose_precision(self.p.mixed_precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported()),
+            mixed_precision=choose_precision(self.p.mixed_precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
+                                             self.p.pure_bf16),
             gradient_accumulation_steps=self.p.gradient_accumulation_steps,
             # SDXL's first encoder contributes its penultimate layer only: its last layer gets no gradient.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
