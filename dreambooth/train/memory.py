@@ -187,17 +187,25 @@ class _Bnb8bitStandIn(torch.optim.Optimizer):
     MIN_8BIT = 4096
     BLOCK = 256
 
-    def __init__(self, groups):
+    def __init__(self, groups, cpu_kernel: bool = False):
         super().__init__(groups, {})
         self.qmap = None
+        # On a CPU, bitsandbytes' 8-bit update works through fp32 copies (both moments, the scaled gradient, the
+        # denominator and its square root); its CUDA kernel needs none.
+        self.cpu_kernel = cpu_kernel
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or self.state[p]:
+                if p.grad is None:
                     continue
                 state = self.state[p]
+                if state:
+                    if self.cpu_kernel and "absmax1" in state:
+                        temporaries = [torch.empty_like(p, dtype=torch.float32) for _ in range(5)]
+                        del temporaries
+                    continue
                 if p.numel() < self.MIN_8BIT:
                     state["state1"] = torch.zeros_like(p, dtype=torch.float32)
                     state["state2"] = torch.zeros_like(p, dtype=torch.float32)
@@ -349,7 +357,7 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
             m.to_empty(device="cpu")
         te_steps = trainable  # the plan follows the text encoders' training phase: it costs the most
         if params.optimizer == "adamw_8bit":  # bitsandbytes cannot even be constructed on fake tensors
-            optimizer = _Bnb8bitStandIn(param_groups(params, unet, encoders if te_steps else ()))
+            optimizer = _Bnb8bitStandIn(param_groups(params, unet, encoders if te_steps else ()), not on_gpu)
             notes.append("8-bit AdamW state allocated as bitsandbytes allocates it (not run)")
         else:
             optimizer = make_optimizer(params, unet, encoders if te_steps else ())
@@ -396,6 +404,9 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
             batch = Batch(latents=latents, input_ids=ids, add_time_ids=time_ids)
             out = step(batch, train_text_encoder=bool(te_steps))
             del out, batch, latents
+            for state in optimizer.state.values():  # state the step replaced (Adafactor's RMS) is state too
+                for t in state.values():
+                    tracker.tag(t, "optimizer")
             peak = tracker.peak_breakdown()
         if fused is not None:
             fused.remove()

@@ -169,8 +169,9 @@ class FusedBackwardStep:
                 self.overflow = True
                 p.grad = None
                 return
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+        if self.max_grad_norm > 0:  # per tensor: scale down to max_grad_norm when its own norm is above (no sync)
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            p.grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(p.grad.dtype))
         self.stepper.step(p)
         p.grad = None
 
