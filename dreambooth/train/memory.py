@@ -479,17 +479,31 @@ def plan_model(root, name: str, params=None, target: str = "cuda") -> MemoryPlan
     return plan_architecture(arch, params or config.parameters, count_images(config), target)
 
 
-# The memory-related settings, leanest last; each entry is applied on top of the previous ones. Ordered by what each
-# costs in speed: dropping the second gradient copy and 8-bit state cost little, checkpointing about 20%.
+# The memory-related settings, from the fastest run to the leanest; each rung adds its changes to the ones before.
+# Ordered by what each costs in speed: half-precision frozen parts and the fused step cost (nearly) nothing, 8-bit
+# state little, pure bf16 nothing in speed (it changes the numerics, which stochastic rounding keeps sound),
+# gradient checkpointing about 20-30% (a second forward), Adafactor a little more; freezing the text encoder changes
+# what is trained, so it comes last.
+FASTEST = {"optimizer": "adamw", "fused_backward_step": False, "pure_bf16": False, "gradient_checkpointing": False,
+           "frozen_precision": "half"}
 LEANER_STEPS = (
-    ("frozen parts in half precision", {"frozen_precision": "half"}),
     ("optimizer step in the backward pass", {"fused_backward_step": True, "gradient_accumulation_steps": 1}),
     ("8-bit AdamW", {"optimizer": "adamw_8bit"}),
-    ("gradient checkpointing", {"gradient_checkpointing": True}),
     ("pure bf16 weights", {"pure_bf16": True, "mixed_precision": "bf16"}),
+    ("gradient checkpointing", {"gradient_checkpointing": True}),
     ("Adafactor", {"optimizer": "adafactor"}),
     ("text encoder frozen", {"train_text_encoder_ratio": 0.0}),
 )
+
+
+def ladder(params) -> list[tuple[str, object]]:
+    """(label, parameters) from the fastest memory settings to the leanest, the rest of `params` kept."""
+    current = replace(params, **FASTEST)
+    rungs = [("fastest", current)]
+    for label, changes in LEANER_STEPS:
+        current = replace(current, **changes)
+        rungs.append((label, current))
+    return rungs
 
 
 def _changes(params, changes: dict) -> dict:
@@ -497,10 +511,8 @@ def _changes(params, changes: dict) -> dict:
 
 
 def suggest(arch_factory, params, vram_bytes: float, n_images: int = 0, target: str = "cuda"):
-    """The cheapest changes that make the run fit: settings from LEANER_STEPS added in order until the plan fits.
-
-    Returns (changes dict, plan) or (None, leanest plan) when nothing fits. Settings the run already has are skipped.
-    """
+    """The cheapest changes that make the run fit: the rungs of LEANER_STEPS added in order, those the run already
+    has skipped, until the plan fits. Returns (changes, plan), or (None, the leanest plan) when nothing fits."""
     current = params
     applied: dict = {}
     plan = plan_architecture(arch_factory(), current, n_images, target)
@@ -518,22 +530,101 @@ def suggest(arch_factory, params, vram_bytes: float, n_images: int = 0, target: 
     return None, plan
 
 
-def plan_summary(root, name: str, vram_gb: float | None = None) -> str:
-    """One or two lines for the tab: the predicted peak and breakdown; with vram_gb, whether it fits and what to
-    change when it does not."""
+def choose_preset(arch_factory, params, vram_gb: float, n_images: int = 0):
+    """The fastest rung of `ladder(params)` whose plan fits `vram_gb`: (settings that differ from `params`, plan);
+    (None, leanest plan) when none fits."""
+    plan = None
+    for _label, rung in ladder(params):
+        plan = plan_architecture(arch_factory(), rung, n_images)
+        if plan.fits(vram_gb * GIB):
+            return {k: getattr(rung, k) for k in _preset_keys() if getattr(rung, k) != getattr(params, k)}, plan
+    return None, plan
+
+
+def _preset_keys() -> tuple:
+    keys = dict(FASTEST)
+    for _label, changes in LEANER_STEPS:
+        keys.update(changes)
+    return tuple(keys)
+
+
+# VRAM presets: for each family and GPU size, the memory settings of the fastest rung of `ladder` whose plan fits,
+# computed with `generate_presets` on the family's full-size architecture at its native resolution, batch 1, with the
+# other settings at their defaults (text encoder trained for the first 25% of the steps, latents cached).
+PRESET_SIZES = (6, 8, 12, 16, 24, 48)
+PRESETS: dict = {}  # filled below from the generated table
+
+
+def preset_for(family: str, vram_gb: float) -> tuple[float, dict]:
+    """(preset size, settings) of the largest preset that is not larger than the GPU."""
+    sizes = [g for g in PRESET_SIZES if g <= vram_gb + 1e-9]
+    if not sizes:
+        raise UserError(f"vram: {vram_gb:g} GiB is below the smallest preset ({PRESET_SIZES[0]} GiB)")
+    table = PRESETS.get(family)
+    if table is None:
+        raise UserError(f"family {family!r}: no VRAM presets")
+    size = sizes[-1]
+    settings = table[size]
+    if settings is None:
+        raise UserError(f"no {size} GiB preset for {family}: even the leanest settings do not fit "
+                        f"(lower the resolution or train the UNet only)")
+    return size, dict(settings)
+
+
+def generate_presets(arch_factory, params, sizes=PRESET_SIZES) -> dict:
+    """{size: settings or None} for one family: the plan of each rung of `ladder(params)` once, then for each size
+    the first (fastest) rung that fits."""
+    rungs = [(rung, plan_architecture(arch_factory(), rung)) for _label, rung in ladder(params)]
+    out = {}
+    for size in sizes:
+        fit = next((rung for rung, plan in rungs if plan.fits(size * GIB)), None)
+        out[size] = None if fit is None else {k: getattr(fit, k) for k in _preset_keys()}
+    return out
+
+
+def _load_config(root, name: str):
     from ..config import Config
 
     model = root.model(name)
     if not model.exists():
         raise UserError(f"model {name!r}: not found in {root.dreambooth} (create it first)")
-    config = Config.load(model.config_path)
-    params, n = config.parameters, count_images(config)
+    return model, Config.load(model.config_path)
+
+
+def apply_preset(root, name: str, vram_gb: float) -> str:
+    """Set model `name`'s memory settings to its family's preset for `vram_gb`; says what changed."""
+    model, config = _load_config(root, name)
+    size, settings = preset_for(config.model.family, vram_gb)
+    changes = {k: v for k, v in settings.items() if getattr(config.parameters, k) != v}
+    if changes:
+        config.with_parameters(**changes).save(model.config_path)
+    what = ", ".join(f"{k}={v}" for k, v in changes.items()) or "nothing to change"
+    return f"{name}: {size:g} GiB preset for {config.model.family}: {what}"
+
+
+def plan_cli(root, name: str, vram_gb: float | None = None, preset_gb: float | None = None) -> str:
+    """What `python -m dreambooth plan` prints."""
+    _model, config = _load_config(root, name)
+    params = config.parameters
+    head = []
+    if preset_gb is not None:
+        size, settings = preset_for(config.model.family, preset_gb)
+        params = replace(params, **settings)
+        head.append(f"with the {size:g} GiB preset: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return "\n".join(head + [plan_summary(root, name, vram_gb, params=params)])
+
+
+def plan_summary(root, name: str, vram_gb: float | None = None, params=None) -> str:
+    """One or two lines for the tab: the predicted peak and breakdown; with vram_gb, whether it fits and what to
+    change when it does not."""
+    model, config = _load_config(root, name)
+    params, n = params or config.parameters, count_images(config)
 
     def arch():
         return architecture_from_folder(model.working, config.model.family)
 
     plan = plan_architecture(arch(), params, n)
-    lines = [f"Memory plan: {plan.breakdown()}"]
+    lines = [f"Memory plan: {plan.breakdown()}"] + [f"  note: {x}" for x in plan.notes]
     if vram_gb is not None:
         vram = vram_gb * GIB
         if plan.fits(vram):
@@ -551,4 +642,5 @@ def plan_summary(root, name: str, vram_gb: float | None = None) -> str:
 
 
 __all__ = ["MemoryPlan", "StorageTracker", "Architecture", "architecture_from_folder", "plan_architecture",
-           "arithmetic_plan", "plan_model", "plan_summary", "suggest", "count_images", "LEANER_STEPS"]
+           "arithmetic_plan", "plan_model", "plan_summary", "suggest", "choose_preset", "ladder", "count_images",
+           "LEANER_STEPS", "FASTEST"]
