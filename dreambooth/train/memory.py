@@ -496,14 +496,19 @@ LEANER_STEPS = (
 )
 
 
+def rung_settings() -> list[tuple[str, dict]]:
+    """(label, the settings a preset sets) for each rung, fastest first: FASTEST plus the LEANER_STEPS so far."""
+    settings = dict(FASTEST)
+    rungs = [("fastest", dict(settings))]
+    for label, changes in LEANER_STEPS:
+        settings.update(changes)
+        rungs.append((label, dict(settings)))
+    return rungs
+
+
 def ladder(params) -> list[tuple[str, object]]:
     """(label, parameters) from the fastest memory settings to the leanest, the rest of `params` kept."""
-    current = replace(params, **FASTEST)
-    rungs = [("fastest", current)]
-    for label, changes in LEANER_STEPS:
-        current = replace(current, **changes)
-        rungs.append((label, current))
-    return rungs
+    return [(label, replace(params, **settings)) for label, settings in rung_settings()]
 
 
 def _changes(params, changes: dict) -> dict:
@@ -534,18 +539,11 @@ def choose_preset(arch_factory, params, vram_gb: float, n_images: int = 0):
     """The fastest rung of `ladder(params)` whose plan fits `vram_gb`: (settings that differ from `params`, plan);
     (None, leanest plan) when none fits."""
     plan = None
-    for _label, rung in ladder(params):
-        plan = plan_architecture(arch_factory(), rung, n_images)
+    for _label, settings in rung_settings():
+        plan = plan_architecture(arch_factory(), replace(params, **settings), n_images)
         if plan.fits(vram_gb * GIB):
-            return {k: getattr(rung, k) for k in _preset_keys() if getattr(rung, k) != getattr(params, k)}, plan
+            return {k: v for k, v in settings.items() if getattr(params, k) != v}, plan
     return None, plan
-
-
-def _preset_keys() -> tuple:
-    keys = dict(FASTEST)
-    for _label, changes in LEANER_STEPS:
-        keys.update(changes)
-    return tuple(keys)
 
 
 # VRAM presets: for each family and GPU size, the memory settings of the fastest rung of `ladder` whose plan fits,
@@ -574,12 +572,9 @@ def preset_for(family: str, vram_gb: float) -> tuple[float, dict]:
 def generate_presets(arch_factory, params, sizes=PRESET_SIZES) -> dict:
     """{size: settings or None} for one family: the plan of each rung of `ladder(params)` once, then for each size
     the first (fastest) rung that fits."""
-    rungs = [(rung, plan_architecture(arch_factory(), rung)) for _label, rung in ladder(params)]
-    out = {}
-    for size in sizes:
-        fit = next((rung for rung, plan in rungs if plan.fits(size * GIB)), None)
-        out[size] = None if fit is None else {k: getattr(fit, k) for k in _preset_keys()}
-    return out
+    rungs = [(settings, plan_architecture(arch_factory(), replace(params, **settings)))
+             for _label, settings in rung_settings()]
+    return {size: next((settings for settings, plan in rungs if plan.fits(size * GIB)), None) for size in sizes}
 
 
 def _load_config(root, name: str):
@@ -597,7 +592,10 @@ def apply_preset(root, name: str, vram_gb: float) -> str:
     size, settings = preset_for(config.model.family, vram_gb)
     changes = {k: v for k, v in settings.items() if getattr(config.parameters, k) != v}
     if changes:
-        config.with_parameters(**changes).save(model.config_path)
+        from ..models import save_config
+
+        with model.lock("setting a VRAM preset"):
+            save_config(model, config.with_parameters(**changes))
     what = ", ".join(f"{k}={v}" for k, v in changes.items()) or "nothing to change"
     return f"{name}: {size:g} GiB preset for {config.model.family}: {what}"
 

@@ -205,6 +205,10 @@ def make_fused_step(params, optimizer, trainable, accelerator=None):
         warnings.warn("fused_backward_step: gradient accumulation needs every gradient kept until the last "
                       "micro-batch; using the plain optimizer step (gradients cost memory again)", stacklevel=2)
         return None
+    if accelerator is not None and accelerator.num_processes > 1:
+        warnings.warn("fused_backward_step: with several processes a gradient is averaged across them after it is "
+                      "ready; using the plain optimizer step", stacklevel=2)
+        return None
     raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real optimizer
     scaler = getattr(accelerator, "scaler", None) if accelerator is not None else None
     return FusedBackwardStep(raw, trainable, params.max_grad_norm, scaler)

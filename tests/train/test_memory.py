@@ -313,3 +313,47 @@ def test_memory_settings_lower_the_planned_peak():
     assert plans["pure_bf16"].weights * 2 == pytest.approx(plans["fused"].weights, rel=0.05)  # 512-byte blocks
     assert plans["checkpointing"].activations < plans["plain"].activations or \
         plans["checkpointing"].peak <= plans["plain"].peak
+
+
+# -- presets and the CLI -------------------------------------------------------------------------------------------
+
+def test_every_vram_preset_validates_and_larger_cards_get_faster_settings():
+    from dreambooth.families import FAMILIES
+    from dreambooth.train.memory import PRESET_SIZES, PRESETS, preset_for, rung_settings
+
+    assert set(PRESETS) == set(FAMILIES)
+    rungs = [settings for _label, settings in rung_settings()]
+    for family, table in PRESETS.items():
+        assert tuple(table) == PRESET_SIZES
+        order = []
+        for size, settings in table.items():
+            if settings is None:  # nothing fits this card
+                continue
+            config = Config().with_parameters(**settings)  # every value passes its declared checks
+            assert config.problems(training=False) == [], (family, size)
+            assert settings in rungs, (family, size)  # a rung of the ladder, chosen by the plan
+            order.append(rungs.index(settings))
+            assert preset_for(family, size + 0.5) == (size, settings)
+        assert order == sorted(order, reverse=True), family  # more memory: the same or a faster rung
+    with pytest.raises(Exception, match="below the smallest preset"):
+        preset_for("v1", 4)
+
+
+@pytest.mark.slow
+def test_cli_plan_and_preset(tiny_source, tmp_path, capsys):
+    from dreambooth.cli import main
+    from dreambooth.models import create_model
+    from dreambooth.store import DataRoot
+    from dreambooth.train.memory import preset_for
+
+    root = DataRoot(tmp_path)
+    create_model(root, "tiny", str(tiny_source))
+    assert main(["--root", str(tmp_path), "plan", "tiny", "--vram", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "Memory plan: peak" in out and "weights" in out and "fits 24 GiB" in out
+    assert main(["--root", str(tmp_path), "preset", "tiny", "8"]) == 0
+    assert "8 GiB preset for v1" in capsys.readouterr().out
+    saved = Config.load(root.model("tiny").config_path).parameters
+    assert all(getattr(saved, k) == v for k, v in preset_for("v1", 8)[1].items())
+    assert main(["--root", str(tmp_path), "plan", "nope"]) == 2
+    assert "model 'nope': not found" in capsys.readouterr().err
