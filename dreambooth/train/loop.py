@@ -37,7 +37,7 @@ from .requests import Requests
 from .schedule import Schedule
 from .state import (disk_full, link_tree, load_state, mark_checkpoint_written, read_trainer_info, remove_leftovers,
                     save_state, swap_folder, write_failed)
-from .step import Batch, TrainStep
+from .step import Batch, TrainStep, encode_prompt
 
 log = logging.getLogger("dreambooth")
 
@@ -190,6 +190,7 @@ class TrainingState:
     step: int = 0              # optimizer steps done
     last_save_step: int | None = None
     latent_cache: dict = field(default_factory=dict)
+    embedding_cache: dict = field(default_factory=dict)  # prompt -> frozen text encoders' output
     checkpoints: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     lora: LoraRun | None = None  # LoRA: the adapters the run trains (the model itself stays frozen)
@@ -354,12 +355,31 @@ class Trainer:
             latents.append(latent)
             time_ids.append(ids)
         prompts = [item.example.prompt for item in items]
-        return Batch(
+        batch = Batch(
             latents=torch.stack(latents).float().to(device),
-            input_ids=tuple(i.to(device) for i in tokenize(c.tokenizers, prompts)),
             add_time_ids=torch.stack(time_ids).to(device) if c.sdxl else None,
             is_prior=torch.tensor([item.is_prior for item in items], device=device),
         )
+        if s.schedule.trains_text_encoder(s.step):
+            batch.input_ids = tuple(i.to(device) for i in tokenize(c.tokenizers, prompts))
+        else:
+            batch.prompt_embeds, batch.pooled_embeds = self.frozen_text_embeddings(s, prompts)
+        return batch
+
+    def frozen_text_embeddings(self, s: TrainingState, prompts: list[str]):
+        """Text conditioning from the frozen text encoders, computed once per prompt: they cannot change any more,
+        so each step skips their forward pass. One prompt at a time, so a value never depends on its batch."""
+        c, device = s.parts, self.accelerator.device
+        encoders = [self.accelerator.unwrap_model(te) for te in s.text_encoders]
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in s.embedding_cache:
+                ids = [i.to(device) for i in tokenize(c.tokenizers, [prompt])]
+                with torch.no_grad():
+                    hidden, pooled = encode_prompt(encoders, ids, c.sdxl)
+                s.embedding_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
+        hidden = torch.stack([s.embedding_cache[q][0] for q in prompts])
+        pooled = torch.stack([s.embedding_cache[q][1] for q in prompts]) if c.sdxl else None
+        return hidden, pooled
 
     def freeze_text_encoders(self, s: TrainingState) -> None:
         for te in s.text_encoders:
