@@ -333,7 +333,7 @@ def plan_architecture(arch: Architecture, params, n_images: int = 0, target: str
 def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorMode) -> MemoryPlan:
     from .components import prepare_for_training, pure_bf16_active
     from .optim import ParamStepper, make_fused_step, make_optimizer, param_groups
-    from .step import Batch, TrainStep
+    from .step import Batch, TrainStep, encode_prompt
 
     rounding = CUDA_BLOCK if target == "cuda" else 1
     precision = _precision(params, target)
@@ -402,6 +402,10 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
             ids = tuple(torch.randint(0, vocab, (batch_size, 77)) for _ in encoders)
             time_ids = torch.zeros(batch_size, 6) if arch.sdxl else None
             batch = Batch(latents=latents, input_ids=ids, add_time_ids=time_ids)
+            if not te_steps:  # frozen text encoders: the trainer reuses each prompt's embeddings
+                with torch.no_grad():
+                    hidden, pooled = encode_prompt(encoders, ids, arch.sdxl)
+                batch = Batch(latents=latents, prompt_embeds=hidden, pooled_embeds=pooled, add_time_ids=time_ids)
             out = step(batch, train_text_encoder=bool(te_steps))
             del out, batch, latents
             for state in optimizer.state.values():  # state the step replaced (Adafactor's RMS) is state too
@@ -412,6 +416,9 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
             fused.remove()
     plan = MemoryPlan(**peak, traced=True, target=target, notes=notes, created=tracker.created())
     plan.cached = _cached_bytes(params, n_images, rounding, arch.sdxl)
+    if not te_steps and n_images:  # each prompt's embeddings (at most one prompt per image)
+        width = sum(te.config.hidden_size for te in arch.text_encoders)
+        plan.cached += n_images * block_bytes(77 * width * hidden.element_size(), rounding)
     return plan
 
 
@@ -550,19 +557,29 @@ def choose_preset(arch_factory, params, vram_gb: float, n_images: int = 0):
 # computed with `generate_presets` on the family's full-size architecture at its native resolution, batch 1, with the
 # other settings at their defaults (text encoder trained for the first 25% of the steps, latents cached).
 PRESET_SIZES = (6, 8, 12, 16, 24, 48)
-PRESETS: dict = {}  # filled below from the generated table
+# The rung each size got (`generate_presets`, 2026-11-21). v1 at 512, the peak of each rung: fastest 15.08 GiB,
+# fused step 13.82, + 8-bit AdamW 8.36, + pure bf16 4.87 (needs = peak x 1.05 + 0.8 GiB).
+PRESET_RUNGS = {
+    "v1": {6: "pure bf16 weights", 8: "pure bf16 weights", 12: "8-bit AdamW",
+           16: "optimizer step in the backward pass", 24: "fastest", 48: "fastest"},
+}
 
 
-def preset_for(family: str, vram_gb: float) -> tuple[float, dict]:
-    """(preset size, settings) of the largest preset that is not larger than the GPU."""
+def preset_for(family: str, vram_gb: float, arch_factory=None, params=None) -> tuple[float, dict]:
+    """(preset size, settings) of the largest preset that is not larger than the GPU. A family without a stored
+    table is planned now (`arch_factory`, `params`: the model's own architecture and settings)."""
     sizes = [g for g in PRESET_SIZES if g <= vram_gb + 1e-9]
     if not sizes:
         raise UserError(f"vram: {vram_gb:g} GiB is below the smallest preset ({PRESET_SIZES[0]} GiB)")
-    table = PRESETS.get(family)
-    if table is None:
-        raise UserError(f"family {family!r}: no VRAM presets")
     size = sizes[-1]
-    settings = table[size]
+    table = PRESETS.get(family)
+    if table is not None:
+        settings = table[size]
+    elif arch_factory is not None:
+        settings = next((rung for _label, rung in rung_settings()
+                         if plan_architecture(arch_factory(), replace(params, **rung)).fits(size * GIB)), None)
+    else:
+        raise UserError(f"family {family!r}: no stored VRAM presets")
     if settings is None:
         raise UserError(f"no {size} GiB preset for {family}: even the leanest settings do not fit "
                         f"(lower the resolution or train the UNet only)")
@@ -586,10 +603,14 @@ def _load_config(root, name: str):
     return model, Config.load(model.config_path)
 
 
+def _arch_factory(model, config):
+    return lambda: architecture_from_folder(model.working, config.model.family)
+
+
 def apply_preset(root, name: str, vram_gb: float) -> str:
     """Set model `name`'s memory settings to its family's preset for `vram_gb`; says what changed."""
     model, config = _load_config(root, name)
-    size, settings = preset_for(config.model.family, vram_gb)
+    size, settings = preset_for(config.model.family, vram_gb, _arch_factory(model, config), config.parameters)
     changes = {k: v for k, v in settings.items() if getattr(config.parameters, k) != v}
     if changes:
         from ..models import save_config
@@ -606,7 +627,7 @@ def plan_cli(root, name: str, vram_gb: float | None = None, preset_gb: float | N
     params = config.parameters
     head = []
     if preset_gb is not None:
-        size, settings = preset_for(config.model.family, preset_gb)
+        size, settings = preset_for(config.model.family, preset_gb, _arch_factory(_model, config), params)
         params = replace(params, **settings)
         head.append(f"with the {size:g} GiB preset: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return "\n".join(head + [plan_summary(root, name, vram_gb, params=params)])
@@ -638,6 +659,9 @@ def plan_summary(root, name: str, vram_gb: float | None = None, params=None) -> 
                              f"(peak {gib(lean.peak)})")
     return "\n".join(lines)
 
+
+PRESETS = {family: {size: dict(dict(rung_settings())[label]) for size, label in sizes.items()}
+           for family, sizes in PRESET_RUNGS.items()}
 
 __all__ = ["MemoryPlan", "StorageTracker", "Architecture", "architecture_from_folder", "plan_architecture",
            "arithmetic_plan", "plan_model", "plan_summary", "suggest", "choose_preset", "ladder", "count_images",
