@@ -56,6 +56,7 @@ class Case:
     train_text_encoder: bool  # False: text encoder(s) frozen
     gradient_checkpointing: bool = False
     lora_rank: int = 0        # > 0: LoRA of this rank (alpha = rank) on the attention layers, not a full fine-tune
+    settings: tuple = ()      # further trainer settings as (name, value) pairs, e.g. the memory settings
 
 
 def _sd15(name, res, batch, precision, optimizer, cache, gc=False):
@@ -66,6 +67,11 @@ CASES = {c.name: c for c in (
     # CPU: the same settings on both sides (latents encoded every step, text encoder trained), a few steps.
     _sd15("sd15-256-cpu", 256, 1, "no", "adamw_8bit", False),
     _sd15("sd15-256-cpu-cached", 256, 1, "no", "adamw_8bit", True),
+    # The same before the memory settings (plain optimizer step) and with the leanest ones (pure bf16, checkpointing).
+    Case("sd15-256-cpu-plain", "sd15", 256, 1, "no", "adamw_8bit", False, True,
+         settings=(("fused_backward_step", False),)),
+    Case("sd15-256-cpu-lean", "sd15", 256, 1, "no", "adamw_8bit", False, True, True,
+         settings=(("pure_bf16", True),)),
     # GPU: SD1.5 at 512, UNet + text encoder.
     _sd15("sd15-512-b1-bf16-adamw", 512, 1, "bf16", "adamw", False),
     _sd15("sd15-512-b1-bf16-adamw-cached", 512, 1, "bf16", "adamw", True),
@@ -198,9 +204,10 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
                         train_text_encoder_ratio=1.0 if case.train_text_encoder else 0.0,
                         use_lora=case.lora_rank > 0, lora_unet_rank=max(1, case.lora_rank),
                         lora_unet_alpha=float(max(1, case.lora_rank)), lora_text_encoder_rank=max(1, case.lora_rank),
-                        lora_text_encoder_alpha=float(max(1, case.lora_rank)))
+                        lora_text_encoder_alpha=float(max(1, case.lora_rank)), **dict(case.settings))
     cuda = str(device).startswith("cuda")
-    acc = Accelerator(mixed_precision=choose_precision(params.mixed_precision, cuda), cpu=not cuda)
+    acc = Accelerator(mixed_precision=choose_precision(params.mixed_precision, cuda, pure_bf16=params.pure_bf16),
+                      cpu=not cuda)
     vae = models.vae
     trainable = prepare_for_training(models.unet, vae, list(models.text_encoders), params, device)
     # As Trainer.setup: with LoRA, adapters on the frozen model (in the training precision) before the step is built.

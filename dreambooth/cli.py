@@ -109,6 +109,20 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .train.memory import plan_cli
+
+    print(plan_cli(_root(args), args.name, vram_gb=args.vram, preset_gb=args.preset))
+    return 0
+
+
+def cmd_preset(args) -> int:
+    from .train.memory import apply_preset
+
+    print(apply_preset(_root(args), args.name, args.vram))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="data root (default: $DREAMBOOTH_ROOT or ./data)")
@@ -164,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", metavar="USER:PASS", help="login for the page and HTTP Basic auth for the REST routes "
                                                        "(several: u1:p1,u2:p2)")
     p.set_defaults(run=cmd_ui)
+
+    p = verbs.add_parser("plan", help="predict the peak GPU memory of a model's training settings (no GPU needed)")
+    p.add_argument("name")
+    p.add_argument("--vram", type=float, help="GPU memory in GiB: say whether the run fits and what to change if not")
+    p.add_argument("--preset", type=float, help="plan with the VRAM preset for this many GiB instead of the settings")
+    p.set_defaults(run=cmd_plan)
+
+    p = verbs.add_parser("preset", help="set a model's memory settings to the fastest ones that fit a GPU's memory")
+    p.add_argument("name")
+    p.add_argument("vram", type=float, help="GPU memory in GiB (6, 8, 12, 16, 24, 48, ...)")
+    p.set_defaults(run=cmd_preset)
     return parser
 
 

@@ -210,6 +210,10 @@ class Parameters:
     adam_epsilon: float = setting(1e-08, 'Adam epsilon', 'Numerical stabiliser of AdamW.', group='performance', min=0, max=1)
     weight_decay: float = setting(0.01, 'Weight decay', 'Decoupled weight decay.', group='performance', min=0, max=1, step=0.001)
     max_grad_norm: float = setting(1.0, 'Max gradient norm', 'Gradient clipping; 0 turns it off.', group='performance', min=0, max=1000)
+    # memory (`python -m dreambooth plan NAME` predicts the peak GPU memory of these choices)
+    fused_backward_step: bool = setting(True, 'Optimizer step in the backward pass', 'Update each weight and free its gradient as soon as the gradient is ready: gradients never all exist at once (saves 4 bytes per trained parameter). Gradient clipping is then per tensor (each gradient clipped to the max norm on its own), and with fp16 a tensor whose gradient overflowed skips that step. With gradient accumulation > 1 or several GPUs the plain step is used (with a warning).', group='memory')
+    pure_bf16: bool = setting(False, 'Pure bf16 weights', 'Hold the trained weights and their gradients in bf16 (4 bytes per parameter instead of 8), updated in fp32 with stochastic rounding so small updates are not lost. Implies bf16 compute; needs a GPU with bf16 (RTX 30xx and newer), else it is turned off with a warning.', group='memory')
+    frozen_precision: str = setting('half', 'Frozen parts precision', 'half: the VAE and frozen text encoders run in the mixed-precision type on the GPU (bf16 or fp16; the SDXL VAE stays fp32 under fp16, where it overflows); full: fp32.', group='memory', choices=('half', 'full'))
     # loss
     train_text_encoder_ratio: float = setting(0.25, 'Text encoder step ratio', 'The text encoder trains for this fraction of the steps (rounded, at least one step), then freezes. 0: never.', group='loss', min=0, max=1, step=0.05)
     prior_loss_weight: float = setting(1.0, 'Prior loss weight', 'Weight of the class (prior preservation) loss: loss = MSE(instance) + weight x MSE(class).', group='loss', min=0, max=100, step=0.05)

@@ -25,13 +25,40 @@ def data_root() -> DataRoot:
     return DataRoot(Path(folder).expanduser() if folder else Path(paths.models_path).parent)
 
 
+def forge_memory_manager():
+    """Forge's memory manager (backend.memory_management), or None on the webui."""
+    try:
+        from backend import memory_management
+    except ImportError:
+        return None
+    return memory_management
+
+
+def free_host_model():
+    """Give the GPU to training. Forge keeps its models in its own memory manager (its
+    sd_models.unload_model_weights leaves them loaded): that manager moves every model off the GPU and empties
+    the CUDA cache. The webui unloads its checkpoint."""
+    manager = forge_memory_manager()
+    if manager is None:
+        sd_models.unload_model_weights()
+        return
+    manager.unload_all_models()
+    manager.soft_empty_cache(force=True)
+
+
+def restore_host_model():
+    """Forge loads its models again by itself at the next generation; the webui reloads its checkpoint."""
+    if forge_memory_manager() is None:
+        sd_models.reload_model_weights()
+
+
 def webui_host() -> Host:
     return Host(
         root=data_root().ensure(),
         name="webui",
         list_checkpoints=lambda: {info.title: info.filename for info in sd_models.checkpoints_list.values()},
-        before_training=sd_models.unload_model_weights,
-        after_training=sd_models.reload_model_weights,
+        before_training=free_host_model,
+        after_training=restore_host_model,
         checkpoints_changed=shared.refresh_checkpoints,
     )
 

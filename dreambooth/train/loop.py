@@ -32,12 +32,12 @@ from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
 from .components import Components, load_components
-from .optim import check_optimizer_runs_here, make_lr_scheduler, make_optimizer
+from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler, make_optimizer
 from .requests import Requests
 from .schedule import Schedule
 from .state import (disk_full, link_tree, load_state, mark_checkpoint_written, read_trainer_info, remove_leftovers,
                     save_state, swap_folder, write_failed)
-from .step import Batch, TrainStep
+from .step import Batch, TrainStep, encode_prompt
 
 log = logging.getLogger("dreambooth")
 
@@ -85,12 +85,14 @@ def train_model(root: DataRoot, name: str, max_steps: int | None = None, overrid
     return Trainer(root, model, config, max_steps).run()
 
 
-def choose_precision(requested: str, on_gpu: bool, gpu_has_bf16: bool = True) -> str:
+def choose_precision(requested: str, on_gpu: bool, gpu_has_bf16: bool = True, pure_bf16: bool = False) -> str:
     """The precision that can run here, said in one line when it differs from the request.
 
     fp16 autocast on a CPU is slow and poorly supported: fp32 there instead. bf16 on a GPU without it (before
     Ampere): fp16 instead. bf16 on a CPU works.
     """
+    if pure_bf16 and (gpu_has_bf16 or not on_gpu):
+        return "bf16"  # weights held in bf16 compute in bf16
     if requested == "fp16" and not on_gpu:
         warnings.warn("mixed_precision fp16 needs a GPU; training in full precision (fp32) on the CPU", stacklevel=2)
         return "no"
@@ -126,7 +128,9 @@ def build_step(params, parts: Components, accelerator, total_steps: int, train_t
     if train_text_encoder:
         trainable += [q for te in encoders for q in te.parameters() if q.requires_grad]
     return TrainStep(unet, encoders, parts.noise_scheduler, params, sdxl=parts.sdxl, vae=parts.vae,
-                     optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable)
+                     optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable,
+                     fused=make_fused_step(params, optimizer, trainable, acc),
+                     pure_bf16=any(q.dtype == torch.bfloat16 for q in trainable))
 
 
 def resume_words(last_save_step: int | None) -> str:
@@ -186,6 +190,7 @@ class TrainingState:
     step: int = 0              # optimizer steps done
     last_save_step: int | None = None
     latent_cache: dict = field(default_factory=dict)
+    embedding_cache: dict = field(default_factory=dict)  # prompt -> frozen text encoders' output
     checkpoints: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     lora: LoraRun | None = None  # LoRA: the adapters the run trains (the model itself stays frozen)
@@ -202,7 +207,8 @@ class Trainer:
         self.accelerator = Accelerator(
             # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
             cpu=not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            mixed_precision=choose_precision(self.p.mixed_precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported()),
+            mixed_precision=choose_precision(self.p.mixed_precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
+                                             self.p.pure_bf16),
             gradient_accumulation_steps=self.p.gradient_accumulation_steps,
             # SDXL's first encoder contributes its penultimate layer only: its last layer gets no gradient.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -349,12 +355,31 @@ class Trainer:
             latents.append(latent)
             time_ids.append(ids)
         prompts = [item.example.prompt for item in items]
-        return Batch(
+        batch = Batch(
             latents=torch.stack(latents).float().to(device),
-            input_ids=tuple(i.to(device) for i in tokenize(c.tokenizers, prompts)),
             add_time_ids=torch.stack(time_ids).to(device) if c.sdxl else None,
             is_prior=torch.tensor([item.is_prior for item in items], device=device),
         )
+        if s.schedule.trains_text_encoder(s.step):
+            batch.input_ids = tuple(i.to(device) for i in tokenize(c.tokenizers, prompts))
+        else:
+            batch.prompt_embeds, batch.pooled_embeds = self.frozen_text_embeddings(s, prompts)
+        return batch
+
+    def frozen_text_embeddings(self, s: TrainingState, prompts: list[str]):
+        """Text conditioning from the frozen text encoders, computed once per prompt: they cannot change any more,
+        so each step skips their forward pass. One prompt at a time, so a value never depends on its batch."""
+        c, device = s.parts, self.accelerator.device
+        encoders = [self.accelerator.unwrap_model(te) for te in s.text_encoders]
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in s.embedding_cache:
+                ids = [i.to(device) for i in tokenize(c.tokenizers, [prompt])]
+                with torch.no_grad():
+                    hidden, pooled = encode_prompt(encoders, ids, c.sdxl)
+                s.embedding_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
+        hidden = torch.stack([s.embedding_cache[q][0] for q in prompts])
+        pooled = torch.stack([s.embedding_cache[q][1] for q in prompts]) if c.sdxl else None
+        return hidden, pooled
 
     def freeze_text_encoders(self, s: TrainingState) -> None:
         for te in s.text_encoders:

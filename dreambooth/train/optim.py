@@ -22,8 +22,10 @@ def param_groups(params, unet, text_encoders) -> list[dict]:
 def make_optimizer(params, unet, text_encoders):
     groups = param_groups(params, unet, text_encoders)
     if params.optimizer == "adamw":
+        # On a GPU the fused kernel: one launch for all parameters, no temporaries.
+        fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) else {}
         return torch.optim.AdamW(groups, betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_epsilon,
-                                 weight_decay=params.weight_decay)
+                                 weight_decay=params.weight_decay, **fused)
     if params.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb
@@ -85,3 +87,136 @@ def make_lr_scheduler(params, optimizer, total_steps: int):
     if params.lr_scheduler == "constant":
         kwargs = {}
     return get_scheduler(params.lr_scheduler, optimizer, **kwargs)
+
+
+# -- memory-lean optimizer steps ---------------------------------------------------------------------------------
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 -> bf16 rounding up or down with probability proportional to the distance (unbiased on average).
+
+    bf16 is the top half of an fp32 bit pattern: adding uniform random bits to the lower half and cutting them off
+    rounds the magnitude up exactly with probability (lower half / 2^16). Small updates that round-to-nearest would
+    lose every time (weight + lr x update == weight in bf16) survive on average.
+    """
+    bits = x.detach().float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clear the lower 16 bits (0xFFFF0000 as a signed int32)
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+class ParamStepper:
+    """Applies the optimizer to one parameter at a time, with the optimizer's own update rule and state.
+
+    The one optimizer keeps its parameter groups (learning rates, the LR scheduler, saving and resuming are
+    unchanged); for a step its groups are narrowed to the one parameter. Parameters held in bf16 (pure bf16) are
+    updated in fp32 (so the optimizer state is fp32 or 8-bit, as with fp32 weights) and written back with stochastic
+    rounding.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+
+    def step(self, p: torch.Tensor) -> None:
+        groups = self.optimizer.param_groups
+        saved = [g["params"] for g in groups]
+        owner = self.group_of[id(p)]
+        for i, g in enumerate(groups):
+            g["params"] = [p] if i == owner else []
+        low = None
+        try:
+            if p.dtype == torch.bfloat16:
+                low, grad = p.data, p.grad
+                p.data, p.grad = low.float(), grad.float()
+            self.optimizer.step()
+            if low is not None:
+                low.copy_(stochastic_round_to_bf16(p.data))
+        finally:
+            if low is not None:
+                p.data, p.grad = low, grad
+            for g, params in zip(groups, saved):
+                g["params"] = params
+
+
+class FusedBackwardStep:
+    """The optimizer step fused into the backward pass: each parameter is updated, and its gradient freed, as soon as
+    its gradient is ready (`register_post_accumulate_grad_hook`), so gradients never all exist at once.
+
+    What cannot be done exactly without all gradients at hand:
+    - clipping by the global norm: each gradient is clipped to `max_grad_norm` by its own norm instead;
+    - fp16 loss scaling: each gradient is unscaled on its own and a parameter whose gradient overflowed is not
+      updated this step (the plain step skips all of them); the loss scale then backs off as usual;
+    - gradient accumulation > 1: not served (make_fused_step falls back to the plain step).
+    """
+
+    def __init__(self, optimizer, params, max_grad_norm: float = 0.0, scaler=None):
+        self.stepper = ParamStepper(optimizer)
+        self.max_grad_norm = max_grad_norm
+        self.scaler = scaler
+        self.inv_scale = None
+        self.overflow = False
+        self._growth = 0
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params if p.requires_grad]
+
+    def _ready(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        if self.scaler is not None and self.scaler.is_enabled():
+            if self.inv_scale is None:
+                self.inv_scale = 1.0 / self.scaler.get_scale()
+            p.grad.mul_(self.inv_scale)
+            if not bool(torch.isfinite(p.grad).all()):
+                self.overflow = True
+                p.grad = None
+                return
+        if self.max_grad_norm > 0:  # per tensor: scale down to max_grad_norm when its own norm is above (no sync)
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            p.grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(p.grad.dtype))
+        self.stepper.step(p)
+        p.grad = None
+
+    def finish_step(self) -> None:
+        """After backward: the loss scale backs off after an overflow, grows after `growth_interval` clean steps."""
+        scaler = self.scaler
+        if scaler is not None and scaler.is_enabled():
+            scale = scaler.get_scale()
+            if self.overflow:
+                scale, self._growth = scale * scaler.get_backoff_factor(), 0
+            else:
+                self._growth += 1
+                if self._growth >= scaler.get_growth_interval():
+                    scale, self._growth = scale * scaler.get_growth_factor(), 0
+            scaler.update(scale)
+        self.inv_scale, self.overflow = None, False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def make_fused_step(params, optimizer, trainable, accelerator=None):
+    """The fused step when the settings ask for it and can have it, else None (the plain step)."""
+    import warnings
+
+    if not params.fused_backward_step:
+        return None
+    if params.gradient_accumulation_steps > 1:
+        warnings.warn("fused_backward_step: gradient accumulation needs every gradient kept until the last "
+                      "micro-batch; using the plain optimizer step (gradients cost memory again)", stacklevel=2)
+        return None
+    if accelerator is not None and accelerator.num_processes > 1:
+        warnings.warn("fused_backward_step: with several processes a gradient is averaged across them after it is "
+                      "ready; using the plain optimizer step", stacklevel=2)
+        return None
+    raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real optimizer
+    scaler = getattr(accelerator, "scaler", None) if accelerator is not None else None
+    return FusedBackwardStep(raw, trainable, params.max_grad_norm, scaler)
+
+
+def plain_step_pure_bf16(optimizer, params) -> None:
+    """The plain (unfused) step when weights are held in bf16: one parameter at a time, stochastically rounded."""
+    stepper = ParamStepper(getattr(optimizer, "optimizer", optimizer))
+    for p in params:
+        if p.grad is not None:
+            stepper.step(p)

@@ -109,7 +109,8 @@ def _accumulate(accelerator, models):
 class TrainStep:
     def __init__(self, unet, text_encoders: Sequence[torch.nn.Module], noise_scheduler, params, sdxl: bool,
                  prediction_type: str | None = None, vae=None, optimizer=None, lr_scheduler=None,
-                 accelerator=None, trainable_params: Sequence[torch.nn.Parameter] | None = None):
+                 accelerator=None, trainable_params: Sequence[torch.nn.Parameter] | None = None,
+                 fused=None, pure_bf16: bool = False):
         self.unet = unet
         self.text_encoders = tuple(text_encoders)
         self.noise_scheduler = noise_scheduler
@@ -123,6 +124,8 @@ class TrainStep:
         self.lr_scheduler = lr_scheduler
         self.accelerator = accelerator
         self.trainable_params = list(trainable_params) if trainable_params is not None else None
+        self.fused = fused  # optim.FusedBackwardStep: parameters are stepped during backward
+        self.pure_bf16 = pure_bf16  # weights held in bf16: stepped one by one with stochastic rounding
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def latents_of(self, batch: Batch) -> torch.Tensor:
@@ -210,16 +213,23 @@ class TrainStep:
             else:
                 out.loss.backward()
             synced = acc.sync_gradients if acc is not None else True
-            if self.optimizer is not None and synced:
+            if self.optimizer is not None and synced and self.fused is not None:
+                self.fused.finish_step()  # each parameter was clipped and stepped as its gradient arrived
+            elif self.optimizer is not None and synced:
+                params = self.trainable_params
+                if params is None:
+                    params = [p for m in models for p in m.parameters() if p.requires_grad]
                 if self.params.max_grad_norm > 0:
-                    params = self.trainable_params
-                    if params is None:
-                        params = [p for m in models for p in m.parameters() if p.requires_grad]
                     if acc is not None:
                         acc.clip_grad_norm_(params, self.params.max_grad_norm)
                     else:
                         torch.nn.utils.clip_grad_norm_(params, self.params.max_grad_norm)
-                self.optimizer.step()
+                if self.pure_bf16:
+                    from .optim import plain_step_pure_bf16
+
+                    plain_step_pure_bf16(self.optimizer, params)
+                else:
+                    self.optimizer.step()
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -296,3 +296,27 @@ def test_installer_pins_torch_family():
     assert not any(line.startswith("gradio==") for line in upgrading)
     assert f"torch=={torch.__version__}" in upgrading  # never released, whatever is asked
     assert install.plan(["torch>=99", "torchvision", "xformers", "gradio>=99"]) == []
+
+
+def test_on_forge_the_hosts_model_is_freed_by_forges_memory_manager(webui, monkeypatch):
+    """Forge's sd_models.unload_model_weights keeps the model on the GPU; its memory manager really moves it off."""
+    import types
+
+    sd_models = webui["sd_models"]
+    script = load_file(webui["ext"] / "scripts" / "dreambooth_tab.py", "dreambooth_tab.py")
+    del sd_models.calls[:]
+    script.free_host_model(), script.restore_host_model()
+    assert sd_models.calls == ["unload", "reload"]  # the webui: its own unload and reload
+
+    calls = []
+    manager = types.ModuleType("backend.memory_management")
+    manager.unload_all_models = lambda: calls.append("unload_all_models")
+    manager.soft_empty_cache = lambda force=False: calls.append(("soft_empty_cache", force))
+    backend = types.ModuleType("backend")
+    backend.memory_management = manager
+    monkeypatch.setitem(sys.modules, "backend", backend)
+    monkeypatch.setitem(sys.modules, "backend.memory_management", manager)
+    del sd_models.calls[:]
+    script.free_host_model(), script.restore_host_model()
+    assert calls == ["unload_all_models", ("soft_empty_cache", True)]
+    assert sd_models.calls == []  # Forge loads its models again on demand
