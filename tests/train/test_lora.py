@@ -3,10 +3,7 @@ preservation, previews at the preview weight, the text-encoder step ratio, contr
 file on the checkpoint schedule and the merged checkpoint on request. The working model stays the base."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,10 +16,9 @@ from safetensors.torch import load_file
 from dreambooth.events import Controls
 from dreambooth.train import train_model
 
-from train_helpers import draw_images, make_model, read_events
+from train_helpers import child_env, draw_images, kill_after_checkpoint, make_model, read_events, train_cmd
 
 pytestmark = pytest.mark.slow  # whole runs
-REPO = Path(__file__).resolve().parents[2]
 LORA = dict(use_lora=True, lora_unet_rank=4, lora_unet_alpha=8.0, lora_text_encoder_rank=2,
             lora_text_encoder_alpha=2.0, lora_unet_learning_rate=1e-2, lora_text_encoder_learning_rate=5e-3)
 
@@ -172,39 +168,22 @@ def test_sdxl_trains_adapters_on_both_text_encoders(tmp_path):
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.alpha" in tensors  # single-file UNet names
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def _train_cmd(root: Path) -> list[str]:
-    return [sys.executable, "-m", "dreambooth", "--root", str(root), "train", "m"]
-
-
 def test_resume_after_kill_with_lora_ends_like_an_uninterrupted_run(tmp_path, tiny_source):
     settings = dict(num_train_epochs=4, save_every_n_epochs=1, lr_scheduler="linear", seed=3,
                     train_text_encoder_ratio=0.5, **LORA)
     concepts = [concept(tmp_path)]
     root, model = make_model(tmp_path / "a", tiny_source, concepts=concepts, **settings)
-    proc = subprocess.Popen(_train_cmd(root.root), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not any(e["kind"] == "checkpoint" and e["step"] >= 4 for e in read_events(model)):
-            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its second save"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    saved = max(e["step"] for e in read_events(model) if e["kind"] == "checkpoint")
+    saved = kill_after_checkpoint(root, model, 4)
     assert saved < 8
 
-    resumed = subprocess.run(_train_cmd(root.root), env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(train_cmd(root.root), env=child_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     start = next(e for e in read_events(model) if e["kind"] == "start")
     assert start["step"] == saved and start["total_steps"] == 8
     assert read_events(model)[-1]["kind"] == "done" and read_events(model)[-1]["step"] == 8
 
     other_root, other = make_model(tmp_path / "b", tiny_source, concepts=concepts, **settings)
-    whole = subprocess.run(_train_cmd(other_root.root), env=_env(), capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(train_cmd(other_root.root), env=child_env(), capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     steps = lambda m: {e["step"]: (e["loss"], e["lr"]) for e in read_events(m) if e["kind"] == "step"}  # noqa: E731
     after_kill, uninterrupted = steps(model), steps(other)

@@ -1,7 +1,6 @@
 """The trainer as real processes: resume after a kill, two data-parallel processes (gloo on CPU), the demo."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,19 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_helpers import draw_images, make_model, read_events
+from train_helpers import child_env, draw_images, kill_after_checkpoint, make_model, read_events, train_cmd
 
 pytestmark = pytest.mark.slow  # real processes: kill, SIGTERM, two ranks, the demo
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def train_cmd(root: Path, name: str = "m") -> list[str]:
-    return [sys.executable, "-m", "dreambooth", "--root", str(root), "train", name]
 
 
 def unet_weights(model) -> dict:
@@ -37,18 +27,9 @@ def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path, tiny_so
                  "class_token": "dog", "num_samples": 0}]
     root, model = make_model(tmp_path / "a", tiny_source, concepts=concepts, **settings)
 
-    proc = subprocess.Popen(train_cmd(root.root), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not any(e["kind"] == "checkpoint" and e["step"] >= 4 for e in read_events(model)):
-            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its second save"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    saved = max(e["step"] for e in read_events(model) if e["kind"] == "checkpoint")
+    saved = kill_after_checkpoint(root, model, 4)
 
-    resumed = subprocess.run(train_cmd(root.root), env=env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(train_cmd(root.root), env=child_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     start = next(e for e in read_events(model) if e["kind"] == "start")
     assert start["step"] == saved and start["total_steps"] == 8
@@ -57,7 +38,7 @@ def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path, tiny_so
     # The same run without the kill takes the same steps: the same losses and learning rates from the saved step on
     # (so weights, noise RNG, data order and schedule were restored) and bit for bit the same weights at the end.
     other_root, other = make_model(tmp_path / "b", tiny_source, concepts=concepts, **settings)
-    whole = subprocess.run(train_cmd(other_root.root), env=env(), capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(train_cmd(other_root.root), env=child_env(), capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     steps = lambda m: {e["step"]: (e["loss"], e["lr"]) for e in read_events(m) if e["kind"] == "step"}  # noqa: E731
     after_kill, uninterrupted = steps(model), steps(other)
@@ -78,7 +59,7 @@ def test_two_processes_train_data_parallel_and_only_rank0_writes(tmp_path, tiny_
     # No CUDA here: --multi_gpu picks accelerate's torchrun launcher, and the trainer falls back to gloo on CPUs.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth", "--root", str(root.root), "train", "m"]
-    run = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    run = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     events = read_events(model)
     start = next(e for e in events if e["kind"] == "start")
@@ -91,7 +72,7 @@ def test_two_processes_train_data_parallel_and_only_rank0_writes(tmp_path, tiny_
 
 def test_demo_runs_the_whole_flow(tmp_path):
     started = time.time()
-    run = subprocess.run([sys.executable, "-m", "dreambooth", "--root", str(tmp_path), "demo"], env=env(),
+    run = subprocess.run([sys.executable, "-m", "dreambooth", "--root", str(tmp_path), "demo"], env=child_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
@@ -106,7 +87,7 @@ def test_demo_runs_the_whole_flow(tmp_path):
 def test_sigterm_cancels_and_saves_for_resume(tmp_path, tiny_source):
     concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "num_samples": 0}]
     root, model = make_model(tmp_path / "root", tiny_source, concepts=concepts, max_train_steps=10000)
-    proc = subprocess.Popen(train_cmd(root.root), env=env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(train_cmd(root.root), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.time() + 300
         while not any(e["kind"] == "step" for e in read_events(model)):

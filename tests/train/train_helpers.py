@@ -87,3 +87,37 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child_env() -> dict:
+    """The environment of a trainer started as its own process: offline, one thread, this checkout's package."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def train_cmd(root: Path, name: str = "m") -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "dreambooth", "--root", str(root), "train", name]
+
+
+def kill_after_checkpoint(root, model, step: int) -> int:
+    """Train `model` in its own process, SIGKILL it once a checkpoint of at least `step` is written; returns the
+    last saved step."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(train_cmd(root.root, model.name), env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not any(e["kind"] == "checkpoint" and e["step"] >= step for e in read_events(model)):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before that save"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return max(e["step"] for e in read_events(model) if e["kind"] == "checkpoint")
