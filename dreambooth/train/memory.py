@@ -351,6 +351,11 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
         for m in (unet, vae, *encoders):
             if any(t.dtype == torch.float16 for t in m.parameters()):
                 m.to(torch.bfloat16)
+        if params.use_lora:  # as Trainer.setup: float32 adapters on the model frozen in the training precision
+            from ..lora.training import LoraRun, training_dtype
+
+            LoraRun.start(unet, encoders, params, "sdxl" if arch.sdxl else "v1", trainable,
+                          weight_dtype=torch.bfloat16 if precision != "no" else torch.float32)
     with fake, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for m in (unet, vae, *encoders):

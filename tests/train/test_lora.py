@@ -197,3 +197,22 @@ def test_resume_after_kill_with_lora_ends_like_an_uninterrupted_run(tmp_path, ti
     assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
+
+
+def test_the_memory_plan_of_a_lora_run_trains_only_the_adapters():
+    """The memory plan traces the step as a LoRA run sets it up: only the adapters have gradients and optimizer
+    state, so those and the peak are far below a full fine-tune's."""
+    from dataclasses import replace
+
+    from dreambooth.config import Parameters
+    from dreambooth.train.memory import plan_architecture
+    from test_memory import tiny_architecture
+
+    base = Parameters(resolution=64, fused_backward_step=False, frozen_precision="full", optimizer="adamw")
+    full = plan_architecture(tiny_architecture(), base)
+    lora = plan_architecture(tiny_architecture(), replace(base, use_lora=True, lora_unet_rank=4,
+                                                          lora_text_encoder_rank=4))
+    assert full.traced and lora.traced, lora.notes
+    assert 0 < lora.weights < full.weights / 20 and 0 < lora.optimizer < full.optimizer / 20
+    assert lora.created["gradients"] == lora.weights  # a float32 gradient per adapter weight, nothing else
+    assert lora.peak < full.peak / 2
