@@ -67,8 +67,10 @@ def installed_version(name: str):
 # diffusers does not declare which transformers it needs, so pip cannot choose for us: diffusers 0.31 and newer import
 # classes that transformers only has from 4.48 on. Measured: diffusers 0.30.3 trains and exports with webui 1.10's
 # transformers 4.30.2 (CI runs the trainer's tests on that stack); 0.31 - 0.37 fail to import there.
+# peft 0.14 and newer need transformers 4.36 (and a newer accelerate); 0.13.2 runs LoRA training on the webui 1.10
+# stack (transformers 4.30.2, accelerate 0.21), measured the same way.
 OLD_TRANSFORMERS = (4, 48)
-DIFFUSERS_FOR_OLD_TRANSFORMERS = ",<0.31"
+FOR_OLD_TRANSFORMERS = {"diffusers": ",<0.31", "peft": ",<0.14"}
 
 
 def plan(reqs=None) -> list:
@@ -81,8 +83,8 @@ def plan(reqs=None) -> list:
             continue
         have = installed_version(name)
         if have is None or (minimum and _version_tuple(have) < _version_tuple(minimum)):
-            if name.lower() == "diffusers" and transformers and _version_tuple(transformers) < OLD_TRANSFORMERS:
-                req += DIFFUSERS_FOR_OLD_TRANSFORMERS
+            if transformers and _version_tuple(transformers) < OLD_TRANSFORMERS:
+                req += FOR_OLD_TRANSFORMERS.get(name.lower(), "")
             todo.append(req)
     return todo
 
