@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -197,6 +198,8 @@ class Parameters:
     max_train_steps: int = setting(0, 'Max training steps', 'Stop after this many optimizer steps. 0: use the epochs.', group='intervals', min=0, max=10000000)
     save_every_n_epochs: int = setting(25, 'Save checkpoint every N epochs', '0: only at the end.', group='intervals', min=0, max=100000)
     sample_every_n_epochs: int = setting(25, 'Preview every N epochs', '0: no previews during training.', group='intervals', min=0, max=100000)
+    pause_every_n_epochs: int = setting(0, 'Pause every N epochs', 'Rest (e.g. to let the GPU cool down) after every N epochs; 0: never.', group='intervals', min=0, max=100000)
+    pause_seconds: int = setting(60, 'Pause length (seconds)', 'How long each of those rests lasts; Cancel ends it at once.', group='intervals', min=0, max=86400)
     # batch
     train_batch_size: int = setting(1, 'Batch size', 'Instance images per step (class images are added alongside).', group='batch', min=1, max=256)
     gradient_accumulation_steps: int = setting(1, 'Gradient accumulation steps', 'Micro-batches per optimizer step.', group='batch', min=1, max=1024)
@@ -232,6 +235,8 @@ class Parameters:
     checkpoint_format: str = setting('safetensors', 'Checkpoint format', 'safetensors (safe, fast) or ckpt.', group='saving', choices=('safetensors', 'ckpt'))
     save_half: bool = setting(True, 'Save fp16 checkpoint', 'Write the checkpoint in half precision (half the size).', group='saving')
     save_ema_weights: bool = setting(True, 'Export EMA weights', 'When EMA is on, export the averaged UNet instead of the raw one.', group='saving')
+    save_during_training: bool = setting(True, 'Save checkpoints during training', 'Off: a checkpoint only at the end (and on cancel), whatever the save interval.', group='saving')
+    checkpoint_name: str = setting('', 'Checkpoint file name', "The checkpoint files are NAME_<step>; empty: the model's name.", group='saving')
     save_on_end: bool = setting(True, 'Save at the end', 'Export a checkpoint when training finishes.', group='saving')
     save_on_cancel: bool = setting(True, 'Save on cancel', 'Export a checkpoint when training is cancelled.', group='saving')
     # lora
@@ -281,6 +286,9 @@ CONCEPT_RULES: tuple[Rule, ...] = (
          else None, training=True),
 )
 PARAMETER_RULES: tuple[Rule, ...] = (
+    Rule(("checkpoint_name",), lambda p: "use letters, digits, spaces and _ - . (no folders)"
+         if p.checkpoint_name.strip() and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}", p.checkpoint_name.strip())
+         else None),
     # LoRA keeps the model's weights as they are: an average of them would only copy the base.
     Rule(("use_ema",), lambda p: "cannot be used with LoRA (use_lora); turn one of them off"
          if p.use_ema and p.use_lora else None),

@@ -330,15 +330,16 @@ def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join([line for line in kept if line.strip()][-lines:])
 
 
-def model_checkpoints(root: DataRoot, name: str, written: list | None = None) -> list[Path]:
+def model_checkpoints(root: DataRoot, name: str, written: list | None = None, also: str = "") -> list[Path]:
     """Every checkpoint file of a model that is still there, oldest first: NAME_* in models/Stable-diffusion and
-    models/Lora, the files this run wrote and the files `export` wrote (which may carry any name)."""
+    models/Lora (and ALSO_*: the model's custom checkpoint name), the files this run wrote and the files `export`
+    wrote (which may carry any name)."""
     exported = root.model(name).exports
     listed = exported.read_text(encoding="utf-8").splitlines() if exported.is_file() else []
     found = {Path(p).resolve() for p in [*(written or []), *listed] if p and Path(p).is_file()}
     for folder in (root.checkpoints, root.lora):
-        if folder.is_dir():
-            found.update(p.resolve() for p in folder.glob(f"{glob.escape(name)}_*") if p.suffix in (".safetensors", ".ckpt"))
+        for stem in {name, also.strip()} - {""}:
+            found.update(p.resolve() for p in folder.glob(f"{glob.escape(stem)}_*") if p.suffix in (".safetensors", ".ckpt"))
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 

@@ -207,7 +207,8 @@ def build(host: Host) -> gr.Blocks:
                     with gr.Tab("Parameters", elem_id="db_parameters_panel"):
                         groups = list(GROUPS) + sorted({s.group for s in PARAMETER_SETTINGS} - set(GROUPS))
                         for group in groups:
-                            with gr.Accordion(group.capitalize(), open=group in GROUPS[:2],
+                            title = {"lora": "LoRA"}.get(group, group.capitalize())
+                            with gr.Accordion(title, open=group in GROUPS[:2],
                                               elem_id=f"db_group_{group.replace(' ', '_')}"):
                                 for s in PARAMETER_SETTINGS:
                                     if s.group == group:
@@ -419,7 +420,11 @@ def build(host: Host) -> gr.Blocks:
         def panel(name) -> dict:
             """The output panel's content for a model (its running or last training)."""
             st = worker.status(root, name) if name and root.model(name).path.is_dir() else None
-            files = worker.model_checkpoints(root, name, st.checkpoints) if st else []
+            try:
+                custom = Config.load(root.model(name).config_path).parameters.checkpoint_name if st else ""
+            except UserError:
+                custom = ""
+            files = worker.model_checkpoints(root, name, st.checkpoints, custom) if st else []
             return {
                 "status": views.status_line(st),
                 "progress": views.progress_bar(st),
