@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import CONTRAST, fill, open_panel, progress, shots, text, wait_text
+from page_helpers import CONTRAST, fill, open_panel, progress, shots, text, wait_text
 
 pytestmark = pytest.mark.slow  # a server process under another stack, and a browser
 
