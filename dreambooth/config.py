@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -78,7 +79,7 @@ class Setting:
     min: float | None = None
     max: float | None = None
     step: float | None = None  # UI slider step
-    kind: str = ""  # "path", "prompt" or "" - a hint for the UI widget
+    kind: str = ""  # "path", "prompt", "scientific" (a number shown as 2e-06) or "" - a hint for the UI widget
 
     def check(self, value: Any) -> tuple[Any, str | None]:
         """Return (coerced value, error or None); the error is in the user's words and names no internals."""
@@ -88,7 +89,8 @@ class Setting:
             return value, f"expected true or false, got {_short(value)}"
         if self.type in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return value, f"enter a {'whole ' if self.type is int else ''}number, got {_short(value)}"
+                wanted = f"enter a {'whole ' if self.type is int else ''}number"
+                return value, wanted if value is None or value == "" else f"{wanted}, got {_short(value)}"
             try:
                 as_float = float(value)
             except OverflowError:
@@ -104,7 +106,7 @@ class Setting:
         elif self.type is str:
             if not isinstance(value, str):
                 return value, f"expected text, got {_short(value)}"
-            limit = MAX_TEXT[self.kind]
+            limit = MAX_TEXT.get(self.kind, MAX_TEXT[""])
             if len(value) > limit:
                 return value, f"too long ({len(value)} characters; at most {limit})"
             if "\x00" in value:
@@ -185,8 +187,8 @@ class Concept:
 @dataclass(frozen=True)
 class Parameters:
     # learning rate
-    learning_rate: float = setting(2e-06, 'UNet learning rate', 'Learning rate of the UNet. 1e-6 to 5e-6 is usual for a full fine-tune.', group='learning rate', min=0, max=1, step=1e-07)
-    text_encoder_learning_rate: float = setting(1e-06, 'Text encoder learning rate', 'Learning rate of the text encoder(s), applied as a separate parameter group.', group='learning rate', min=0, max=1, step=1e-07)
+    learning_rate: float = setting(2e-06, 'UNet learning rate', 'Learning rate of the UNet. 1e-6 to 5e-6 is usual for a full fine-tune.', group='learning rate', min=0, max=1, kind='scientific')
+    text_encoder_learning_rate: float = setting(1e-06, 'Text encoder learning rate', 'Learning rate of the text encoder(s), applied as a separate parameter group.', group='learning rate', min=0, max=1, kind='scientific')
     lr_scheduler: str = setting('constant_with_warmup', 'Learning rate scheduler', 'How the learning rate changes over training.', group='learning rate', choices=SCHEDULERS)
     lr_warmup_steps: int = setting(0, 'Warmup steps', 'Steps over which the learning rate ramps up from 0.', group='learning rate', min=0, max=100000)
     lr_cycles: int = setting(1, 'Restart cycles', 'Number of hard restarts for cosine_with_restarts.', group='learning rate', min=1, max=100)
@@ -196,6 +198,8 @@ class Parameters:
     max_train_steps: int = setting(0, 'Max training steps', 'Stop after this many optimizer steps. 0: use the epochs.', group='intervals', min=0, max=10000000)
     save_every_n_epochs: int = setting(25, 'Save checkpoint every N epochs', '0: only at the end.', group='intervals', min=0, max=100000)
     sample_every_n_epochs: int = setting(25, 'Preview every N epochs', '0: no previews during training.', group='intervals', min=0, max=100000)
+    pause_every_n_epochs: int = setting(0, 'Pause every N epochs', 'Rest (e.g. to let the GPU cool down) after every N epochs; 0: never.', group='intervals', min=0, max=100000)
+    pause_seconds: int = setting(60, 'Pause length (seconds)', 'How long each of those rests lasts; Cancel ends it at once.', group='intervals', min=0, max=86400)
     # batch
     train_batch_size: int = setting(1, 'Batch size', 'Instance images per step (class images are added alongside).', group='batch', min=1, max=256)
     gradient_accumulation_steps: int = setting(1, 'Gradient accumulation steps', 'Micro-batches per optimizer step.', group='batch', min=1, max=1024)
@@ -207,20 +211,20 @@ class Parameters:
     cache_latents: bool = setting(True, 'Cache latents', 'Encode images once with the VAE and keep the latents; faster, disables random crop and flip variety.', group='performance')
     adam_beta1: float = setting(0.9, 'Adam beta1', 'First-moment decay of AdamW.', group='performance', min=0, max=1, step=0.01)
     adam_beta2: float = setting(0.999, 'Adam beta2', 'Second-moment decay of AdamW.', group='performance', min=0, max=1, step=0.001)
-    adam_epsilon: float = setting(1e-08, 'Adam epsilon', 'Numerical stabiliser of AdamW.', group='performance', min=0, max=1)
+    adam_epsilon: float = setting(1e-08, 'Adam epsilon', 'Numerical stabiliser of AdamW.', group='performance', min=0, max=1, kind='scientific')
     weight_decay: float = setting(0.01, 'Weight decay', 'Decoupled weight decay.', group='performance', min=0, max=1, step=0.001)
     max_grad_norm: float = setting(1.0, 'Max gradient norm', 'Gradient clipping; 0 turns it off.', group='performance', min=0, max=1000)
+    train_text_encoder_ratio: float = setting(0.25, 'Text encoder step ratio', 'The text encoder trains for this fraction of the steps (rounded, at least one step), then freezes. 0: never.', group='performance', min=0, max=1, step=0.05)
+    offset_noise: float = setting(0.0, 'Offset noise', 'Adds a per-channel constant to the noise so the model learns very dark and bright images. 0.05-0.1 typical; 0 off.', group='performance', min=0, max=1, step=0.01)
+    use_ema: bool = setting(False, 'Use EMA', 'Keep an exponential moving average of the UNet weights.', group='performance')
+    ema_decay: float = setting(0.999, 'EMA decay', 'Decay of the moving average.', group='performance', min=0, max=1, step=0.0001)
     # memory (`python -m dreambooth plan NAME` predicts the peak GPU memory of these choices)
     fused_backward_step: bool = setting(True, 'Optimizer step in the backward pass', 'Update each weight and free its gradient as soon as the gradient is ready: gradients never all exist at once (saves 4 bytes per trained parameter). Gradient clipping is then per tensor (each gradient clipped to the max norm on its own), and with fp16 a tensor whose gradient overflowed skips that step. With gradient accumulation > 1 or several GPUs the plain step is used (with a warning).', group='memory')
     pure_bf16: bool = setting(False, 'Pure bf16 weights', 'Hold the trained weights and their gradients in bf16 (4 bytes per parameter instead of 8), updated in fp32 with stochastic rounding so small updates are not lost. Implies bf16 compute; needs a GPU with bf16 (RTX 30xx and newer), else it is turned off with a warning.', group='memory')
     frozen_precision: str = setting('half', 'Frozen parts precision', 'half: the VAE and frozen text encoders run in the mixed-precision type on the GPU (bf16 or fp16; the SDXL VAE stays fp32 under fp16, where it overflows); full: fp32.', group='memory', choices=('half', 'full'))
     # loss
-    train_text_encoder_ratio: float = setting(0.25, 'Text encoder step ratio', 'The text encoder trains for this fraction of the steps (rounded, at least one step), then freezes. 0: never.', group='loss', min=0, max=1, step=0.05)
     prior_loss_weight: float = setting(1.0, 'Prior loss weight', 'Weight of the class (prior preservation) loss: loss = MSE(instance) + weight x MSE(class).', group='loss', min=0, max=100, step=0.05)
-    offset_noise: float = setting(0.0, 'Offset noise', 'Adds a per-channel constant to the noise so the model learns very dark and bright images. 0.05-0.1 typical; 0 off.', group='loss', min=0, max=1, step=0.01)
     min_snr_gamma: float = setting(0.0, 'Min-SNR gamma', "Min-SNR loss weighting (5 is typical); 0 uses the paper's plain MSE.", group='loss', min=0, max=100, step=0.5)
-    use_ema: bool = setting(False, 'Use EMA', 'Keep an exponential moving average of the UNet weights.', group='loss')
-    ema_decay: float = setting(0.999, 'EMA decay', 'Decay of the moving average.', group='loss', min=0, max=1, step=0.0001)
     # image processing
     resolution: int = setting(512, 'Resolution', "Training resolution (the family's native one by default).", group='image processing', min=64, max=4096, step=64)
     aspect_ratio_bucketing: bool = setting(True, 'Aspect-ratio bucketing', 'Group images by aspect ratio instead of cropping them all square.', group='image processing')
@@ -231,6 +235,8 @@ class Parameters:
     checkpoint_format: str = setting('safetensors', 'Checkpoint format', 'safetensors (safe, fast) or ckpt.', group='saving', choices=('safetensors', 'ckpt'))
     save_half: bool = setting(True, 'Save fp16 checkpoint', 'Write the checkpoint in half precision (half the size).', group='saving')
     save_ema_weights: bool = setting(True, 'Export EMA weights', 'When EMA is on, export the averaged UNet instead of the raw one.', group='saving')
+    save_during_training: bool = setting(True, 'Save checkpoints during training', 'Off: a checkpoint only at the end (and on cancel), whatever the save interval.', group='saving')
+    checkpoint_name: str = setting('', 'Checkpoint file name', "The checkpoint files are NAME_<step>; empty: the model's name.", group='saving')
     save_on_end: bool = setting(True, 'Save at the end', 'Export a checkpoint when training finishes.', group='saving')
     save_on_cancel: bool = setting(True, 'Save on cancel', 'Export a checkpoint when training is cancelled.', group='saving')
     # lora
@@ -239,8 +245,8 @@ class Parameters:
     lora_unet_alpha: float = setting(16.0, 'UNet LoRA alpha', 'The adapters are scaled by alpha / rank; alpha = rank applies them as trained.', group='lora', min=0.01, max=1024, step=0.5)
     lora_text_encoder_rank: int = setting(8, 'Text encoder LoRA rank', 'Rank of the text-encoder adapters (both encoders for SDXL); they train for the text-encoder step ratio.', group='lora', min=1, max=1024)
     lora_text_encoder_alpha: float = setting(8.0, 'Text encoder LoRA alpha', 'The text-encoder adapters are scaled by alpha / rank.', group='lora', min=0.01, max=1024, step=0.5)
-    lora_unet_learning_rate: float = setting(1e-4, 'UNet LoRA learning rate', 'Learning rate of the UNet adapters (replaces the UNet learning rate when LoRA is on).', group='lora', min=0, max=1, step=1e-5)
-    lora_text_encoder_learning_rate: float = setting(5e-5, 'Text encoder LoRA learning rate', 'Learning rate of the text-encoder adapters.', group='lora', min=0, max=1, step=1e-5)
+    lora_unet_learning_rate: float = setting(1e-4, 'UNet LoRA learning rate', 'Learning rate of the UNet adapters (replaces the UNet learning rate when LoRA is on).', group='lora', min=0, max=1, kind='scientific')
+    lora_text_encoder_learning_rate: float = setting(5e-5, 'Text encoder LoRA learning rate', 'Learning rate of the text-encoder adapters.', group='lora', min=0, max=1, kind='scientific')
     lora_dropout: float = setting(0.0, 'LoRA dropout', "Dropout on the adapters' input during training; 0.05-0.1 can curb overfitting.", group='lora', min=0, max=0.9, step=0.01)
     lora_layers: str = setting('attention', 'LoRA layers', 'attention: the attention projections only (the usual LoRA); attention+ff+conv: also feed-forward, transformer in/out projections and resnet convolutions (more capacity, bigger file).', group='lora', choices=('attention', 'attention+ff+conv'))
     lora_preview_weight: float = setting(1.0, 'LoRA preview weight', 'Weight of the adapters in preview images, like <lora:NAME:weight> in the webui.', group='lora', min=0, max=2, step=0.05)
@@ -250,7 +256,8 @@ class Parameters:
 MODEL_SETTINGS = settings_of(ModelSettings)
 CONCEPT_SETTINGS = settings_of(Concept)
 PARAMETER_SETTINGS = settings_of(Parameters)
-GROUPS = ("performance", "intervals", "batch", "learning rate", "loss", "image processing", "saving", "lora")
+# The Parameters panel's order: what users change most often first.
+GROUPS = ("intervals", "learning rate", "lora", "batch", "image processing", "loss", "saving", "performance", "memory")
 
 
 # ---------------------------------------------------------------- rules relating several settings
@@ -279,6 +286,9 @@ CONCEPT_RULES: tuple[Rule, ...] = (
          else None, training=True),
 )
 PARAMETER_RULES: tuple[Rule, ...] = (
+    Rule(("checkpoint_name",), lambda p: "use letters, digits, spaces and _ - . (no folders)"
+         if p.checkpoint_name.strip() and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}", p.checkpoint_name.strip())
+         else None),
     # LoRA keeps the model's weights as they are: an average of them would only copy the base.
     Rule(("use_ema",), lambda p: "cannot be used with LoRA (use_lora); turn one of them off"
          if p.use_ema and p.use_lora else None),

@@ -208,8 +208,12 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
             for f in sorted(model.ema_unet.glob("*.safetensors")):
                 source = SafetensorsSource([f])
                 state_dicts["unet"].update({k: source.get(k) for k in source.keys()})
-        return write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
+        path = write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
                                  metadata={"dreambooth.ema": str(ema).lower()}, training=training)
+        model.logs.mkdir(parents=True, exist_ok=True)
+        with open(model.exports, "a", encoding="utf-8") as record:  # so the tab lists it whatever its name
+            record.write(f"{Path(path).resolve()}\n")
+        return path
 
 
 def read_training_summary(model: ModelDir) -> dict | None:

@@ -61,7 +61,7 @@ class ModelDir:
     state/                        resume state: trained weights, optimizer, scheduler, EMA, step, RNG (train/state.py)
     class_images/  samples/       generated class images, preview images
     logs/events.jsonl             the run's events (dreambooth.events); logs/train.log the trainer's own output
-    logs/tensorboard/             TensorBoard scalars
+    logs/tensorboard/             TensorBoard scalars; logs/exports.txt the files `export` wrote
     control/                      control requests, one empty file each (cancel, pause, save, sample)
     .lock                         held (flock) by the process that writes the model
     """
@@ -107,6 +107,10 @@ class ModelDir:
     @property
     def train_log(self) -> Path:
         return self.logs / "train.log"
+
+    @property
+    def exports(self) -> Path:  # one line per checkpoint file `export` wrote (any name the user gave it)
+        return self.logs / "exports.txt"
 
     @property
     def tensorboard(self) -> Path:

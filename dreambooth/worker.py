@@ -15,8 +15,10 @@ export) also runs as a child process: the host process (the webui) never loads t
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -302,14 +304,20 @@ class Status(RunStatus):
     """A model's run as the UI shows it: the fold of its events, plus what the process tells (alive, log tail)."""
 
     name: str = ""
-    log_tail: str = ""  # the end of train.log, shown with an error
+    log_tail: str = ""  # the end of train.log (the trainer's own lines)
     running: bool = False  # a live process trains this model now
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
 
+# A progress-bar redraw: "training x:  40%|####      | 4/10 [00:01<00:02, 2.00step/s, loss=0.1]"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal cursor moves (nested bars)
+TQDM_BAR = re.compile(r"^[^\n]*?\d+%\|[^|]*\|[^\[]*(\[[^\]]*\])?")
+
+
 def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The end of the trainer's own output (logs/train.log), without progress-bar redraws."""
     path = root.model(name).train_log
     try:
         with open(path, "rb") as f:
@@ -317,8 +325,22 @@ def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
             text = f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
-    # tqdm redraws with \r: keep only the last state of each line
-    return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+    # tqdm redraws its bar with \r (a line of its own here); what another writer printed after a bar stays
+    kept = [TQDM_BAR.sub("", ANSI.sub("", line)).rstrip() for line in text.splitlines()]
+    return "\n".join([line for line in kept if line.strip()][-lines:])
+
+
+def model_checkpoints(root: DataRoot, name: str, written: list | None = None, also: str = "") -> list[Path]:
+    """Every checkpoint file of a model that is still there, oldest first: NAME_* in models/Stable-diffusion and
+    models/Lora (and ALSO_*: the model's custom checkpoint name), the files this run wrote and the files `export`
+    wrote (which may carry any name)."""
+    exported = root.model(name).exports
+    listed = exported.read_text(encoding="utf-8").splitlines() if exported.is_file() else []
+    found = {Path(p).resolve() for p in [*(written or []), *listed] if p and Path(p).is_file()}
+    for folder in (root.checkpoints, root.lora):
+        for stem in {name, also.strip()} - {""}:
+            found.update(p.resolve() for p in folder.glob(f"{glob.escape(stem)}_*") if p.suffix in (".safetensors", ".ckpt"))
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def status(root: DataRoot, name: str) -> Status:
@@ -339,8 +361,10 @@ def status(root: DataRoot, name: str) -> Status:
     elif not is_job and events and not st.ended:
         st.state = "error"
         st.message = "the last training stopped without finishing"
-    if st.state == "error":
-        st.log_tail = log_tail(root, name)
+    st.log_tail = log_tail(root, name)
+    if st.ended and not st.losses:  # a run that trained nothing ("nothing to do"): the last run's chart stays
+        previous, _ = EventLog(model.events.with_suffix(".jsonl.1")).read(0)
+        st.losses = fold(previous).losses
     return st
 
 
@@ -356,14 +380,41 @@ def create(root: DataRoot, name: str, source: str, family: str = "auto", overwri
     return run_cli(root, *(args + (["--overwrite"] if overwrite else [])))
 
 
-def export(root: DataRoot, name: str, fmt: str, half: bool, ema: bool, host: Host | None = None) -> str:
+def export(root: DataRoot, name: str, fmt: str, half: bool, ema: bool, host: Host | None = None,
+           out: Path | None = None) -> str:
     """Export the working model as one checkpoint file (child process), then refresh the host's list."""
     if not root.model(name).exists():
         raise UserError(f"model {name!r}: not found")
-    out = run_cli(root, "export", name, "--format", fmt, *(["--half"] if half else []), *(["--ema"] if ema else []))
+    out = run_cli(root, "export", name, "--format", fmt, *(["--half"] if half else []), *(["--ema"] if ema else []),
+                  *(["--out", str(out)] if out else []))
     if host is not None:
         host.checkpoints_changed()
     return out
+
+
+def start_over(root: DataRoot, name: str) -> str:
+    """Put a model's weights back to its source checkpoint and drop its saved run, so the next training starts at
+    step 0. Its settings and generated class images stay."""
+    model = root.model(name)
+    config = load_config(model)
+    holder = model.lock("").holder()
+    if holder is not None:
+        raise JobRunningError(f"model {name!r} is {holder.get('purpose') or 'in use'}; wait until it ends")
+    kept = root.dreambooth / f".{name}.class_images.kept"
+    if model.class_images.is_dir():
+        os.replace(model.class_images, kept)
+    try:
+        create(root, name, config.model.source, config.model.family, overwrite=True)
+        fresh = load_config(model)
+        config.with_model(fresh.model).save(model.config_path)
+    finally:
+        if kept.is_dir():
+            if model.class_images.exists():
+                import shutil
+
+                shutil.rmtree(model.class_images)
+            os.replace(kept, model.class_images)
+    return f"{name}: back to the weights of {config.model.source}; the next training starts at step 0"
 
 
 def delete_model(root: DataRoot, name: str) -> None:

@@ -61,6 +61,11 @@ class TrainResult:
         return "\n".join(lines)
 
 
+def checkpoint_stem(params, model_name: str) -> str:
+    """The checkpoint files' name before _<step>: the custom name, else the model's."""
+    return params.checkpoint_name.strip() or model_name
+
+
 class StopTraining(Exception):
     """Ends the run early with a status ("done", "cancelled" or "error") and a message."""
 
@@ -324,6 +329,8 @@ class Trainer:
                     self.save(s)
                 if due.stop:
                     break
+                if due.pause:
+                    self.rest(s, self.p.pause_seconds)
         except StopTraining as stop:
             status, message = stop.status, stop.message
         finally:
@@ -438,24 +445,38 @@ class Trainer:
         c, res = parts, self.p.resolution
         pipe = gen.make_pipeline(c.unet, c.vae, c.text_encoders, c.tokenizers, c.noise_scheduler.config, c.sdxl)
         done = 0
+        made = [0]  # images made so far, all concepts
+        started = time.time()
         self.emit(ClassImages(0, total_missing))
+
+        def cancelled() -> bool:
+            # Only the main process generates: the others wait, so only a single process can stop here.
+            return self.accelerator.num_processes == 1 and "cancel" in self.requests.local()
+
+        def stop(count: int):
+            self.requests.handled("cancel")  # the images made so far are kept and reused next time
+            return StopTraining("cancelled", f"cancelled while generating class images ({count} made)")
+
         for index, concept, folder, pairs, missing, wanted in plans:
             if not missing:
                 continue
             settings = (concept.class_negative_prompt, concept.class_infer_steps, concept.class_guidance_scale)
 
             def make(prompt, number, settings=settings):
-                return gen.generate(pipe, prompt, *settings, number, res, res)
+                try:  # asked between denoising steps, so a cancel or SIGTERM stops within one step
+                    return gen.generate(pipe, prompt, *settings, number, res, res, stop=cancelled)
+                except gen.Stopped:
+                    raise stop(made[0]) from None
 
             def parameters(prompt, number, settings=settings):
                 return gen.png_parameters(prompt, *settings, number, res, res)
 
             def progress(n, _total, offset=done):
-                self.emit(ClassImages(offset + n, total_missing))
-                # Only the main process generates: the others wait, so only a single process can stop here.
-                if self.accelerator.num_processes == 1 and "cancel" in self.requests.local():
-                    self.requests.handled("cancel")  # the images made so far are kept and reused next time
-                    raise StopTraining("cancelled", f"cancelled while generating class images ({offset + n} made)")
+                made[0] = offset + n
+                eta = (time.time() - started) / made[0] * (total_missing - made[0])
+                self.emit(ClassImages(made[0], total_missing, round(eta, 1)))
+                if cancelled():
+                    raise stop(made[0])
 
             with writing(folder):
                 class_data.generate_missing(folder, missing, make, parameters, progress)
@@ -534,6 +555,15 @@ class Trainer:
                 trained[name] = acc.unwrap_model(te)
         return trained
 
+    def rest(self, s: TrainingState, seconds: float) -> None:
+        """The configured pause after every n-th epoch: shown as paused; a cancel (or SIGTERM) ends it at once."""
+        self.emit(Paused(s.step))
+        deadline = time.time() + seconds
+        while time.time() < deadline and "cancel" not in self.requests.pending():
+            time.sleep(min(0.2, max(0.0, deadline - time.time())))
+        self.emit(Resumed(s.step))
+        self.handle_requests(s)
+
     def publish(self, s: TrainingState) -> None:
         """The saved step's weights into working/ (hard links to state/: no extra disk), for `export` and the UI,
         its summary, and the checkpoint file in models/Stable-diffusion; state/ then records that it is written."""
@@ -560,7 +590,7 @@ class Trainer:
             atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
         from ..checkpoint.export import write_single_file
 
-        out = self.root.checkpoints / f"{self.model.name}_{step}.{p.checkpoint_format}"
+        out = self.root.checkpoints / f"{checkpoint_stem(p, self.model.name)}_{step}.{p.checkpoint_format}"
         with writing(out, s.last_save_step):
             path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
                                      state_dicts=state_dicts, metadata={"dreambooth.training": json.dumps(summary)},
@@ -578,7 +608,8 @@ class Trainer:
                    "instance_images": len(s.data.instances),
                    "prompts": sorted({e.prompt for e in s.data.instances})[:8]}
         with writing(self.root.lora, s.last_save_step):
-            paths = s.lora.export(self.root.lora, self.root.checkpoints, self.model.working, self.model.name, step,
+            paths = s.lora.export(self.root.lora, self.root.checkpoints, self.model.working,
+                                  checkpoint_stem(self.p, self.model.name), step,
                                   summary)
             mark_checkpoint_written(self.model.state)
         for path in paths:

@@ -4,6 +4,8 @@ The diffusers pipeline is built from the in-memory components, so previews show 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from diffusers import DDIMScheduler
 
@@ -26,13 +28,27 @@ def make_pipeline(unet, vae, text_encoders, tokenizers, scheduler_config, sdxl: 
     return pipe
 
 
+class Stopped(Exception):
+    """`generate` was asked to stop between two denoising steps."""
+
+
 def generate(pipe, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int,
-             width: int, height: int):
-    """One image (PIL) for a fixed seed."""
+             width: int, height: int, stop: Callable[[], bool] | None = None):
+    """One image (PIL) for a fixed seed. `stop()` is asked after each denoising step (diffusers'
+    callback_on_step_end, in 0.30 as in the newest); when it says so, Stopped is raised."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    extra = {}
+    if stop is not None:
+        def check(_pipe, _step, _timestep, tensors):
+            if stop():
+                raise Stopped()
+            return tensors
+
+        extra["callback_on_step_end"] = check
     with torch.no_grad():
         return pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, generator=generator, width=width, height=height).images[0]
+                    guidance_scale=guidance_scale, generator=generator, width=width, height=height,
+                    **extra).images[0]
 
 
 def png_parameters(prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int, width: int,

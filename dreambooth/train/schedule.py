@@ -5,7 +5,7 @@ of steps done so far. The trainer asks, before each step, whether the text encod
 (`trains_text_encoder(step)`), and after it what is due (`after(step)`):
 
     schedule = Schedule.plan(params, steps_per_epoch=data.steps_per_epoch)
-    due = schedule.after(step)   # Due(freeze_text_encoder, sample, save, stop)
+    due = schedule.after(step)   # Due(freeze_text_encoder, sample, save, stop, pause)
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class Due:
     sample: bool = False
     save: bool = False
     stop: bool = False
+    pause: bool = False  # rest for `pause_seconds` (the run's pause after every n-th epoch)
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,15 @@ class Schedule:
     sample_every_n_epochs: int = 0  # 0: no previews (not even at the end)
     save_every_n_epochs: int = 0    # 0: no saves during the run
     save_on_end: bool = True
+    pause_every_n_epochs: int = 0  # 0: never
 
     @classmethod
     def plan(cls, params, steps_per_epoch: int, max_steps: int | None = None) -> "Schedule":
         total = plan_total_steps(params, steps_per_epoch, max_steps)
+        saves = params.save_every_n_epochs if params.save_during_training else 0
         return cls(total, steps_per_epoch, text_encoder_steps(params.train_text_encoder_ratio, total),
-                   params.sample_every_n_epochs, params.save_every_n_epochs, params.save_on_end)
+                   params.sample_every_n_epochs, saves, params.save_on_end,
+                   params.pause_every_n_epochs if params.pause_seconds > 0 else 0)
 
     @property
     def epochs(self) -> int:
@@ -79,4 +83,4 @@ class Schedule:
             return n > 0 and into_epoch == 0 and epochs % n == 0
 
         return Due(freeze_text_encoder=step == self.text_encoder_steps, sample=every(self.sample_every_n_epochs),
-                   save=every(self.save_every_n_epochs))
+                   save=every(self.save_every_n_epochs), pause=every(self.pause_every_n_epochs))

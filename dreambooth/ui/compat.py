@@ -44,3 +44,13 @@ def update(**kwargs):
 
 def unchanged():
     return gr.update()
+
+
+def run_js_on_load(blocks: gr.Blocks, code: str) -> None:
+    """Run a piece of JavaScript once the page has loaded (the standalone app's copy of what the webui injects from
+    javascript/): `js=` on gradio 4 and newer, `_js=` on gradio 3."""
+    wrapped = f"() => {{ {code}\n}}"
+    if VERSION >= (4, 0):
+        blocks.load(None, None, None, js=wrapped)
+    else:
+        blocks.load(None, None, None, _js=wrapped)

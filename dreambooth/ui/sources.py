@@ -58,3 +58,22 @@ def write_starter_kit(root: DataRoot) -> str:
         _draw_demo_images(images)
     return (f"Wrote the tiny model {checkpoint.name} (pick it under 'From a checkpoint') and demo images in "
             f"{images} (use it as a concept's instance images folder).")
+
+
+def is_starter(source: str) -> bool:
+    return Path(str(source)).name == TINY_CHECKPOINT
+
+
+def starter_config(root: DataRoot, config):
+    """Settings for a model made from the built-in tiny model: a first run that ends in about a minute on a CPU (small
+    resolution, few class and preview steps, full precision), with the demo images as its one concept."""
+    from ..config import Config
+
+    data = config.to_dict()
+    data["parameters"].update(resolution=64, mixed_precision="no", optimizer="adamw", learning_rate=1e-4,
+                              num_train_epochs=6, save_every_n_epochs=3, sample_every_n_epochs=3)
+    data["concepts"] = [{"instance_data_dir": str(root.root / DEMO_IMAGES), "instance_prompt": "[filewords]",
+                         "instance_token": "zwx", "class_token": "disc", "class_prompt": "[filewords]",
+                         "num_class_images_per_image": 1, "class_infer_steps": 10, "sample_prompt": "a zwx disc",
+                         "sample_infer_steps": 10}]
+    return Config.from_dict(data)

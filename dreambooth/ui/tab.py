@@ -6,19 +6,23 @@ in child processes (dreambooth.worker).
 """
 from __future__ import annotations
 
+import html
+import os
+import re
 from dataclasses import asdict
+from pathlib import Path
 
 import gradio as gr
 
 from .. import worker
 from ..config import (CONCEPT_SETTINGS, FAMILIES, GROUPS, MIN_CONCEPTS, MODEL_SETTINGS, PARAMETER_SETTINGS, Config,
-                      Setting)
+                      Setting, validate_for_training)
 from ..errors import UserError
-from ..models import save_config
+from ..models import read_training_summary, save_config
 from ..host import Host
 from . import compat, views
 from .concepts_files import concepts_folder, load_concepts, save_concepts
-from .sources import detect_source_family, write_starter_kit
+from .sources import detect_source_family, is_starter, starter_config, write_starter_kit
 
 CONCEPT_PARTS = (("instance", "Instance"), ("class", "Class"), ("sample", "Sample"))
 POLL_SECONDS = 1.0
@@ -29,11 +33,13 @@ POLL_SECONDS = 1.0
 
 def widget(setting: Setting, elem_id: str):
     """One gradio component for one declared setting: label, default, range and tooltip come from the declaration."""
-    common = dict(label=setting.label, info=setting.tooltip, value=setting.default, elem_id=elem_id)
+    common = dict(label=setting.label, info=setting.tooltip, value=_shown(setting, setting.default), elem_id=elem_id)
     if setting.type is bool:
         return gr.Checkbox(**common)
     if setting.choices:
         return gr.Dropdown(choices=list(setting.choices), **common)
+    if setting.kind == "scientific":  # a learning rate reads best as 2e-06
+        return gr.Textbox(max_lines=1, **common)
     if setting.type in (int, float):
         bounded = setting.min is not None and setting.max is not None and setting.step is not None
         if bounded and (setting.max - setting.min) / setting.step <= 10000:
@@ -43,8 +49,21 @@ def widget(setting: Setting, elem_id: str):
     return gr.Textbox(lines=2 if setting.kind == "prompt" else 1, max_lines=4, **common)
 
 
+def _shown(setting: Setting, value):
+    """A setting's value as its widget shows it: a "scientific" number as 2e-06 or 2.5e-06."""
+    if setting.kind != "scientific" or not isinstance(value, (int, float)) or value == 0:
+        return value
+    mantissa, exponent = f"{value:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
 def _coerce(setting: Setting, value):
     """Gradio gives floats for whole numbers and None for an emptied field; the config check names what is left."""
+    if setting.kind == "scientific" and isinstance(value, str):
+        try:
+            return float(value.strip()) if value.strip() else None
+        except ValueError:
+            return value
     if setting.type is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if setting.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -86,23 +105,31 @@ class Fields:
         out = [model[s.name] for s in MODEL_SETTINGS]
         for i in range(MIN_CONCEPTS):
             concept = asdict(config.concepts[i]) if i < len(config.concepts) else {}
-            out += [concept.get(s.name, s.default) for s in CONCEPT_SETTINGS]
+            out += [_shown(s, concept.get(s.name, s.default)) for s in CONCEPT_SETTINGS]
         params = asdict(config.parameters)
-        return out + [params[s.name] for s in PARAMETER_SETTINGS]
+        return out + [_shown(s, params[s.name]) for s in PARAMETER_SETTINGS]
 
 
-def _error(e: Exception) -> str:
-    return f'<div class="db-error" id="db_error">Error: {_escape(str(e))}</div>'
+def _message(text: str, css: str, state: str = "", fields=()) -> str:
+    """A message beside the buttons that caused it. `state`: the run's state when it was written (the page hides it
+    once the run has moved on); `fields`: the elem_ids of the fields it is about (the page marks them)."""
+    attrs = f' data-state="{state}"' if state else ""
+    attrs += f' data-fields="{" ".join(fields)}"' if fields else ""
+    return f'<div class="{css}"{attrs}>{html.escape(text)}</div>'
 
 
-def _info(text: str) -> str:
-    return f'<div class="db-info">{_escape(text)}</div>'
+def _error(e: Exception, state: str = "") -> str:
+    text, fields = views.explain(e)
+    return _message(f"Error: {text}", "db-error", state, fields)
 
 
-def _escape(text: str) -> str:
-    import html
+def _info(text: str, state: str = "") -> str:
+    return _message(text, "db-info", state)
 
-    return html.escape(text)
+
+EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()\-]{0,119}$")
+START_FROM = ("Resume the saved run", "Start over from the source checkpoint")
+JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "dreambooth.js"
 
 
 # ---------------------------------------------------------------- the tab
@@ -113,34 +140,19 @@ def build(host: Host) -> gr.Blocks:
     fields = Fields()
 
     with compat.blocks(analytics_enabled=False, title="DreamBooth", elem_id="dreambooth_tab") as tab:
-        with gr.Row(elem_id="db_top_row"):
-            load_btn = gr.Button("Load settings", elem_id="db_load")
-            save_btn = gr.Button("Save settings", elem_id="db_save")
-            train_btn = gr.Button("Train", variant="primary", elem_id="db_train")
-            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="db_cancel")
-            pause_btn = gr.Button("Pause / Resume", elem_id="db_pause")
-            save_now_btn = gr.Button("Save now", elem_id="db_save_now")
-            sample_now_btn = gr.Button("Sample now", elem_id="db_sample_now")
-            export_btn = gr.Button("Export checkpoint", elem_id="db_export")
-        message = gr.HTML(elem_id="db_message")
-
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Row(elem_id="db_layout", equal_height=False):
+            with gr.Column(scale=3, elem_id="db_form"):
+                with gr.Row(elem_id="db_model_row"):
+                    model_select = gr.Dropdown(label="Model", choices=root.model_names(), value=None,
+                                               elem_id="db_model_select", scale=4,
+                                               info="The DreamBooth model to edit and train; its settings load into the panels.")
+                    with gr.Column(scale=1, min_width=160):
+                        refresh_btn = gr.Button("Refresh lists", elem_id="db_refresh", size="sm")
+                        load_btn = gr.Button("Load settings", elem_id="db_load", size="sm")
+                        save_btn = gr.Button("Save settings", elem_id="db_save", size="sm")
+                settings_msg = gr.HTML(elem_id="db_settings_message")
                 with gr.Tabs(elem_id="db_panels"):
                     with gr.Tab("Model", elem_id="db_model_panel"):
-                        with gr.Row():
-                            model_select = gr.Dropdown(label="Model", choices=root.model_names(), value=None,
-                                                       elem_id="db_model_select",
-                                                       info="The DreamBooth model to edit and train; its settings load into the panels.")
-                            refresh_btn = gr.Button("Refresh", elem_id="db_refresh", scale=0)
-                        with gr.Row():
-                            delete_confirm = gr.Checkbox(label="Yes, delete this model and its files", value=False,
-                                                         elem_id="db_delete_confirm")
-                            delete_btn = gr.Button("Delete model", variant="stop", elem_id="db_delete")
-                        for s in MODEL_SETTINGS:  # of the selected model: set when it was created
-                            w = widget(s, f"db_model_{s.name}")
-                            w.interactive = False
-                            fields.model.append(w)
                         with gr.Accordion("Create a model", open=True, elem_id="db_create"):
                             new_name = gr.Textbox(label="New model name", elem_id="db_new_name",
                                                   info="Letters, digits, spaces, '_', '-' and '.'.")
@@ -155,9 +167,24 @@ def build(host: Host) -> gr.Blocks:
                                                      elem_id="db_family",
                                                      info="auto: detected from the checkpoint. Override it for a 768 v-prediction v2 model without a yaml.")
                                 detected = gr.Markdown(elem_id="db_detected")
-                            create_btn = gr.Button("Create model", variant="primary", elem_id="db_create_btn")
-                            starter_btn = gr.Button("Get the built-in tiny model and demo images",
-                                                    elem_id="db_starter", visible=not host.checkpoints())
+                            overwrite = gr.Checkbox(label="Overwrite", value=False, info="Replace a model of the same name.",
+                                                    elem_id="db_overwrite")
+                            with gr.Row():
+                                create_btn = gr.Button("Create model", variant="primary", elem_id="db_create_btn")
+                                starter_btn = gr.Button("Get the built-in tiny model and demo images",
+                                                        elem_id="db_starter", visible=not host.checkpoints())
+                        model_msg = gr.HTML(elem_id="db_model_message")
+                        with gr.Accordion("The selected model", open=False, elem_id="db_model_facts"):
+                            for s in MODEL_SETTINGS:  # of the selected model: set when it was created
+                                w = widget(s, f"db_model_{s.name}")
+                                w.interactive = False
+                                fields.model.append(w)
+                        with gr.Accordion("Delete the selected model", open=False, elem_id="db_delete_box"):
+                            with gr.Row():
+                                delete_confirm = gr.Checkbox(label="Yes, delete this model and its files",
+                                                             value=False, elem_id="db_delete_confirm")
+                                delete_btn = gr.Button("Delete model", variant="stop", elem_id="db_delete")
+                            delete_msg = gr.HTML(elem_id="db_delete_message")
                     with gr.Tab("Concepts", elem_id="db_concepts_panel"):
                         with gr.Row():
                             concepts_path = gr.Textbox(label="Concepts file", elem_id="db_concepts_path",
@@ -165,6 +192,7 @@ def build(host: Host) -> gr.Blocks:
                                                             "concepts). Load also takes a model's name.")
                             load_concepts_btn = gr.Button("Load concepts", elem_id="db_load_concepts", scale=0)
                             save_concepts_btn = gr.Button("Save concepts", elem_id="db_save_concepts", scale=0)
+                        concepts_msg = gr.HTML(elem_id="db_concepts_message")
                         with gr.Tabs():
                             for i in range(MIN_CONCEPTS):
                                 with gr.Tab(f"Concept {i + 1}", elem_id=f"db_concept_{i}"):
@@ -179,7 +207,8 @@ def build(host: Host) -> gr.Blocks:
                     with gr.Tab("Parameters", elem_id="db_parameters_panel"):
                         groups = list(GROUPS) + sorted({s.group for s in PARAMETER_SETTINGS} - set(GROUPS))
                         for group in groups:
-                            with gr.Accordion(group.capitalize(), open=group in GROUPS[:3],
+                            title = {"lora": "LoRA"}.get(group, group.capitalize())
+                            with gr.Accordion(title, open=group in GROUPS[:2],
                                               elem_id=f"db_group_{group.replace(' ', '_')}"):
                                 for s in PARAMETER_SETTINGS:
                                     if s.group == group:
@@ -187,68 +216,137 @@ def build(host: Host) -> gr.Blocks:
             with gr.Column(scale=2, elem_id="db_output_panel"):
                 status_md = gr.Markdown(views.status_line(None), elem_id="db_status")
                 progress = gr.HTML(views.progress_bar(None), elem_id="db_progress_box")
+                with gr.Row(elem_id="db_run_row"):
+                    train_btn = gr.Button("Train", variant="primary", elem_id="db_train", min_width=80)
+                    pause_btn = gr.Button("Pause", elem_id="db_pause", min_width=80)
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="db_cancel", min_width=80)
+                with gr.Row(elem_id="db_run_row2"):
+                    save_now_btn = gr.Button("Save now", elem_id="db_save_now", size="sm", min_width=80)
+                    sample_now_btn = gr.Button("Sample now", elem_id="db_sample_now", size="sm", min_width=80)
+                start_from = gr.Radio(label="Train a model that has a saved run", choices=list(START_FROM),
+                                      value=START_FROM[0], elem_id="db_start_from",
+                                      info="Resume where the last run stopped, or start over from the source "
+                                           "checkpoint (the settings and class images stay).")
+                run_msg = gr.HTML(elem_id="db_run_message")
                 chart = gr.HTML(views.loss_chart([]), elem_id="db_chart_box")
                 gallery = gr.Gallery(label="Previews", columns=3, height=300, elem_id="db_gallery")
-                checkpoints_md = gr.Markdown("No checkpoint written yet.", elem_id="db_checkpoints")
-                log_box = gr.Textbox(label="Log tail", lines=6, max_lines=12, interactive=False, elem_id="db_log")
+                checkpoints_md = gr.HTML(views.checkpoint_list([]), elem_id="db_checkpoints")
+                with gr.Accordion("Export the working model", open=False, elem_id="db_export_box"):
+                    with gr.Row():
+                        export_name = gr.Textbox(label="File name", elem_id="db_export_name",
+                                                 info="Without extension; empty: MODEL_<step>. Written to "
+                                                      "models/Stable-diffusion.")
+                        export_overwrite = gr.Checkbox(label="Overwrite an existing file", value=False,
+                                                       elem_id="db_export_overwrite")
+                    export_btn = gr.Button("Export checkpoint", elem_id="db_export")
+                    export_msg = gr.HTML(elem_id="db_export_message")
+                log_box = gr.Textbox(label="Trainer log", lines=8, max_lines=16, interactive=False,
+                                     elem_id="db_log")
                 shown = gr.State(None)  # what this page shows now, so a poll only sends what changed
 
         settings = fields.components
 
         # ------------------------------------------------------------ handlers
 
+        def run_state(name) -> str:
+            """The state the output column shows for `name` now (messages are stamped with it)."""
+            job = worker.running_job(root)
+            name = job["name"] if job else name
+            try:
+                return worker.status(root, name).state if name and root.model(name).path.is_dir() else "none"
+            except UserError:
+                return "none"
+
         def select_model(name):
-            """Load a model's config into the panels."""
+            """Load a model's config into the panels (selecting says nothing: the panels show it)."""
             if not name:
-                return [compat.unchanged()] * len(settings) + [""]
+                return [compat.unchanged()] * len(settings) + [compat.unchanged()]
             try:
                 config = Config.load(root.model(name).config_path)
             except UserError as e:
                 return [compat.unchanged()] * len(settings) + [_error(e)]
-            return Fields.values(config) + [_info(f"Loaded the settings of {name}.")]
+            return Fields.values(config) + [compat.unchanged()]
 
-        def save_settings(name, *values) -> str:
+        def on_load(name):
+            if not name:
+                return [compat.unchanged()] * len(settings) + [_info("Select a model first.")]
+            try:
+                config = Config.load(root.model(name).config_path)
+            except UserError as e:
+                return [compat.unchanged()] * len(settings) + [_error(e)]
+            return Fields.values(config) + [_info(f"Loaded the saved settings of {name}.")]
+
+        def save_settings(name, values) -> Config:
             if not name:
                 raise UserError("no model selected: create one or select one in the Model panel")
             model = root.model(name)
             if not model.exists():
                 raise UserError(f"model {name!r}: not found")
-            save_config(model, fields.to_config(values))
-            return f"Saved the settings of {name} to {model.config_path}."
+            return save_config(model, fields.to_config(values))
 
         def on_save(name, *values):
             try:
-                return _info(save_settings(name, *values))
+                save_settings(name, values)
+                return _info(f"Saved the settings of {name}.")
             except UserError as e:
                 return _error(e)
 
-        def on_train(name, *values):
+        def on_train(name, start, *values):
+            state = run_state(name)
             try:
-                save_settings(name, *values)  # what the trainer uses is what the panels show
+                if not name:
+                    raise UserError("no model selected: create one or select one in the Model panel")
+                job = worker.running_job(root)
+                if job:
+                    raise worker.JobRunningError(f"{job['name']} is training; cancel it or wait until it ends")
+                config = fields.to_config(values)
+                validate_for_training(config)  # refused before anything is written
+                model = root.model(name)
+                if start == START_FROM[1]:
+                    worker.start_over(root, name)
+                save_config(model, config)  # what the trainer uses is what the panels show
+                from ..train.state import saved_step  # torch: imported when needed
+
+                saved = saved_step(model.state)
                 job = worker.start(root, name, host)
-                return _info(f"Training {job['name']} started (pid {job['pid']}).")
+                where = f"resuming at step {saved}" if saved else "from step 0"
+                return _info(f"Training {job['name']} started, {where}.", run_state(name))
             except UserError as e:
-                return _error(e)
+                return _error(e, state)
 
         def control(what):
             def handler(name):
                 job = worker.running_job(root)
+                state = run_state(name)
                 try:
-                    return _info(worker.request(root, job["name"] if job else (name or ""), what))
+                    return _info(worker.request(root, job["name"] if job else (name or ""), what).capitalize() + ".",
+                                 state)
                 except UserError as e:
-                    return _error(e)
+                    return _error(e, state)
             return handler
 
-        def on_export(name, *values):
+        def on_export(name, file_name, replace, *values):
             try:
                 if not name:
                     raise UserError("no model selected")
                 params = fields.to_config(values).parameters
-                path = worker.export(root, name, params.checkpoint_format, params.save_half,
-                                     params.use_ema and params.save_ema_weights, host)
-                return _info(path)
+                stem = (file_name or "").strip()
+                if stem.lower().endswith((".safetensors", ".ckpt")):
+                    stem = stem.rsplit(".", 1)[0]
+                if stem and not EXPORT_NAME.match(stem):
+                    raise UserError(f"file name {stem!r}: use letters, digits, spaces and _ - . ( )")
+                if not stem:
+                    summary = read_training_summary(root.model(name))
+                    stem = f"{name}_{summary.get('step', 0) if summary else 0}"
+                out = root.checkpoints / f"{stem}.{params.checkpoint_format}"
+                if out.exists() and not replace:
+                    raise UserError(f"{out.name} exists in {out.parent}: tick 'Overwrite an existing file' to "
+                                    "replace it, or enter another file name")
+                worker.export(root, name, params.checkpoint_format, params.save_half,
+                              params.use_ema and params.save_ema_weights, host, out)
+                return _info(f"Exported {out}."), panel(name)["checkpoints"]
             except UserError as e:
-                return _error(e)
+                return _error(e), compat.unchanged()
 
         def model_choices(selected=None):
             names = root.model_names()
@@ -272,14 +370,23 @@ def build(host: Host) -> gr.Blocks:
             source = (text or "").strip() or host.checkpoints().get(checkpoint_title or "", "")
             return detect_source_family(source) if source else ""
 
-        def on_create(name, checkpoint_title, text, family_choice):
+        def on_create(name, checkpoint_title, text, family_choice, replace):
             try:
+                name = (name or "").strip()
                 source = (text or "").strip() or host.checkpoints().get(checkpoint_title or "", checkpoint_title or "")
-                worker.create(root, (name or "").strip(), source, family_choice)
-                model = root.model(name.strip())
+                if root.model(name).path.exists() and not replace:
+                    raise UserError(f"a model named {name!r} exists: tick 'Overwrite' to replace it, or choose "
+                                    "another name")
+                worker.create(root, name, source, family_choice, overwrite=bool(replace))
+                model = root.model(name)
                 config = Config.load(model.config_path)
+                note = ""
+                if is_starter(source):
+                    config = save_config(model, starter_config(root, config))
+                    note = (" Settings for a first run of about a minute on a CPU are filled in (resolution 64, "
+                            "6 epochs, the demo images as concept 1): press Train.")
                 return [model_choices(model.name)] + Fields.values(config) + [
-                    _info(f"Created {model.name} ({config.model.family}) from {source}.")]
+                    _info(f"Created {model.name} ({config.model.family}) from {source}.{note}")]
             except UserError as e:
                 return [compat.unchanged()] + [compat.unchanged()] * len(settings) + [_error(e)]
 
@@ -306,15 +413,24 @@ def build(host: Host) -> gr.Blocks:
             except UserError as e:
                 return _error(e)
 
+        def checkpoint_titles() -> dict:
+            """The host's name of each checkpoint file (what its checkpoint list shows), by real path."""
+            return {os.path.realpath(path): title for title, path in host.checkpoints().items()}
+
         def panel(name) -> dict:
             """The output panel's content for a model (its running or last training)."""
             st = worker.status(root, name) if name and root.model(name).path.is_dir() else None
+            try:
+                custom = Config.load(root.model(name).config_path).parameters.checkpoint_name if st else ""
+            except UserError:
+                custom = ""
+            files = worker.model_checkpoints(root, name, st.checkpoints, custom) if st else []
             return {
                 "status": views.status_line(st),
                 "progress": views.progress_bar(st),
                 "chart": views.loss_chart(st.losses if st else []),
-                "gallery": list(st.samples[-12:]) if st else [],
-                "checkpoints": views.checkpoint_list(st.checkpoints if st else []),
+                "gallery": [list(item) for item in views.previews(root.model(name).samples)] if st else [],
+                "checkpoints": views.checkpoint_list(files, checkpoint_titles(), root.lora),
                 "log": st.log_tail if st else "",
             }
 
@@ -340,24 +456,26 @@ def build(host: Host) -> gr.Blocks:
         # ------------------------------------------------------------ wiring
 
         panel_outputs = [status_md, progress, chart, gallery, checkpoints_md, log_box, shown]
-        model_select.change(select_model, [model_select], settings + [message])
+        model_select.change(select_model, [model_select], settings + [model_msg])
         model_select.change(show_model, [model_select], panel_outputs)
-        load_btn.click(select_model, [model_select], settings + [message])
-        save_btn.click(on_save, [model_select] + settings, [message])
-        train_btn.click(on_train, [model_select] + settings, [message])
+        load_btn.click(on_load, [model_select], settings + [settings_msg])
+        save_btn.click(on_save, [model_select] + settings, [settings_msg])
+        train_btn.click(on_train, [model_select, start_from] + settings, [run_msg])
         for btn, what in ((cancel_btn, "cancel"), (pause_btn, "pause"), (save_now_btn, "save"),
                           (sample_now_btn, "sample")):
-            btn.click(control(what), [model_select], [message])
-        export_btn.click(on_export, [model_select] + settings, [message])
+            btn.click(control(what), [model_select], [run_msg])
+        export_btn.click(on_export, [model_select, export_name, export_overwrite] + settings,
+                         [export_msg, checkpoints_md])
         refresh_btn.click(on_refresh, [model_select], [model_select, checkpoint])
-        delete_btn.click(on_delete, [model_select, delete_confirm], [model_select, delete_confirm, message])
+        delete_btn.click(on_delete, [model_select, delete_confirm], [model_select, delete_confirm, delete_msg])
         checkpoint.change(on_source, [checkpoint, source_text], [detected])
         source_text.change(on_source, [checkpoint, source_text], [detected])
-        create_btn.click(on_create, [new_name, checkpoint, source_text, family], [model_select] + settings + [message])
-        starter_btn.click(on_starter, [], [checkpoint, starter_btn, message])
+        create_btn.click(on_create, [new_name, checkpoint, source_text, family, overwrite],
+                         [model_select] + settings + [model_msg])
+        starter_btn.click(on_starter, [], [checkpoint, starter_btn, model_msg])
         concept_components = [c for concept in fields.concepts for c in concept]
-        load_concepts_btn.click(on_load_concepts, [concepts_path], concept_components + [message])
-        save_concepts_btn.click(on_save_concepts, [concepts_path] + settings, [message])
+        load_concepts_btn.click(on_load_concepts, [concepts_path], concept_components + [concepts_msg])
+        save_concepts_btn.click(on_save_concepts, [concepts_path] + settings, [concepts_msg])
         compat.every(tab, POLL_SECONDS, poll, shown, panel_outputs)
 
         def on_page_load():
@@ -368,4 +486,6 @@ def build(host: Host) -> gr.Blocks:
                     compat.update(visible=not host.checkpoints())]
 
         tab.load(on_page_load, [], [model_select, checkpoint, starter_btn])
+        if host.name != "webui" and JAVASCRIPT.is_file():  # the webui injects javascript/ itself
+            compat.run_js_on_load(tab, JAVASCRIPT.read_text(encoding="utf-8"))
     return tab

@@ -20,10 +20,18 @@ def status_line(st: Status | None) -> str:
     if st is None:
         return "No model selected. Create one in the Model panel, or select an existing one."
     parts = [f"**{html.escape(st.name)}**: {st.state}"]
-    if st.class_images and st.state in ("running", "starting") and st.step == 0:
-        parts.append(f"class images {st.class_images[0]}/{st.class_images[1]}")
+    active = st.state in ("running", "starting", "paused")
+    if st.class_images and active and st.step == st.start_step:
+        done, total = st.class_images
+        eta = f", ETA {_duration(st.eta_s)}" if st.eta_s is not None and done < total else ""
+        parts.append(f"class image {min(done + 1, total)} of {total}{eta}" if done < total else
+                     f"{total} class images made")
+    if active and st.start_step:
+        parts.append(f"resuming at step {st.start_step} of {st.total_steps}")
     if st.total_steps:
         parts.append(f"step {st.step}/{st.total_steps}")
+    if st.ended and st.total_steps and st.step >= st.start_step:
+        parts.append(f"this run trained {st.step - st.start_step} steps")
     if st.epochs:
         parts.append(f"epoch {min(st.epoch + 1, st.epochs)}/{st.epochs}")  # events count epochs from 0
     if st.loss is not None:
@@ -34,9 +42,17 @@ def status_line(st: Status | None) -> str:
         parts.append(f"{st.it_per_s:.2f} it/s")
     if st.memory_mb:
         parts.append(f"memory {st.memory_mb / 1024:.2f} GB")
-    if st.message:
+    if nothing_to_do(st):
+        parts.append(f"already trained to step {st.step}: nothing to do. To train on, raise Training epochs (or "
+                     "Max training steps) and press Train, or choose Start over")
+    elif st.message:
         parts.append(html.escape(st.message))
     return " · ".join(parts)
+
+
+def nothing_to_do(st: Status) -> bool:
+    """A run that ended at once because the saved state had already reached the last step."""
+    return st.state == "done" and st.start_step > 0 and st.step == st.start_step
 
 
 def progress_bar(st: Status | None) -> str:
@@ -48,47 +64,142 @@ def progress_bar(st: Status | None) -> str:
     elif st and st.state in ("done", "cancelled", "error"):
         eta = st.state
     label = f"{fraction * 100:.0f}% {eta}".strip()
-    return (f'<div class="db-progress" id="db_progress" data-step="{st.step if st else 0}" data-total="{total}">'
-            f'<div class="db-progress-fill" style="width:{fraction * 100:.1f}%"></div>'
+    state = st.state if st else "none"
+    return (f'<div class="db-progress" id="db_progress" data-step="{st.step if st else 0}" data-total="{total}" '
+            f'data-state="{state}"><div class="db-progress-fill" style="width:{fraction * 100:.1f}%"></div>'
             f'<span class="db-progress-label">{html.escape(label)}</span></div>')
 
 
-def loss_chart(losses: list, width: int = 480, height: int = 160) -> str:
-    """An inline SVG line chart of (step, loss): the same in every gradio, no pandas or plotting library."""
-    if len(losses) < 2:
+def smooth(values: list, weight: float = 0.8) -> list:
+    """An exponential moving average, debiased at the start (the smoothed line TensorBoard draws)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def _ticks(low: float, high: float, count: int = 4) -> list:
+    return [low + (high - low) * i / (count - 1) for i in range(count)]
+
+
+def loss_chart(losses: list, width: int = 480, height: int = 180) -> str:
+    """An inline SVG chart of (step, loss) with axes, the raw loss faint and a smoothed line on top: the same in every
+    gradio, no pandas or plotting library."""
+    points = [(s, v) for s, v in losses if math.isfinite(v)]
+    if len(points) < 2:
         return '<div class="db-chart db-chart-empty" id="db_loss_chart">The loss chart appears after two steps.</div>'
-    steps = [s for s, _ in losses]
-    values = [v for _, v in losses if math.isfinite(v)] or [0.0]
+    steps, values = [s for s, _ in points], [v for _, v in points]
     x0, x1 = min(steps), max(steps)
     y0, y1 = min(values), max(values)
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5, y1 + 0.5
-    pad = 30
+    left, right, top, bottom = 48, 8, 8, 34  # room for the axis labels
 
-    def xy(step, value):
-        x = pad + (step - x0) / max(1, x1 - x0) * (width - pad - 5)
-        y = 5 + (1 - (min(max(value, y0), y1) - y0) / (y1 - y0)) * (height - pad)
-        return f"{x:.1f},{y:.1f}"
+    def x(step):
+        return left + (step - x0) / max(1, x1 - x0) * (width - left - right)
 
-    points = " ".join(xy(s, v) for s, v in losses if math.isfinite(v))
+    def y(value):
+        return top + (1 - (value - y0) / (y1 - y0)) * (height - top - bottom)
+
+    def line(vals, cls):
+        path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, vals))
+        return f'<polyline class="{cls}" fill="none" stroke="currentColor" points="{path}"/>'
+
+    axes = [f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="currentColor"/>',
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="currentColor"/>']
+    for v in _ticks(y0, y1):
+        axes.append(f'<text x="{left - 4}" y="{y(v) + 3:.1f}" text-anchor="end" font-size="10" '
+                    f'fill="currentColor">{v:.3g}</text>')
+    for s in sorted({round(t) for t in _ticks(x0, x1)}):
+        axes.append(f'<text x="{x(s):.1f}" y="{height - bottom + 13}" text-anchor="middle" font-size="10" '
+                    f'fill="currentColor">{s}</text>')
+    axes.append(f'<text x="{(left + width) / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="10" '
+                f'fill="currentColor">step</text>')
+    axes.append(f'<text x="10" y="{(top + height - bottom) / 2:.0f}" text-anchor="middle" font-size="10" '
+                f'fill="currentColor" transform="rotate(-90 10 {(top + height - bottom) / 2:.0f})">loss</text>')
     return (f'<div class="db-chart" id="db_loss_chart"><svg viewBox="0 0 {width} {height}" width="100%" '
-            f'preserveAspectRatio="none" role="img" aria-label="loss by step">'
-            f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{points}"/>'
-            f'<text x="2" y="12" font-size="10" fill="currentColor">{y1:.3g}</text>'
-            f'<text x="2" y="{height - pad + 5}" font-size="10" fill="currentColor">{y0:.3g}</text>'
-            f'<text x="{pad}" y="{height - 5}" font-size="10" fill="currentColor">step {x0}</text>'
-            f'<text x="{width - 60}" y="{height - 5}" font-size="10" fill="currentColor">step {x1}</text>'
-            f'</svg><div class="db-chart-caption">loss</div></div>')
+            f'role="img" aria-label="loss by step, raw and smoothed">{"".join(axes)}'
+            f'{line(values, "db-loss-raw")}{line(smooth(values), "db-loss-smooth")}</svg>'
+            f'<div class="db-chart-caption">loss by step: raw (faint) and smoothed</div></div>')
 
 
-def checkpoint_list(paths: list) -> str:
+def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None) -> str:
+    """The model's checkpoint files, each with a "Use in txt2img" button (shown by javascript/dreambooth.js only
+    where the page has a txt2img tab): a full checkpoint is selected in the webui's checkpoint list, a LoRA's
+    `<lora:NAME:1>` tag goes into the txt2img prompt."""
     from pathlib import Path
 
     if not paths:
-        return "No checkpoint written yet."
-    lines = []
-    for p in paths:
+        return '<div id="db_checkpoint_list" class="db-checkpoints">No checkpoint written yet.</div>'
+    titles = titles or {}
+    rows = []
+    for p in reversed(paths):  # newest first
         path = Path(p)
         size = f"{path.stat().st_size / 2**20:.1f} MB" if path.is_file() else "missing"
-        lines.append(f"- `{p}` ({size})")
-    return "\n".join(lines)
+        if lora_folder is not None and path.parent == Path(lora_folder).resolve():
+            action = f'data-db-lora="{html.escape(f"<lora:{path.stem}:1>")}"'
+        else:
+            action = f'data-db-checkpoint="{html.escape(titles.get(str(path), path.name))}"'
+        rows.append(f'<li><code>{html.escape(str(path))}</code> ({size}) '
+                    f'<button type="button" class="db-use" {action} hidden>Use in txt2img</button></li>')
+    return f'<ul id="db_checkpoint_list" class="db-checkpoints">{"".join(rows)}</ul>'
+
+
+def preview_caption(path) -> str:
+    """"step 12 · a zwx disc · seed 420" from a preview's PNG text (the webui's parameters format)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    step = Path(path).stem.split("-")[0]
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters", "") if hasattr(image, "info") else ""
+    except OSError:
+        text = ""
+    lines = text.splitlines()
+    prompt = lines[0] if lines else ""
+    settings = dict(part.split(": ", 1) for part in (lines[-1] if len(lines) > 1 else "").split(", ") if ": " in part)
+    step = settings.get("Training step", step)
+    return " · ".join(x for x in (f"step {step}", prompt, f"seed {settings['Seed']}" if "Seed" in settings else "") if x)
+
+
+def previews(folder, limit: int = 12) -> list:
+    """(path, caption) of the newest previews in a model's samples folder, oldest of them first."""
+    from pathlib import Path
+
+    def key(p):
+        head = p.stem.split("-")
+        return (int(head[0]) if head[0].isdigit() else -1, p.name)
+
+    files = sorted(Path(folder).glob("*.png"), key=key)[-limit:] if Path(folder).is_dir() else []
+    return [(str(p), preview_caption(p)) for p in files]
+
+
+def explain(error: Exception) -> tuple[str, list]:
+    """A config error in the tab's words ("Concept 1 › Instance images folder: ...") and the elem_ids of the
+    fields it is about, built from ConfigError.problems and the settings' labels."""
+    from ..config import CONCEPT_SETTINGS, MODEL_SETTINGS, PARAMETER_SETTINGS, ConfigError
+
+    if not isinstance(error, ConfigError):
+        return str(error), []
+    sections = {"model": ({s.name: s for s in MODEL_SETTINGS}, "db_model_{}"),
+                "parameters": ({s.name: s for s in PARAMETER_SETTINGS}, "db_p_{}"),
+                "concepts": ({s.name: s for s in CONCEPT_SETTINGS}, "db_c{}_{}")}
+    lines, fields = [], []
+    for problem in error.problems:
+        where = list(problem.where)
+        names, elem = sections.get(where[0], ({}, "")) if where else ({}, "")
+        index = where[1] if len(where) > 2 and isinstance(where[1], int) else None
+        setting = names.get(where[-1]) if where else None
+        parts = [f"Concept {index + 1}"] if index is not None else []
+        if where[:1] == ["concepts"] and len(where) == 1:
+            parts.append("Concepts")
+        if setting is not None:
+            parts.append(setting.label)
+            fields.append(elem.format(index, setting.name) if index is not None else elem.format(setting.name))
+        elif where and where[-1] not in ("concepts",) and not isinstance(where[-1], int):
+            parts.append(str(where[-1]))
+        lines.append(f"{' › '.join(parts)}: {problem.message}" if parts else problem.message)
+    return "\n".join(lines), fields

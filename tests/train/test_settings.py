@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth.config import Parameters
+from dreambooth.config import Config, Parameters
 from dreambooth.data.dataset import Example, Item, TrainingData
 from dreambooth.errors import UserError
 from dreambooth.train.components import set_attention
@@ -257,3 +257,26 @@ def test_every_parameter_setting_is_covered_by_a_test():
     missing = [s.name for s in PARAMETER_SETTINGS + CONCEPT_SETTINGS if s.name not in text.replace(
         "test_every_parameter_setting_is_covered_by_a_test", "")]
     assert not missing, f"settings no trainer test names: {missing}"
+
+
+def test_pause_and_save_during_training_in_the_schedule():
+    from dreambooth.train.schedule import Schedule
+
+    plan = Schedule.plan(Parameters(num_train_epochs=3, save_every_n_epochs=1, pause_every_n_epochs=2,
+                                    pause_seconds=30), steps_per_epoch=2)
+    assert [s for s in range(1, 7) if plan.after(s).pause] == [4]  # after epoch 2; the run's end is no rest
+    assert [s for s in range(1, 7) if plan.after(s).save] == [2, 4, 6]
+    quiet = Schedule.plan(Parameters(num_train_epochs=3, save_every_n_epochs=1, save_during_training=False,
+                                     pause_every_n_epochs=2, pause_seconds=0), steps_per_epoch=2)
+    assert [s for s in range(1, 7) if quiet.after(s).save] == [6]  # only at the end
+    assert not any(quiet.after(s).pause for s in range(1, 7))  # a rest of 0 s is none
+
+
+def test_checkpoint_name():
+    from dreambooth.config import ConfigError
+    from dreambooth.train.loop import checkpoint_stem
+
+    assert checkpoint_stem(Parameters(), "dog") == "dog"
+    assert checkpoint_stem(Parameters(checkpoint_name=" rex v2 "), "dog") == "rex v2"
+    with pytest.raises(ConfigError, match="checkpoint_name"):
+        Config.from_dict({"parameters": {"checkpoint_name": "../outside"}})

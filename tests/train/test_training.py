@@ -377,6 +377,74 @@ def test_cancel_during_class_images_keeps_them_for_next_time(tmp_path, tiny_sour
     assert len(list(model.class_images.rglob("*.png"))) == 6
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["cancel", "sigterm"])
+def test_cancel_stops_class_generation_between_denoising_steps(tmp_path, tiny_source, monkeypatch, how):
+    """Each class image takes about 20 s here (a slowed UNet, 200 steps): a cancel or SIGTERM during the first image
+    ends the run within 5 s, and the progress said which image of how many, with an ETA once one was made."""
+    import signal
+
+    from diffusers import UNet2DConditionModel
+
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
+        tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=200)], max_train_steps=1)
+    forward = UNet2DConditionModel.forward
+    calls = []
+
+    def slow_forward(self, *args, **kwargs):
+        calls.append(time.time())
+        time.sleep(0.05)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", slow_forward)
+    asked = []
+
+    def cancel():
+        deadline = time.time() + 120
+        while len(calls) < 3:  # the first image is being denoised
+            assert time.time() < deadline
+            time.sleep(0.02)
+        asked.append(time.time())
+        if how == "cancel":
+            Controls(model.control).request("cancel")
+        else:
+            signal.raise_signal(signal.SIGTERM)  # handled by the trainer (main thread) as a cancel
+
+    threading.Thread(target=cancel, daemon=True).start()
+    result = train_model(root, "m")
+    assert result.status == "cancelled" and "class images (0 made)" in result.message
+    assert time.time() - asked[0] < 5
+    assert len(calls) < 100  # stopped inside the first image's 200 steps
+    progress = [e for e in read_events(model) if e["kind"] == "class_images"]
+    assert [(e["done"], e["total"]) for e in progress] == [(0, 2)]
+    assert not list(model.class_images.rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_class_image_progress_has_an_eta(tmp_path, tiny_source):
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
+        tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=1)], max_train_steps=1)
+    assert train_model(root, "m").ok
+    progress = [e for e in read_events(model) if e["kind"] == "class_images"]
+    assert [e["done"] for e in progress] == [0, 1, 2] and progress[0]["eta_s"] is None
+    assert all(e["eta_s"] >= 0 for e in progress[1:]) and progress[-1]["eta_s"] == 0
+
+
+@pytest.mark.slow
+def test_rest_after_n_epochs_checkpoint_name_and_no_saves_during_training(tmp_path, tiny_source):
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=3,
+                             save_every_n_epochs=1, save_during_training=False, checkpoint_name="rex v2",
+                             pause_every_n_epochs=2, pause_seconds=1)
+    result = train_model(root, "m")
+    assert result.ok and result.step == 6
+    assert [p.name for p in result.checkpoints] == ["rex v2_6.safetensors"]  # no saves during the run
+    events = read_events(model)
+    rests = [(e["kind"], e["step"]) for e in events if e["kind"] in ("paused", "resumed")]
+    assert rests == [("paused", 4), ("resumed", 4)]
+    paused, resumed = (e["time"] for e in events if e["kind"] in ("paused", "resumed"))
+    assert resumed - paused >= 1.0
+
+
 def test_resume_with_settings_that_no_longer_fit_is_a_clear_error(tmp_path, tiny_source):
     from dreambooth.config import Config
     from dreambooth.errors import UserError

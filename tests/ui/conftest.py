@@ -1,4 +1,5 @@
-"""The standalone app as a real server process, and headless Chromium (Debian's; Playwright never downloads one)."""
+"""The standalone app as a real server process, and headless Chromium (Debian's; Playwright never downloads one).
+Helpers for driving the page live in page_helpers.py (put on sys.path here for importlib mode)."""
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
 ARTIFACTS = REPO / "test-artifacts" / "ui"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

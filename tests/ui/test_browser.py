@@ -1,4 +1,5 @@
-"""The standalone app in headless Chromium, driving the real trainer on the built-in tiny model."""
+"""The standalone app in headless Chromium, driving the real trainer on the built-in tiny model: the first run a
+newcomer clicks through, the messages where they look, errors in the tab's words, resume and start over, export."""
 import json
 import re
 import time
@@ -6,141 +7,177 @@ from pathlib import Path
 
 import pytest
 
+from page_helpers import CONTRAST, TIMEOUT, choose, fill, open_panel, progress, shots, text, visible_text, wait_text
+
 pytestmark = pytest.mark.slow  # a server process and a browser
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"  # git-ignored; kept by CI
 
-TIMEOUT = 120_000
-
-
-def fill(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill(str(value))
-    box.press("Tab")  # gradio takes the value on blur
-
-
-def choose(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").first.click()
-    page.get_by_role("option", name=option).click()
-
-
-def message(page) -> str:
-    return page.inner_text("#db_message")
-
-
-def wait_message(page, pattern: str, timeout=TIMEOUT) -> None:
-    page.wait_for_function("([sel, pat]) => new RegExp(pat).test(document.querySelector(sel)?.innerText || '')",
-                           arg=["#db_message", pattern], timeout=timeout)
-
-
-def progress_step(page) -> int:
-    return int(page.get_attribute("#db_progress", "data-step") or 0)
-
-
-def wait_status(page, pattern: str, timeout=TIMEOUT) -> None:
-    page.wait_for_function("([sel, pat]) => new RegExp(pat).test(document.querySelector(sel)?.innerText || '')",
-                           arg=["#db_status", pattern], timeout=timeout)
-
-
-def shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def test_click_through_train_cancel_reload(start_app, page, tmp_path):
+def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait_for):
     app = start_app()
     page.goto(app.url)
-    page.wait_for_selector("#db_top_row", timeout=TIMEOUT)
+    page.wait_for_selector("#db_model_select", timeout=TIMEOUT)
+    page.wait_for_function("window.dreambooth !== undefined", timeout=30_000)  # javascript/dreambooth.js runs here too
 
-    # a first start with nothing in the data root offers the built-in tiny model
+    # A first start offers the built-in tiny model; creating a model from it fills in a one-minute first run.
     page.click("#db_starter")
-    wait_message(page, "Wrote the tiny model")
-    images = app.root / "demo-images"
-    assert len(list(images.glob("*.png"))) >= 3
-
-    # Model: create from the checkpoint list, the family is detected and shown
+    wait_text(page, "db_model_message", "Wrote the tiny model")
     fill(page, "db_new_name", "dog")
     choose(page, "db_checkpoint", "dreambooth-tiny-v1.safetensors")
-    page.wait_for_function("document.querySelector('#db_detected')?.innerText.includes('v1')", timeout=TIMEOUT)
+    wait_text(page, "db_detected", "v1")
     page.click("#db_create_btn")
-    wait_message(page, "Created dog")
+    wait_text(page, "db_model_message", "Created dog")
+    page.wait_for_timeout(1500)  # selecting the new model must not replace the message
+    assert "Created dog" in text(page, "db_model_message") and "Loaded" not in text(page, "db_model_message")
     config_path = app.root / "models" / "dreambooth" / "dog" / "config.json"
-    assert json.loads(config_path.read_text())["model"]["family"] == "v1"
-    shot(page, "1-model")
-
-    # CPU-friendly settings written to the file, then 'Load settings' brings them into the panels
     config = json.loads(config_path.read_text())
-    config["parameters"].update(resolution=64, mixed_precision="no", optimizer="adamw", save_every_n_epochs=2,
-                                sample_every_n_epochs=1)
-    config_path.write_text(json.dumps(config))
-    page.click("#db_load")
-    wait_message(page, "Loaded the settings of dog")
+    assert config["parameters"]["resolution"] == 64 and config["concepts"][0]["class_infer_steps"] <= 10
+    assert config["concepts"][0]["instance_data_dir"] == str(app.root / "demo-images")
+    # a second create of the same name asks for the Overwrite tick, in the tab's words (no CLI flag)
+    page.click("#db_create_btn")
+    message = wait_text(page, "db_model_message", "Error")
+    assert "Overwrite" in message and "--" not in message
+    shots(page, "1-model")
 
-    # Concepts: a missing folder is refused with its name in the page
-    page.get_by_role("tab", name="Concepts").click()
+    # Parameters: ordered by use, learning rates in scientific notation, help text readable
+    open_panel(page, "Parameters")
+    order = page.evaluate("() => [...document.querySelectorAll('[id^=db_group_]')].map(e => e.id)")
+    from dreambooth.config import GROUPS
+
+    assert order == [f"db_group_{g.replace(' ', '_')}" for g in GROUPS]  # as config.py declares them
+    assert order[:2] == ["db_group_intervals", "db_group_learning_rate"] and "db_group_performance" in order[-2:]
+    assert page.locator("#db_p_learning_rate textarea, #db_p_learning_rate input").first.input_value() == "1e-04"
+    page.click("#db_group_performance")
+    page.locator("#db_group_performance #db_p_use_ema").wait_for()  # EMA sits under Performance
+    contrast = page.evaluate(CONTRAST)
+    assert contrast >= 4.5, contrast
+    fill(page, "db_p_learning_rate", "5e-5")
+    shots(page, "2-parameters")
+
+    # Errors: in the tab's words, the field marked, and a refused Train writes nothing
+    fill(page, "db_p_num_train_epochs", "")
+    before = config_path.read_bytes()
+    page.click("#db_train")
+    message = wait_text(page, "db_run_message", "Error")
+    assert "Training epochs: enter a whole number" in message and "None" not in message, message
+    page.wait_for_selector("#db_p_num_train_epochs.db-invalid")
+    assert config_path.read_bytes() == before
+    fill(page, "db_p_num_train_epochs", 6)
+    open_panel(page, "Concepts")
     fill(page, "db_c0_instance_data_dir", str(tmp_path / "no such folder"))
     page.click("#db_train")
-    wait_message(page, "no such folder.*is not a folder")
-    assert page.locator("#db_error").is_visible()
-    shot(page, "2-bad-input")
+    message = wait_text(page, "db_run_message", "Instance images folder")
+    assert re.search(r"Concept 1 › Instance images folder: .*no such folder.* is not a folder", message), message
+    assert "concepts[0]" not in message
+    page.wait_for_selector("#db_c0_instance_data_dir.db-invalid")
+    assert not page.locator("#db_p_num_train_epochs.db-invalid").count()  # that one was fixed
+    assert config_path.read_bytes() == before
+    shots(page, "3-concepts-error")
+    fill(page, "db_c0_instance_data_dir", str(app.root / "demo-images"))
 
-    fill(page, "db_c0_instance_data_dir", str(images))
-    fill(page, "db_c0_instance_prompt", "a zwx disc")
-    page.get_by_role("tab", name="Sample").first.click()
-    fill(page, "db_c0_sample_prompt", "a zwx disc")
-    fill(page, "db_c0_sample_infer_steps", 2)
-    shot(page, "3-concepts")
-
-    # Parameters: a few epochs
-    page.get_by_role("tab", name="Parameters").click()
-    fill(page, "db_p_num_train_epochs", 3)
-    shot(page, "4-parameters")
-
-    # Train: progress advances, previews appear, the checkpoint is listed and on disk
+    # Train: a CPU-only warning reaches the live log at once; buttons follow the run; the first run is quick
+    open_panel(page, "Parameters")
+    choose(page, "db_p_mixed_precision", "fp16")
+    started = time.time()
     page.click("#db_train")
-    wait_message(page, "Training dog started")
-    page.wait_for_function("Number(document.querySelector('#db_progress')?.dataset.step) > 0", timeout=TIMEOUT)
-    page.wait_for_selector("#db_gallery img", timeout=TIMEOUT)
-    wait_status(page, "dog\\W+ done")
+    wait_text(page, "db_run_message", "Training dog started, from step 0")
+    page.wait_for_function("document.querySelector('#db_train').disabled", timeout=TIMEOUT)
+    page.wait_for_function("/needs a GPU/.test(document.querySelector('#db_log textarea')?.value || '')",
+                           timeout=120_000)
+    assert progress(page)["state"] in ("starting", "running")
+    wait_text(page, "db_status", r"dog\W+ done")
+    assert time.time() - started < 150, "the first run on the tiny model should take about a minute"
+    page.wait_for_function("!document.querySelector('#db_train').disabled")
+    assert not visible_text(page, "db_run_message").strip()  # "Training started" gave way to the real state
+    assert "this run trained 24 steps" in text(page, "db_status")
     saved = json.loads(config_path.read_text())
-    assert saved["parameters"]["num_train_epochs"] == 3  # what the panels showed is what the trainer used
-    assert saved["concepts"][0]["instance_data_dir"] == str(images)
-    page.wait_for_function("document.querySelector('#db_checkpoints')?.innerText.includes('dog_12.safetensors')",
-                           timeout=TIMEOUT)
-    assert (app.root / "models" / "Stable-diffusion" / "dog_12.safetensors").is_file()
-    assert progress_step(page) == 12
-    shot(page, "5-output-done")
+    assert saved["parameters"]["learning_rate"] == 5e-5 and saved["parameters"]["mixed_precision"] == "fp16"
+    wait_text(page, "db_checkpoints", "dog_24.safetensors")
+    assert "dog_12.safetensors" in text(page, "db_checkpoints")
+    assert page.locator("#db_checkpoints button.db-use").count() == 2
+    assert all(b.is_hidden() for b in page.locator("#db_checkpoints button.db-use").all())  # no txt2img here
+    assert page.locator("#db_loss_chart polyline.db-loss-smooth").count() == 1
+    assert "step" in text(page, "db_chart_box") and "loss" in text(page, "db_chart_box")
+    page.locator("#db_gallery img").first.wait_for(timeout=TIMEOUT)
+    shots(page, "4-output-done")
 
-    # Export checkpoint: a child process writes the file into models/Stable-diffusion
+    # Previews are captioned with step, prompt and seed (open one)
+    page.locator("#db_gallery img").first.click()
+    captions = wait_text(page, "db_gallery", "seed")
+    assert re.search(r"step \d+ · a zwx disc · seed 420", captions), captions
+
+    # Train again: nothing to do, and the checkpoints, chart and previews stay, with how to continue
     from dreambooth import worker
     from dreambooth.store import DataRoot
 
-    deadline = time.time() + 60
-    while worker.running_job(DataRoot(app.root)) and time.time() < deadline:  # 'done' is said just before exiting
-        time.sleep(0.2)
-    page.click("#db_export")
-    wait_message(page, "wrote \\S+\\.safetensors|Error")
-    exported = re.search(r"wrote (\S+\.safetensors)", message(page))
-    assert exported, message(page)
-    assert Path(exported.group(1)).is_file()
-
-    # A longer run: reload the page mid-run (it re-attaches), then cancel
-    page.get_by_role("tab", name="Parameters").click()
-    fill(page, "db_p_num_train_epochs", 500)
-    assert "Training dog started" not in message(page)  # the export's message is shown now
+    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
     page.click("#db_train")
-    wait_message(page, "Training dog started|Error")
-    assert "Training dog started" in message(page), message(page)
-    page.wait_for_function("Number(document.querySelector('#db_progress')?.dataset.step) > 14", timeout=TIMEOUT)
+    wait_text(page, "db_run_message", "resuming at step 24")
+    status = wait_text(page, "db_status", "nothing to do")
+    assert "raise Training epochs" in status
+    page.wait_for_timeout(1500)
+    assert "dog_24.safetensors" in text(page, "db_checkpoints")
+    assert page.locator("#db_loss_chart polyline").count() == 2 and page.locator("#db_gallery img").count()
+
+    # Export: the file name is the user's; an existing file is not replaced without the tick
+    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
+    page.click("#db_export_box")
+    fill(page, "db_export_name", "dog final")
+    page.click("#db_export")
+    wait_text(page, "db_export_message", "Exported")
+    exported = app.root / "models" / "Stable-diffusion" / "dog final.safetensors"
+    assert exported.is_file()
+    wait_text(page, "db_checkpoints", "dog final.safetensors")
+    stamp = exported.stat().st_mtime_ns
+    page.click("#db_export")
+    assert "tick 'Overwrite" in wait_text(page, "db_export_message", "Error")
+    assert exported.stat().st_mtime_ns == stamp
+    page.locator("#db_export_overwrite input").check()
+    page.click("#db_export")
+    wait_text(page, "db_export_message", "Exported")
+    assert exported.stat().st_mtime_ns != stamp
+
+    # A longer run resumes explicitly; Pause shows Resume; reload re-attaches; cancel; stale messages give way
+    fill(page, "db_p_num_train_epochs", 500)
+    page.click("#db_train")
+    wait_text(page, "db_run_message", "resuming at step 24")
+    wait_text(page, "db_status", "resuming at step 24 of 2000")
+    page.wait_for_function("Number(document.querySelector('#db_progress')?.dataset.step) > 26", timeout=TIMEOUT)
+    page.click("#db_pause")
+    wait_text(page, "db_status", r"dog\W+ paused")
+    page.wait_for_function("document.querySelector('#db_pause').innerText.trim() === 'Resume'")
+    shots(page, "5-output-paused")
+    page.click("#db_pause")
+    wait_text(page, "db_status", r"dog\W+ running")
     page.reload()
-    page.wait_for_selector("#db_top_row", timeout=TIMEOUT)
-    wait_status(page, "dog\\W+ running")
-    before = progress_step(page)
-    page.wait_for_function(f"Number(document.querySelector('#db_progress')?.dataset.step) > {before}",
-                           timeout=TIMEOUT)
-    assert page.locator("#db_model_select input").first.input_value() == "dog"
-    shot(page, "6-reattached")
+    page.wait_for_selector("#db_model_select", timeout=TIMEOUT)
+    wait_text(page, "db_status", r"dog\W+ running")
+    page.wait_for_function("document.querySelector('#db_train').disabled", timeout=TIMEOUT)
     page.click("#db_cancel")
-    wait_message(page, "cancel requested")
-    wait_status(page, "dog\\W+ cancelled")
-    shot(page, "7-cancelled")
-    assert re.search(r"step \d+/2000", page.inner_text("#db_status"))
+    wait_text(page, "db_run_message", "Cancel requested")
+    wait_text(page, "db_status", r"dog\W+ cancelled")
+    page.wait_for_function("document.querySelector('#db_pause').disabled", timeout=TIMEOUT)
+    page.wait_for_timeout(1500)
+    assert "Cancel requested" not in visible_text(page, "db_run_message")
+
+    # Start over: back to the source's weights, settings and class images kept, a new run from step 0
+    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
+    class_images = sorted(p.name for p in (app.root / "models/dreambooth/dog/class_images").rglob("*.png"))
+    assert class_images
+    open_panel(page, "Parameters")
+    fill(page, "db_p_num_train_epochs", 1)
+    page.get_by_label("Start over from the source checkpoint").check()
+    page.click("#db_train")
+    message = wait_text(page, "db_run_message", "Training dog started, from step 0|Error")
+    assert "from step 0" in message, message
+    wait_text(page, "db_status", r"dog\W+ done")
+    assert re.search(r"step 4/4", text(page, "db_status"))
+    assert sorted(p.name for p in (app.root / "models/dreambooth/dog/class_images").rglob("*.png")) == class_images
+    assert json.loads(config_path.read_text())["parameters"]["learning_rate"] == 5e-5
+
+    # Delete sits at the bottom of the Model panel, behind a confirmation
+    open_panel(page, "Model")
+    page.click("#db_delete_box")
+    page.click("#db_delete")
+    assert "tick" in wait_text(page, "db_delete_message", "Error")
+    assert config_path.is_file()
+    shots(page, "6-model-delete")

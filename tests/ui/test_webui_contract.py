@@ -1,7 +1,9 @@
 """The extension inside the webui: scripts/, preload.py and install.py against a faithful stand-in of the webui's
 `modules` and `launch` (tests/ui/webui_stub), from a copy of the extension in a folder with an unusual name."""
 import importlib.util
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -320,3 +322,121 @@ def test_on_forge_the_hosts_model_is_freed_by_forges_memory_manager(webui, monke
     script.free_host_model(), script.restore_host_model()
     assert calls == ["unload_all_models", ("soft_empty_cache", True)]
     assert sd_models.calls == []  # Forge loads its models again on demand
+
+
+# ---------------------------------------------------------------- javascript/dreambooth.js
+
+JAVASCRIPT = REPO / "javascript" / "dreambooth.js"
+# The webui's globals that javascript/dreambooth.js may call, each read in the sources of A1111 1.10.1 and of Forge
+# (same file and behaviour in both):
+WEBUI_GLOBALS = {
+    "gradioApp": "script.js: the element that holds the page (gradio-app's shadow root or the document)",
+    "onUiUpdate": "script.js: registers a callback run on every change of the page",
+    "switch_to_txt2img": "javascript/ui.js: clicks the first button of #tabs (txt2img)",
+    "selectCheckpoint": "javascript/ui.js: sets desiredCheckpointName and clicks the hidden #change_checkpoint "
+                        "button, whose handler sets the sd_model_checkpoint setting (a title or file name)",
+    "updateInput": "javascript/ui.js: dispatches an input event so gradio takes a textbox's new value",
+}
+# Other webui globals an extension might be tempted to call; dreambooth.js must not call them directly either.
+OTHER_WEBUI_NAMES = ("onUiLoaded", "onAfterUiUpdate", "cardClicked", "get_uiCurrentTab", "opts", "submit",
+                     "switch_to_img2img", "requestProgress", "desiredCheckpointName")
+
+
+def test_javascript_calls_only_webui_helpers_that_exist_in_webui_and_forge():
+    source = JAVASCRIPT.read_text(encoding="utf-8")
+    code = re.sub(r"//[^\n]*", "", source)  # comments may name anything
+    code = re.sub(r'"(?:[^"\\\n]|\\.)*"', '""', code)  # so may strings, except in webui("NAME") below
+    declared = json.loads(re.search(r"var WEBUI_HELPERS = (\[[^\]]*\]);", source).group(1))
+    assert set(declared) <= set(WEBUI_GLOBALS), set(declared) - set(WEBUI_GLOBALS)
+    used = set(re.findall(r'webui\("(\w+)"\)', source))
+    assert used and used <= set(declared)
+    for name in [*WEBUI_GLOBALS, *OTHER_WEBUI_NAMES]:  # no direct call or read: every helper goes through webui()
+        assert not re.search(rf"(?<![\w.]){name}\b", code), f"dreambooth.js uses {name} directly"
+
+
+PAGE = """<!doctype html><html><head>{helpers}</head><body>
+<div id="tabs"><button onclick="window.shown='txt2img'">txt2img</button><button>DreamBooth</button></div>
+{txt2img}
+<div id="db_progress" data-state="{state}"></div>
+<button id="db_train">Train</button><button id="db_pause">Pause</button><button id="db_cancel">Cancel</button>
+<div id="db_run_message"><div class="db-info" data-state="starting">Training dog started</div></div>
+<div id="db_p_num_train_epochs"></div>
+<div id="db_settings_message"><div class="db-error" data-fields="db_p_num_train_epochs">Error: ...</div></div>
+<ul id="db_checkpoint_list">
+ <li><button type="button" class="db-use" data-db-checkpoint="dog_24.safetensors [abc123]" hidden>Use</button></li>
+ <li><button type="button" class="db-use" data-db-lora="&lt;lora:dog_30:1&gt;" hidden>Use</button></li>
+</ul><script>{script}</script></body></html>"""
+TXT2IMG = """<div id="tab_txt2img"><div id="txt2img_prompt"><label><textarea>a photo</textarea></label></div></div>
+<button id="change_checkpoint" style="display:none" onclick="window.calls.push(['change_checkpoint', desiredCheckpointName])"></button>"""
+# Stand-ins with the webui's names and behaviour (what each does is described in WEBUI_GLOBALS); they record calls.
+HELPERS = {
+    "gradioApp": "function gradioApp() { window.calls.push(['gradioApp']); return document; }",
+    "onUiUpdate": "function onUiUpdate(cb) { window.calls.push(['onUiUpdate']); "
+                  "new MutationObserver(cb).observe(document.documentElement, {subtree: true, childList: true, attributes: true}); }",
+    "switch_to_txt2img": "function switch_to_txt2img() { window.calls.push(['switch_to_txt2img']); "
+                         "document.querySelector('#tabs button').click(); return Array.from(arguments); }",
+    "selectCheckpoint": "var desiredCheckpointName = null; function selectCheckpoint(name) { "
+                        "window.calls.push(['selectCheckpoint', name]); desiredCheckpointName = name; "
+                        "document.getElementById('change_checkpoint').click(); }",
+    "updateInput": "function updateInput(target) { window.calls.push(['updateInput', target.value]); "
+                   "target.dispatchEvent(new Event('input', {bubbles: true})); }",
+}
+
+
+def load_page(page, helpers=(), txt2img=True, state="running"):
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    script = "<script>window.calls = [];" + "\n".join(HELPERS[h] for h in helpers) + "</script>"
+    page.set_content(PAGE.format(helpers=script, txt2img=TXT2IMG if txt2img else "", state=state,
+                                 script=JAVASCRIPT.read_text(encoding="utf-8")))
+    page.wait_for_function("window.dreambooth !== undefined")
+    page.evaluate("window.dreambooth.sync()")
+    return errors
+
+
+@pytest.mark.slow
+def test_javascript_in_the_webui_uses_its_helpers(page):
+    errors = load_page(page, helpers=WEBUI_GLOBALS)
+    # buttons follow the run; an error's field is marked; the "started" message gave way to "running"
+    assert page.evaluate("document.querySelector('#db_train').disabled")
+    assert not page.evaluate("document.querySelector('#db_cancel').disabled")
+    assert page.locator("#db_p_num_train_epochs.db-invalid").count() == 1
+    assert page.locator("#db_run_message div").is_hidden()
+    page.evaluate("document.querySelector('#db_progress').dataset.state = 'paused'; window.dreambooth.sync()")
+    assert page.inner_text("#db_pause") == "Resume"
+    # a checkpoint: switch to txt2img, select it in the webui's checkpoint list
+    assert page.locator("button.db-use").nth(0).is_visible()
+    page.evaluate("window.calls = []")
+    page.locator("button.db-use").nth(0).click()
+    assert page.evaluate("window.shown") == "txt2img"
+    calls = page.evaluate("window.calls.filter(c => c[0] !== 'gradioApp')")
+    assert calls == [["switch_to_txt2img"], ["selectCheckpoint", "dog_24.safetensors [abc123]"],
+                     ["change_checkpoint", "dog_24.safetensors [abc123]"]]
+    # a LoRA: its tag goes into the txt2img prompt once, and gradio is told
+    page.evaluate("window.calls = []")
+    page.locator("button.db-use").nth(1).click()
+    page.locator("button.db-use").nth(1).click()
+    assert page.input_value("#txt2img_prompt textarea") == "a photo <lora:dog_30:1>"
+    assert ["updateInput", "a photo <lora:dog_30:1>"] in page.evaluate("window.calls")
+    assert page.evaluate("window.calls.filter(c => c[0] === 'updateInput').length") == 1
+    assert errors == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("helpers,txt2img", [((), False), ((), True), (("gradioApp", "switch_to_txt2img"), True),
+                                             (("gradioApp", "onUiUpdate", "selectCheckpoint", "updateInput"), True)])
+def test_javascript_degrades_to_nothing_without_the_webuis_helpers(page, helpers, txt2img):
+    errors = load_page(page, helpers=helpers, txt2img=txt2img, state="idle")
+    assert not page.evaluate("document.querySelector('#db_train').disabled")  # its own part works anyway
+    assert page.evaluate("document.querySelector('#db_pause').disabled")
+    checkpoint_ok = {"switch_to_txt2img", "selectCheckpoint"} <= set(helpers) and txt2img
+    assert page.locator("button.db-use").nth(0).is_visible() == checkpoint_ok
+    assert not checkpoint_ok
+    page.evaluate("document.querySelectorAll('button.db-use').forEach(b => b.click())")  # even if clicked
+    assert page.evaluate("[window.dreambooth.useCheckpoint('x'), window.dreambooth.useLora('<lora:x:1>')]") == [
+        False, False]
+    assert page.evaluate("window.calls.filter(c => c[0] !== 'gradioApp' && c[0] !== 'onUiUpdate')") == []
+    assert page.evaluate("window.shown") is None
+    if txt2img:
+        assert page.input_value("#txt2img_prompt textarea") == "a photo"
+    assert errors == []

@@ -1,0 +1,75 @@
+"""Driving the tab in Chromium: fill and choose like a user, read messages, take screenshots."""
+import re
+from pathlib import Path
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"  # git-ignored; kept by CI
+TIMEOUT = 180_000
+
+
+def fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(value))
+    box.press("Tab")  # gradio takes the value on blur
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option).click()
+
+
+def text(page, elem_id: str) -> str:
+    return page.inner_text(f"#{elem_id}")
+
+
+def wait_text(page, elem_id: str, pattern: str, timeout=TIMEOUT) -> str:
+    """Wait until the element's text matches; return that text (it may change or be hidden right after)."""
+    handle = page.wait_for_function(
+        "([sel, pat]) => { const t = document.querySelector(sel)?.innerText || ''; return new RegExp(pat).test(t) && t; }",
+        arg=[f"#{elem_id}", pattern], timeout=timeout)
+    return handle.json_value()
+
+
+def visible_text(page, elem_id: str) -> str:
+    """What the user sees of a message box (a message the page has hidden counts as nothing)."""
+    return page.evaluate("id => [...document.querySelectorAll('#' + id + ' div')].filter(d => !d.hidden && "
+                         "d.offsetParent !== null).map(d => d.innerText).join(' ')", elem_id)
+
+
+def progress(page) -> dict:
+    return page.evaluate("() => ({...document.querySelector('#db_progress')?.dataset})")
+
+
+def shots(page, name: str) -> None:
+    """A screenshot of the whole page at 1400 and at 1024 px wide (the window as tall as the page: gradio renders
+    only what is in the window)."""
+    for width in (1400, 1024):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(500)
+        height = page.evaluate("document.documentElement.scrollHeight")
+        page.set_viewport_size({"width": width, "height": min(max(height, 1000), 8000)})
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+# The lowest contrast of the visible help texts (WCAG's formula) against their background.
+CONTRAST = """() => {
+    const lum = c => { const [r, g, b] = c.match(/[\\d.]+/g).slice(0, 3).map(v => { v /= 255;
+        return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+    const bg = el => { for (; el; el = el.parentElement) { const c = getComputedStyle(el).backgroundColor;
+        if (!/rgba\\(.*, 0\\)|transparent/.test(c)) return c; } return 'rgb(255, 255, 255)'; };
+    const infos = [...document.querySelectorAll('#db_layout [data-testid="block-info"] + div, #db_layout .info-text, '
+                                               + '#db_layout .block > div:has(+ label)')].filter(e => e.offsetParent);
+    if (infos.length < 5) return 0;
+    return Math.min(...infos.map(info => { const [a, b] = [lum(getComputedStyle(info).color), lum(bg(info))];
+        return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); })); }"""
+
+
+def open_panel(page, name: str) -> None:
+    """Click the Model / Concepts / Parameters tab: a role=tab button in gradio 4 and newer, a plain button in the
+    tab bar in gradio 3.41."""
+    tabs = page.get_by_role("tab", name=name)
+    if tabs.count():
+        tabs.first.click()
+    else:
+        page.locator("#db_panels button").filter(has_text=re.compile(f"^\\s*{name}\\s*$")).first.click()

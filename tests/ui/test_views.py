@@ -1,0 +1,108 @@
+"""What the tab shows, from files and declarations alone (no browser): the live log, messages in the tab's words,
+the checkpoint list with its txt2img buttons, captioned previews, the loss chart, resume in the status line."""
+import re
+
+import pytest
+
+from dreambooth import worker
+from dreambooth.config import Config, ConfigError
+from dreambooth.events import Checkpoint, Done, EventLog, Sample, Start, Step
+from dreambooth.store import DataRoot
+from dreambooth.ui import views
+
+
+def test_log_tail_keeps_the_trainers_lines_without_progress_bar_redraws(tmp_path):
+    root = DataRoot(tmp_path).ensure()
+    model = root.model("dog")
+    model.logs.mkdir(parents=True)
+    model.train_log.write_text(
+        "loop.py:123: UserWarning: mixed_precision fp16 needs a GPU; training in full precision\n"
+        "training dog:   0%|          | 0/24 [00:00<?, ?step/s]\rtraining dog:   4%|▍         | 1/24 "
+        "[00:01<00:45,  2.00s/step, epoch=0, loss=2.2367]\rtraining dog:   8%|▊         | 2/24 [00:03<00:37]"
+        "some warning printed after a bar\n"
+        "\x1b[AWriting model shards: 100%|██████████| 1/1 [00:00<00:00, 54.22it/s]\n"
+        "done: trained 24 steps (step 24/24)\n")
+    assert worker.log_tail(root, "dog").splitlines() == [
+        "loop.py:123: UserWarning: mixed_precision fp16 needs a GPU; training in full precision",
+        "some warning printed after a bar", "done: trained 24 steps (step 24/24)"]
+
+
+def test_config_errors_in_the_tabs_words_name_the_fields(tmp_path):
+    with pytest.raises(ConfigError) as bad:
+        Config.from_dict({"concepts": [{}, {"num_class_images_per_image": 1.5}],
+                          "parameters": {"num_train_epochs": None, "learning_rate": "fast"}})
+    text, fields = views.explain(bad.value)
+    assert text.splitlines() == ["Concept 2 › Class images per instance image: enter a whole number, got 1.5",
+                                 "Training epochs: enter a whole number",
+                                 "UNet learning rate: enter a number, got 'fast'"]
+    assert fields == ["db_c1_num_class_images_per_image", "db_p_num_train_epochs", "db_p_learning_rate"]
+    from dreambooth.config import validate_for_training
+
+    with pytest.raises(ConfigError) as missing:
+        validate_for_training(Config.from_dict({"concepts": [{"instance_data_dir": str(tmp_path / "gone")}]}))
+    text, fields = views.explain(missing.value)
+    assert re.fullmatch(r"Concept 1 › Instance images folder: '.*gone' is not a folder", text)
+    assert fields == ["db_c0_instance_data_dir"] and "--" not in text
+
+
+@pytest.mark.slow  # imports diffusers, for the previews' PNG text as the trainer writes it
+def test_status_checkpoints_previews_and_chart(tmp_path):
+    root = DataRoot(tmp_path).ensure()
+    model = root.model("dog")
+    model.path.mkdir(parents=True)
+    Config().save(model.config_path)
+    from dreambooth.train.pipeline import png_parameters, save_png
+    from PIL import Image
+
+    preview = model.samples / "30-0-0.png"
+    save_png(Image.new("RGB", (8, 8)), preview,
+             png_parameters("a zwx dog", "", 10, 7.5, 420, 8, 8, {"Model": "dog", "Training step": 30}))
+    older = root.checkpoints / "dog_10.safetensors"  # written by an earlier run
+    older.write_bytes(b"x")
+    lora = root.lora / "dog_30.safetensors"
+    lora.write_bytes(b"x")
+    log = EventLog(model.events)
+    log.emit(Start(total_steps=40, epochs=4, steps_per_epoch=10, step=20))
+    for step in range(21, 31):
+        log.emit(Step(step, 2, loss=1.0 / step, lr=1e-6, it_per_s=2.0, eta_s=5.0, memory_mb=100.0))
+    elsewhere = tmp_path / "custom.safetensors"
+    elsewhere.write_bytes(b"x")
+    log.emit(Sample(30, (str(preview),)))
+    log.emit(Checkpoint(30, str(elsewhere)))
+    st = worker.status(root, "dog")
+    assert "resuming at step 20 of 40" not in views.status_line(st)  # only while it runs
+    st.state = "running"
+    assert "resuming at step 20 of 40" in views.status_line(st)
+    log.emit(Done(30, "cancelled"))
+    st = worker.status(root, "dog")
+    assert "this run trained 10 steps" in views.status_line(st)
+
+    files = worker.model_checkpoints(root, "dog", st.checkpoints)
+    assert {f.name for f in files} == {"dog_10.safetensors", "dog_30.safetensors", "custom.safetensors"}
+    html = views.checkpoint_list(files, {str(older): "dog_10.safetensors [abc123]"}, root.lora)
+    assert 'data-db-checkpoint="dog_10.safetensors [abc123]"' in html
+    assert 'data-db-lora="&lt;lora:dog_30:1&gt;"' in html
+    assert html.count("hidden>Use in txt2img</button>") == 3  # the page's script shows them where txt2img is
+
+    assert views.previews(model.samples) == [(str(preview), "step 30 · a zwx dog · seed 420")]
+    chart = views.loss_chart(st.losses)
+    assert chart.count("<polyline") == 2 and ">step<" in chart and ">loss<" in chart
+    assert views.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_nothing_to_do_says_how_to_continue_and_keeps_the_last_chart(tmp_path):
+    root = DataRoot(tmp_path).ensure()
+    model = root.model("dog")
+    model.path.mkdir(parents=True)
+    log = EventLog(model.events)
+    log.emit(Start(total_steps=4, epochs=1, steps_per_epoch=4, step=0))
+    for step in range(1, 5):
+        log.emit(Step(step, 0, loss=1.0, lr=1e-6, it_per_s=2.0, eta_s=0.0, memory_mb=1.0))
+    log.emit(Done(4, "trained 4 steps"))
+    log.clear()  # the next run
+    log.emit(Start(total_steps=4, epochs=1, steps_per_epoch=4, step=4))
+    log.emit(Done(4, "already trained to the last step; nothing to do"))
+    st = worker.status(root, "dog")
+    line = views.status_line(st)
+    assert "nothing to do" in line and "raise Training epochs" in line
+    assert len(st.losses) == 4
