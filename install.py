@@ -70,7 +70,7 @@ def installed_version(name: str):
 # peft 0.14 and newer need transformers 4.36 (and a newer accelerate); 0.13.2 runs LoRA training on the webui 1.10
 # stack (transformers 4.30.2, accelerate 0.21), measured the same way.
 OLD_TRANSFORMERS = (4, 48)
-FOR_OLD_TRANSFORMERS = {"diffusers": ",<0.31", "peft": ",<0.14"}
+FOR_OLD_TRANSFORMERS = {"diffusers": "<0.31", "peft": "<0.14"}
 
 
 def plan(reqs=None) -> list:
@@ -83,8 +83,9 @@ def plan(reqs=None) -> list:
             continue
         have = installed_version(name)
         if have is None or (minimum and _version_tuple(have) < _version_tuple(minimum)):
-            if transformers and _version_tuple(transformers) < OLD_TRANSFORMERS:
-                req += FOR_OLD_TRANSFORMERS.get(name.lower(), "")
+            ceiling = FOR_OLD_TRANSFORMERS.get(name.lower())
+            if ceiling and transformers and _version_tuple(transformers) < OLD_TRANSFORMERS:
+                req += ("," if minimum else "") + ceiling
             todo.append(req)
     return todo
 

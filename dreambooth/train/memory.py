@@ -352,7 +352,7 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
             if any(t.dtype == torch.float16 for t in m.parameters()):
                 m.to(torch.bfloat16)
         if params.use_lora:  # as Trainer.setup: float32 adapters on the model frozen in the training precision
-            from ..lora.training import LoraRun, training_dtype
+            from ..lora.training import LoraRun
 
             LoraRun.start(unet, encoders, params, "sdxl" if arch.sdxl else "v1", trainable,
                           weight_dtype=torch.bfloat16 if precision != "no" else torch.float32)

@@ -3,7 +3,6 @@ newcomer clicks through, the messages where they look, errors in the tab's words
 import json
 import re
 import time
-from pathlib import Path
 
 import pytest
 

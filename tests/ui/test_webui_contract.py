@@ -255,8 +255,9 @@ def test_install_only_what_is_missing_and_never_torch(webui, tmp_path):
     log = tmp_path / "pip.log"
     first = run_installer(webui["ext"], site, log)
     installed = [line.split('"')[1] for line in first]
-    # transformers 4.30.2 cannot import diffusers 0.31+: the diffusers that fits it is asked for
-    assert sorted(installed) == sorted(["diffusers>=0.27,<0.31", "accelerate>=0.21", "pyyaml", "tensorboard",
+    # transformers 4.30.2 cannot import diffusers 0.31+ nor peft 0.14+: the versions that fit it are asked for
+    assert sorted(installed) == sorted(["diffusers>=0.27,<0.31", "peft<0.14", "accelerate>=0.21", "pyyaml",
+                                        "tensorboard",
                                         "bitsandbytes>=0.50"])  # the version whose 8-bit AdamW runs on a CPU too
     assert "settled" not in run_installer.output
     for line in first:  # torch & co are pinned to what is installed for every pip call
