@@ -33,7 +33,8 @@ class Host:
     checkpoints() -> {title: path} of the checkpoints a model can be created from;
     before_training() frees the host's loaded model (VRAM) before a training starts;
     after_training() loads it again when the training has ended;
-    checkpoints_changed() refreshes the host's checkpoint list after a checkpoint file was written.
+    checkpoints_changed() refreshes the host's checkpoint list after a checkpoint file was written;
+    loras_changed() refreshes its LoRA list after a LoRA file was written.
     """
 
     root: DataRoot
@@ -42,6 +43,16 @@ class Host:
     before_training: Callable[[], None] = _nothing
     after_training: Callable[[], None] = _nothing
     checkpoints_changed: Callable[[], None] = _nothing
+    loras_changed: Callable[[], None] = _nothing
+
+    def files_changed(self, paths) -> None:
+        """Refresh the host's lists that the written files belong to."""
+        paths = [Path(p).resolve() for p in paths]
+        lora = self.root.lora.resolve()
+        if any(p.parent == lora for p in paths):
+            self.loras_changed()
+        if any(p.parent != lora for p in paths):
+            self.checkpoints_changed()
 
     def checkpoints(self) -> dict:
         if self.list_checkpoints is not None:

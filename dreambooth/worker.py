@@ -244,8 +244,8 @@ def watch(root: DataRoot, job: dict, host: Host | None, proc: subprocess.Popen |
         while True:
             ended = proc.poll() is not None if proc is not None else not _pid_alive(job["pid"])
             events, offset = log.read(offset)
-            if host is not None and any(isinstance(e, Checkpoint) for e in events):
-                host.checkpoints_changed()
+            if host is not None:
+                host.files_changed([e.path for e in events if isinstance(e, Checkpoint)])
             if ended:
                 break
             time.sleep(0.5)
@@ -255,6 +255,7 @@ def watch(root: DataRoot, job: dict, host: Host | None, proc: subprocess.Popen |
                 atomic_write_text(_job_path(root), json.dumps({**current, "returncode": proc.returncode}))
         if host is not None:
             host.checkpoints_changed()
+            host.loras_changed()
             host.after_training()
 
     thread = threading.Thread(target=follow, name=f"dreambooth-watch-{job['name']}", daemon=True)
@@ -389,6 +390,16 @@ def export(root: DataRoot, name: str, fmt: str, half: bool, ema: bool, host: Hos
                   *(["--out", str(out)] if out else []))
     if host is not None:
         host.checkpoints_changed()
+    return out
+
+
+def extract_lora(root: DataRoot, name: str, rank: int, te_rank: int | None = None, host: Host | None = None) -> str:
+    """A LoRA from the model's full fine-tune (child process: it loads two models), then refresh the host's list."""
+    if not root.model(name).exists():
+        raise UserError(f"model {name!r}: not found")
+    out = run_cli(root, "extract-lora", name, "--rank", str(rank), *(["--te-rank", str(te_rank)] if te_rank else []))
+    if host is not None:
+        host.loras_changed()
     return out
 
 

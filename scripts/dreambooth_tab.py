@@ -60,7 +60,17 @@ def webui_host() -> Host:
         before_training=free_host_model,
         after_training=restore_host_model,
         checkpoints_changed=shared.refresh_checkpoints,
+        loras_changed=refresh_loras,
     )
+
+
+def refresh_loras() -> None:
+    """The webui's built-in Lora extension keeps its list in its `networks` module (loaded as a top-level module by the
+    webui's script loader, in A1111 and Forge): ask it to scan again. Without that extension: nothing to refresh."""
+    networks = sys.modules.get("networks")
+    refresh = getattr(networks, "list_available_networks", None)
+    if callable(refresh):
+        refresh()
 
 
 def on_ui_settings():

@@ -301,6 +301,26 @@ def test_installer_pins_torch_family():
     assert install.plan(["torch>=99", "torchvision", "xformers", "gradio>=99"]) == []
 
 
+def test_lora_files_refresh_the_webuis_lora_list_and_checkpoints_its_checkpoint_list(webui, monkeypatch):
+    """The built-in Lora extension keeps its list in its `networks` module; without that extension, nothing happens."""
+    import types
+
+    script = load_file(webui["ext"] / "scripts" / "dreambooth_tab.py", "dreambooth_tab.py")
+    host = script.webui_host()
+    monkeypatch.delitem(sys.modules, "networks", raising=False)
+    host.loras_changed()  # no Lora extension: nothing to refresh, no error
+    scans, refreshed = [], []
+    networks = types.ModuleType("networks")
+    networks.list_available_networks = lambda: scans.append(1)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    monkeypatch.setattr(webui["shared"], "refresh_checkpoints", lambda: refreshed.append(1))
+    host = script.webui_host()
+    host.files_changed([host.root.lora / "dog_10.safetensors"])
+    assert (len(scans), len(refreshed)) == (1, 0)
+    host.files_changed([host.root.checkpoints / "dog_10.safetensors"])
+    assert (len(scans), len(refreshed)) == (1, 1)
+
+
 def test_on_forge_the_hosts_model_is_freed_by_forges_memory_manager(webui, monkeypatch):
     """Forge's sd_models.unload_model_weights keeps the model on the GPU; its memory manager really moves it off."""
     import types
