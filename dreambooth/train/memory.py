@@ -641,6 +641,11 @@ def plan_cli(root, name: str, vram_gb: float | None = None, preset_gb: float | N
 def plan_summary(root, name: str, vram_gb: float | None = None, params=None) -> str:
     """One or two lines for the tab: the predicted peak and breakdown; with vram_gb, whether it fits and what to
     change when it does not."""
+    return plan_report(root, name, vram_gb, params)[0]
+
+
+def plan_report(root, name: str, vram_gb: float | None = None, params=None) -> tuple[str, bool | None]:
+    """plan_summary's text and whether the run fits `vram_gb` (None without a size to fit)."""
     model, config = _load_config(root, name)
     params, n = params or config.parameters, count_images(config)
 
@@ -649,9 +654,11 @@ def plan_summary(root, name: str, vram_gb: float | None = None, params=None) -> 
 
     plan = plan_architecture(arch(), params, n)
     lines = [f"Memory plan: {plan.breakdown()}"] + [f"  note: {x}" for x in plan.notes]
+    fits = None
     if vram_gb is not None:
         vram = vram_gb * GIB
-        if plan.fits(vram):
+        fits = plan.fits(vram)
+        if fits:
             lines.append(f"fits {vram_gb:g} GiB (needs {gib(plan.needs())} with headroom)")
         else:
             changes, lean = suggest(arch, params, vram, n)
@@ -662,12 +669,12 @@ def plan_summary(root, name: str, vram_gb: float | None = None, params=None) -> 
                 what = ", ".join(f"{k}={v}" for k, v in changes.items())
                 lines.append(f"does not fit {vram_gb:g} GiB (needs {gib(plan.needs())}); fits with {what} "
                              f"(peak {gib(lean.peak)})")
-    return "\n".join(lines)
+    return "\n".join(lines), fits
 
 
 PRESETS = {family: {size: dict(dict(rung_settings())[label]) for size, label in sizes.items()}
            for family, sizes in PRESET_RUNGS.items()}
 
 __all__ = ["MemoryPlan", "StorageTracker", "Architecture", "architecture_from_folder", "plan_architecture",
-           "arithmetic_plan", "plan_model", "plan_summary", "suggest", "choose_preset", "ladder", "count_images",
+           "arithmetic_plan", "plan_model", "plan_summary", "plan_report", "suggest", "choose_preset", "ladder", "count_images",
            "LEANER_STEPS", "FASTEST"]

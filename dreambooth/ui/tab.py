@@ -127,6 +127,22 @@ def _info(text: str, state: str = "") -> str:
     return _message(text, "db-info", state)
 
 
+def preset_sizes() -> tuple:
+    from ..train.memory import PRESET_SIZES  # the planner imports torch: the webui has it loaded anyway
+
+    return PRESET_SIZES
+
+
+def free_gpu_gib() -> float | None:
+    """Free memory of this machine's GPU in GiB, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
 EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()\-]{0,119}$")
 START_FROM = ("Resume the saved run", "Start over from the source checkpoint")
 JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "dreambooth.js"
@@ -228,6 +244,18 @@ def build(host: Host) -> gr.Blocks:
                                       info="Resume where the last run stopped, or start over from the source "
                                            "checkpoint (the settings and class images stay).")
                 run_msg = gr.HTML(elem_id="db_run_message")
+                with gr.Accordion("Memory: plan and VRAM presets", open=False, elem_id="db_memory_box"):
+                    with gr.Row():
+                        vram = gr.Number(label="GPU memory (GB)", value=None, elem_id="db_vram",
+                                         info="Empty: the free memory of this machine's GPU, if it has one.")
+                        preset = gr.Dropdown(label="VRAM preset", choices=[str(g) for g in preset_sizes()],
+                                             value=None, elem_id="db_preset",
+                                             info="Sets the memory settings to the fastest ones that fit this size.")
+                    with gr.Row():
+                        plan_btn = gr.Button("Plan memory", elem_id="db_plan", size="sm")
+                        preset_btn = gr.Button("Apply preset", elem_id="db_apply_preset", size="sm")
+                    plan_msg = gr.HTML(elem_id="db_plan_message")
+                    last_plan = gr.State(None)  # {"name", "fits", "warned"}: Train warns once before a run that won't fit
                 chart = gr.HTML(views.loss_chart([]), elem_id="db_chart_box")
                 gallery = gr.Gallery(label="Previews", columns=3, height=300, elem_id="db_gallery")
                 checkpoints_md = gr.HTML(views.checkpoint_list([]), elem_id="db_checkpoints")
@@ -240,6 +268,14 @@ def build(host: Host) -> gr.Blocks:
                                                        elem_id="db_export_overwrite")
                     export_btn = gr.Button("Export checkpoint", elem_id="db_export")
                     export_msg = gr.HTML(elem_id="db_export_message")
+                with gr.Accordion("Extract a LoRA from the fine-tune", open=False, elem_id="db_extract_box"):
+                    with gr.Row():
+                        extract_rank = gr.Number(label="UNet rank", value=32, precision=0, elem_id="db_extract_rank",
+                                                 info="Low-rank SVD of trained minus base weights, per layer.")
+                        extract_te_rank = gr.Number(label="Text encoder rank", value=None, precision=0,
+                                                    elem_id="db_extract_te_rank", info="Empty: the UNet rank.")
+                    extract_btn = gr.Button("Extract LoRA", elem_id="db_extract")
+                    extract_msg = gr.HTML(elem_id="db_extract_message")
                 log_box = gr.Textbox(label="Trainer log", lines=8, max_lines=16, interactive=False,
                                      elem_id="db_log")
                 shown = gr.State(None)  # what this page shows now, so a poll only sends what changed
@@ -291,8 +327,46 @@ def build(host: Host) -> gr.Blocks:
             except UserError as e:
                 return _error(e)
 
-        def on_train(name, start, *values):
+        def on_plan(name, vram_gb, *values):
+            try:
+                if not name:
+                    raise UserError("no model selected")
+                from ..train.memory import plan_report  # torch: imported when needed
+
+                text, fits = plan_report(root, name, float(vram_gb) if vram_gb else free_gpu_gib(),
+                                         fields.to_config(values).parameters)
+                return _message(text, "db-info db-plan"), {"name": name, "fits": fits, "warned": False}
+            except UserError as e:
+                return _error(e), None
+
+        def on_preset(name, size):
+            try:
+                if not name or not size:
+                    raise UserError("choose a model and a VRAM preset")
+                from ..train.memory import apply_preset
+
+                said = apply_preset(root, name, float(size))
+                return Fields.values(Config.load(root.model(name).config_path)) + [_info(said)]
+            except UserError as e:
+                return [compat.unchanged()] * len(settings) + [_error(e)]
+
+        def on_extract(name, rank, te_rank):
+            try:
+                if not name:
+                    raise UserError("no model selected")
+                if rank is None or int(rank) < 1:
+                    raise UserError("UNet rank: enter a whole number of at least 1")
+                said = worker.extract_lora(root, name, int(rank), int(te_rank) if te_rank else None, host)
+                return _info(said), panel(name)["checkpoints"]
+            except UserError as e:
+                return _error(e), compat.unchanged()
+
+        def on_train(name, start, plan, *values):
             state = run_state(name)
+            if plan and plan.get("name") == name and plan.get("fits") is False and not plan.get("warned"):
+                return (_message("The memory plan says this run does not fit the GPU (see Memory above). Press "
+                                 "Train again to start it anyway, or apply a VRAM preset.", "db-error", state),
+                        {**plan, "warned": True})
             try:
                 if not name:
                     raise UserError("no model selected: create one or select one in the Model panel")
@@ -310,9 +384,9 @@ def build(host: Host) -> gr.Blocks:
                 saved = saved_step(model.state)
                 job = worker.start(root, name, host)
                 where = f"resuming at step {saved}" if saved else "from step 0"
-                return _info(f"Training {job['name']} started, {where}.", run_state(name))
+                return _info(f"Training {job['name']} started, {where}.", run_state(name)), plan
             except UserError as e:
-                return _error(e, state)
+                return _error(e, state), plan
 
         def control(what):
             def handler(name):
@@ -460,7 +534,10 @@ def build(host: Host) -> gr.Blocks:
         model_select.change(show_model, [model_select], panel_outputs)
         load_btn.click(on_load, [model_select], settings + [settings_msg])
         save_btn.click(on_save, [model_select] + settings, [settings_msg])
-        train_btn.click(on_train, [model_select, start_from] + settings, [run_msg])
+        train_btn.click(on_train, [model_select, start_from, last_plan] + settings, [run_msg, last_plan])
+        plan_btn.click(on_plan, [model_select, vram] + settings, [plan_msg, last_plan])
+        preset_btn.click(on_preset, [model_select, preset], settings + [plan_msg])
+        extract_btn.click(on_extract, [model_select, extract_rank, extract_te_rank], [extract_msg, checkpoints_md])
         for btn, what in ((cancel_btn, "cancel"), (pause_btn, "pause"), (save_now_btn, "save"),
                           (sample_now_btn, "sample")):
             btn.click(control(what), [model_select], [run_msg])

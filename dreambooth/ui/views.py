@@ -137,11 +137,13 @@ def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None) -
     for p in reversed(paths):  # newest first
         path = Path(p)
         size = f"{path.stat().st_size / 2**20:.1f} MB" if path.is_file() else "missing"
+        tag = ""
         if lora_folder is not None and path.parent == Path(lora_folder).resolve():
             action = f'data-db-lora="{html.escape(f"<lora:{path.stem}:1>")}"'
+            tag = f' <code class="db-lora-tag">{html.escape(f"<lora:{path.stem}:1>")}</code>'
         else:
             action = f'data-db-checkpoint="{html.escape(titles.get(str(path), path.name))}"'
-        rows.append(f'<li><code>{html.escape(str(path))}</code> ({size}) '
+        rows.append(f'<li><code>{html.escape(str(path))}</code>{tag} ({size}) '
                     f'<button type="button" class="db-use" {action} hidden>Use in txt2img</button></li>')
     return f'<ul id="db_checkpoint_list" class="db-checkpoints">{"".join(rows)}</ul>'
 

@@ -135,6 +135,35 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     wait_text(page, "db_export_message", "Exported")
     assert exported.stat().st_mtime_ns != stamp
 
+    # A LoRA extracted from the fine-tune: listed with the tag the webui's prompt takes
+    page.click("#db_extract_box")
+    fill(page, "db_extract_rank", 4)
+    page.click("#db_extract")
+    said = wait_text(page, "db_extract_message", "wrote|Error", timeout=240_000)
+    assert "wrote" in said and "unet" in said, said
+    tag = wait_text(page, "db_checkpoints", "<lora:dog_24")
+    assert re.search(r"<lora:dog_24[^>]*:1>", tag), tag
+    assert list((app.root / "models" / "Lora").glob("dog_24*.safetensors"))
+
+    # Memory: the plan under Train; a run it says will not fit is warned about once before it starts
+    page.click("#db_memory_box")
+    fill(page, "db_vram", 0.001)
+    page.click("#db_plan")
+    plan = wait_text(page, "db_plan_message", "does not fit|Error", timeout=240_000)
+    assert "Memory plan:" in plan and "does not fit 0.001 GiB" in plan, plan
+    before = config_path.read_bytes()
+    page.click("#db_train")
+    assert "does not fit" in wait_text(page, "db_run_message", "memory plan says")
+    assert config_path.read_bytes() == before and not worker.running_job(DataRoot(app.root))
+    fill(page, "db_vram", 1000)
+    page.click("#db_plan")
+    assert "fits 1000 GiB" in wait_text(page, "db_plan_message", "fits 1000", timeout=240_000)
+    choose(page, "db_preset", "48")
+    page.click("#db_apply_preset")
+    said = wait_text(page, "db_plan_message", "preset|Error", timeout=240_000)
+    assert "Error" not in said, said
+    shots(page, "5-memory-lora")
+
     # A longer run resumes explicitly; Pause shows Resume; reload re-attaches; cancel; stale messages give way
     fill(page, "db_p_num_train_epochs", 500)
     page.click("#db_train")
@@ -144,7 +173,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     page.click("#db_pause")
     wait_text(page, "db_status", r"dog\W+ paused")
     page.wait_for_function("document.querySelector('#db_pause').innerText.trim() === 'Resume'")
-    shots(page, "5-output-paused")
+    shots(page, "6-output-paused")
     page.click("#db_pause")
     wait_text(page, "db_status", r"dog\W+ running")
     page.reload()
@@ -179,4 +208,4 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     page.click("#db_delete")
     assert "tick" in wait_text(page, "db_delete_message", "Error")
     assert config_path.is_file()
-    shots(page, "6-model-delete")
+    shots(page, "7-model-delete")
