@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory) -> Path:
-    """A tiny v1 checkpoint file (engineer A's writer), made once per session."""
+    """A tiny v1 checkpoint file (the tiny-checkpoint verb's writer), made once per session."""
     from dreambooth.checkpoint.tiny import write_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("source") / "tiny-v1.safetensors"
