@@ -39,11 +39,21 @@ def progress(page) -> dict:
     return page.evaluate("() => ({...document.querySelector('#db_progress')?.dataset})")
 
 
+# The tab's elements gradio has hidden (progress overlays above all) that are painted all the same: a stylesheet rule
+# that overrides gradio's hiding makes an overlay cover the fields, or pulse over the status.
+SHOWN_HIDDEN = """() => [...document.querySelectorAll('#db_layout .hide')].filter(e => e.offsetParent !== null)
+    .filter(e => { const s = getComputedStyle(e); return s.visibility !== 'hidden' && Number(s.opacity) > 0; })
+    .map(e => (e.closest('[id]') || {}).id)"""
+
+
 def shots(page, name: str) -> None:
-    """A full-page screenshot at 1400 px wide (the test's window) and at 1024 px."""
+    """A full-page screenshot at 1400 px wide (the test's window) and at 1024 px, of a page whose fields are all
+    painted."""
+    assert page.evaluate(SHOWN_HIDDEN) == [], "hidden overlays are painted over these fields"
     page.screenshot(path=str(ARTIFACTS / f"{name}-1400.png"), full_page=True)
     page.set_viewport_size({"width": 1024, "height": 1000})
     page.wait_for_timeout(1000)
+    assert page.evaluate(SHOWN_HIDDEN) == [], "hidden overlays are painted over these fields"
     page.screenshot(path=str(ARTIFACTS / f"{name}-1024.png"), full_page=True)
     page.set_viewport_size({"width": 1400, "height": 1000})
     page.wait_for_timeout(500)
@@ -55,8 +65,7 @@ CONTRAST = """() => {
         return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
     const bg = el => { for (; el; el = el.parentElement) { const c = getComputedStyle(el).backgroundColor;
         if (!/rgba\\(.*, 0\\)|transparent/.test(c)) return c; } return 'rgb(255, 255, 255)'; };
-    const infos = [...document.querySelectorAll('#db_layout [data-testid="block-info"] + div, #db_layout .info-text, '
-                                               + '#db_layout .block > div:has(+ label)')].filter(e => e.offsetParent);
+    const infos = [...document.querySelectorAll('#db_layout [data-testid="block-info"] + div, #db_layout .info-text')].filter(e => e.offsetParent);
     if (infos.length < 5) return 0;
     return Math.min(...infos.map(info => { const [a, b] = [lum(getComputedStyle(info).color), lum(bg(info))];
         return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); })); }"""
