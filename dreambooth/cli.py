@@ -77,6 +77,10 @@ def cmd_train(args) -> int:
     lock = model.lock("training") if model.exists() and _is_main_process() else contextlib.nullcontext()
     try:
         with lock:
+            if args.from_step is not None and model.exists() and _is_main_process():
+                from .train.saves import go_back
+
+                print(go_back(model.state, model.saves, args.from_step))
             result = train_model(root, args.name, max_steps=args.max_steps, overrides=overrides)
     except UserError as e:
         if model.exists() and _is_main_process() and not _ended(events):  # refused before the run began
@@ -167,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides the config)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="change a parameter for this run only (repeatable), e.g. --set learning_rate=1e-6")
+    p.add_argument("--from-step", type=int, default=None, metavar="S",
+                   help="go back to the kept save of step S and go on from there (see keep_saves)")
     p.set_defaults(run=cmd_train)
 
     p = verbs.add_parser("demo", help="the whole flow on a built-in tiny model, a few minutes on a CPU")

@@ -239,6 +239,7 @@ class Parameters:
     checkpoint_name: str = setting('', 'Checkpoint file name', "The checkpoint files are NAME_<step>; empty: the model's name.", group='saving')
     save_on_end: bool = setting(True, 'Save at the end', 'Export a checkpoint when training finishes.', group='saving')
     save_on_cancel: bool = setting(True, 'Save on cancel', 'Export a checkpoint when training is cancelled.', group='saving')
+    keep_saves: int = setting(1, 'Saves to go back to', 'How many of the latest saves keep their full training state, so a run can go back to one of them and go on from there. Each kept save takes its size on disk (the trained weights and the optimizer state); 1: only the latest.', group='saving', min=1, max=100)
     # lora
     use_lora: bool = setting(False, 'Use LoRA', "Train small low-rank adapters instead of the whole model: far less memory, a few-MB file (models/Lora) for the webui's <lora:NAME:1>.", group='lora')
     lora_unet_rank: int = setting(16, 'UNet LoRA rank', 'Rank (dim) of the UNet adapters: 4-32 is usual; higher learns more detail and makes a bigger file.', group='lora', min=1, max=1024)

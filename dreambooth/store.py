@@ -59,6 +59,7 @@ class ModelDir:
     config.json                   the settings (dreambooth.config)
     working/                      the diffusers model training updates; working/training.json the last save's summary
     state/                        resume state: trained weights, optimizer, scheduler, EMA, step, RNG (train/state.py)
+    saves/step-S/                 the last N saves' states (hard links; the newest is state/ itself), to go back to
     class_images/  samples/       generated class images, preview images
     logs/events.jsonl             the run's events (dreambooth.events); logs/train.log the trainer's own output
     logs/tensorboard/             TensorBoard scalars; logs/exports.txt the files `export` wrote
@@ -123,6 +124,10 @@ class ModelDir:
     @property
     def state(self) -> Path:  # resume state: optimizer, scheduler, EMA, step, RNG
         return self.path / "state"
+
+    @property
+    def saves(self) -> Path:  # earlier resume states kept to go back to, one folder per save: step-<S>
+        return self.path / "saves"
 
     @property
     def lock_path(self) -> Path:

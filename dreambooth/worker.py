@@ -428,6 +428,28 @@ def start_over(root: DataRoot, name: str) -> str:
     return f"{name}: back to the weights of {config.model.source}; the next training starts at step 0"
 
 
+def go_back(root: DataRoot, name: str, step: int) -> str:
+    """Make the kept save of `step` the one the model's next training resumes from."""
+    from .train.saves import go_back as restore
+
+    model = root.model(name)
+    with model.lock("going back to an earlier save"):
+        return restore(model.state, model.saves, step)
+
+
+def kept_saves(root: DataRoot, name: str) -> list[int]:
+    """The steps of the model's saves a run can go back to, newest first (the first is the latest save)."""
+    from .train.saves import kept_saves as saves, saved_step
+
+    model = root.model(name)
+    try:
+        latest = saved_step(model.state)
+    except UserError:
+        latest = None
+    steps = [save["step"] for save in saves(model.saves)]
+    return ([latest] if latest is not None else []) + [step for step in steps if step != latest]
+
+
 def delete_model(root: DataRoot, name: str) -> None:
     from .models import delete_model
 

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from .schedule import trains_text_encoder
-from .state import damaged, recover_folder
+from .saves import damaged, recover_folder
 
 log = logging.getLogger("dreambooth")
 

@@ -35,8 +35,8 @@ from .components import Components, load_components
 from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler, make_optimizer
 from .requests import Requests
 from .schedule import Schedule
-from .state import (disk_full, link_tree, load_state, mark_checkpoint_written, read_trainer_info, remove_leftovers,
-                    save_state, swap_folder, write_failed)
+from .saves import keep_save, link_tree, mark_checkpoint_written, read_trainer_info, swap_folder
+from .state import disk_full, load_state, remove_leftovers, save_state, write_failed
 from .step import Batch, TrainStep, encode_prompt
 
 log = logging.getLogger("dreambooth")
@@ -544,6 +544,7 @@ class Trainer:
                            write_weights)
             s.last_save_step = s.step
             self.publish(s)
+            keep_save(self.model.state, self.model.saves, self.p.keep_saves)
         s.last_save_step = s.step
         self.accelerator.wait_for_everyone()
 

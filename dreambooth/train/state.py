@@ -1,19 +1,17 @@
-"""Resume state, crash-safe folder replacement, and what a failed write means.
+"""Resume state (the torch part of a save) and what a failed write means.
 
 <model>/state/ holds the trained weights together with what they alone do not: optimizer, LR scheduler, EMA,
 step and the torch RNG; trainer.json says which step and whether that save's checkpoint file was written.
-Every save writes a complete new folder beside the old one and swaps it in with renames, so a kill or a full disk
-during a save leaves the previous state (and weights) usable; `recover_folder` finishes an interrupted swap and
-`remove_leftovers` drops the temporary files of a killed save. A damaged state file is an error naming it, never a
-silent restart from step 0.
+Each save is a complete new folder swapped in with renames (saves.py), so a kill or a full disk during a save
+leaves the previous state (and weights) usable; `remove_leftovers` drops the temporary files of a killed save. A
+damaged state file is an error naming it, never a silent restart from step 0.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,59 +20,9 @@ from safetensors import SafetensorError
 
 from ..checkpoint.export import DISK_FULL
 from ..errors import UserError
-from ..store import atomic_write_text
+from .saves import TRAINER_FILE, damaged, saved_step, swap_folder
 
 log = logging.getLogger("dreambooth")
-TRAINER_FILE = "trainer.json"
-
-
-def _new(final: Path) -> Path:
-    return final.parent / f".{final.name}.new"
-
-
-def _old(final: Path) -> Path:
-    return final.parent / f".{final.name}.old"
-
-
-def recover_folder(final: Path) -> None:
-    """After a kill mid-swap: put the previous folder back if the new one never arrived; drop leftovers."""
-    final = Path(final)
-    if not final.exists() and _old(final).exists():
-        _old(final).rename(final)
-    for leftover in (_new(final), _old(final)):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-
-
-def swap_folder(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a complete new folder with `write(tmp)`, then replace `final` by it (the old one goes last)."""
-    final = Path(final)
-    recover_folder(final)
-    tmp = _new(final)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        final.rename(_old(final))
-    tmp.rename(final)
-    shutil.rmtree(_old(final), ignore_errors=True)
-
-
-def link_tree(source: Path, target: Path) -> None:
-    """Fill `target` with hard links to the files of `source` (copies where links are not possible)."""
-    for path in Path(source).rglob("*"):
-        dest = Path(target) / path.relative_to(source)
-        if path.is_dir():
-            dest.mkdir(parents=True, exist_ok=True)
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dest)
-        except OSError:
-            shutil.copy2(path, dest)
 
 
 def _save_torch(obj, path: Path) -> None:
@@ -97,47 +45,10 @@ def save_state(folder: Path, step: int, total_steps: int, optimizer, lr_schedule
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         _save_torch(rng, tmp / "rng.pt")
-        info = {"step": step, "total_steps": total_steps, "checkpoint_written": False}
+        info = {"step": step, "total_steps": total_steps, "checkpoint_written": False, "saved_at": time.time()}
         (tmp / TRAINER_FILE).write_text(json.dumps(info) + "\n")
 
     swap_folder(folder, write)
-
-
-def mark_checkpoint_written(folder: Path) -> None:
-    """The save's checkpoint file is complete: a resumed run need not write it again."""
-    info = read_trainer_info(folder)
-    atomic_write_text(Path(folder) / TRAINER_FILE, json.dumps({**info, "checkpoint_written": True}) + "\n")
-
-
-def damaged(path: Path, problem: str) -> UserError:
-    folder = Path(path).parent
-    return UserError(f"{path}: the saved training state is damaged ({problem}); put back a good copy of it, "
-                     f"or start over by deleting {folder} (the next run then starts at step 0 from the last saved "
-                     "weights)")
-
-
-def read_trainer_info(folder: Path) -> dict | None:
-    """{"step", "total_steps", "checkpoint_written"} of the saved run; None when nothing was saved."""
-    folder = Path(folder)
-    recover_folder(folder)
-    if not folder.exists():
-        return None
-    path = folder / TRAINER_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise damaged(path, "the file is missing") from e
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise damaged(path, "not readable as JSON") from e
-    step = info.get("step") if isinstance(info, dict) else None
-    if type(step) is not int or step < 0:
-        raise damaged(path, f"no valid step count in it: {str(step)[:20]}")
-    return {"total_steps": None, "checkpoint_written": True, **info}
-
-
-def saved_step(folder: Path) -> int | None:
-    info = read_trainer_info(folder)
-    return None if info is None else info["step"]
 
 
 def _load(path: Path):

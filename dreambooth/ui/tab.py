@@ -145,6 +145,12 @@ def free_gpu_gib() -> float | None:
 
 EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()\-]{0,119}$")
 START_FROM = ("Resume the saved run", "Start over from the source checkpoint")
+SAVE_CHOICE = re.compile(r"step (\d+)")
+
+
+def save_choices(steps: list[int]) -> list[str]:
+    """The kept saves as the "Resume from" list shows them: the latest first."""
+    return [f"the latest save, step {steps[0]}"] + [f"the earlier save at step {step}" for step in steps[1:]] if steps else []
 JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "dreambooth.js"
 
 
@@ -242,7 +248,10 @@ def build(host: Host) -> gr.Blocks:
                 start_from = gr.Radio(label="Train a model that has a saved run", choices=list(START_FROM),
                                       value=START_FROM[0], elem_id="db_start_from",
                                       info="Resume where the last run stopped, or start over from the source "
-                                           "checkpoint (the settings and class images stay).")
+                                           "checkpoint (the settings and class images stay; the saves go).")
+                resume_from = gr.Dropdown(label="Resume from", choices=[], value=None, elem_id="db_resume_from",
+                                          info="An earlier save goes on from its step (Parameters › Saving › Saves "
+                                               "to go back to sets how many are kept).")
                 run_msg = gr.HTML(elem_id="db_run_message")
                 with gr.Accordion("Memory: plan and VRAM presets", open=False, elem_id="db_memory_box"):
                     with gr.Row():
@@ -361,7 +370,7 @@ def build(host: Host) -> gr.Blocks:
             except UserError as e:
                 return _error(e), compat.unchanged()
 
-        def on_train(name, start, plan, *values):
+        def on_train(name, start, resume, plan, *values):
             state = run_state(name)
             if plan and plan.get("name") == name and plan.get("fits") is False and not plan.get("warned"):
                 return (_message("The memory plan says this run does not fit the GPU (see Memory above). Press "
@@ -378,8 +387,10 @@ def build(host: Host) -> gr.Blocks:
                 model = root.model(name)
                 if start == START_FROM[1]:
                     worker.start_over(root, name)
+                elif resume and not resume.startswith("the latest"):
+                    worker.go_back(root, name, int(SAVE_CHOICE.search(resume).group(1)))
                 save_config(model, config)  # what the trainer uses is what the panels show
-                from ..train.state import saved_step  # torch: imported when needed
+                from ..train.saves import saved_step
 
                 saved = saved_step(model.state)
                 job = worker.start(root, name, host)
@@ -506,7 +517,12 @@ def build(host: Host) -> gr.Blocks:
                 "gallery": [list(item) for item in views.previews(root.model(name).samples)] if st else [],
                 "checkpoints": views.checkpoint_list(files, checkpoint_titles(), root.lora),
                 "log": st.log_tail if st else "",
+                "saves": saves_update(name),
             }
+
+        def saves_update(name):
+            choices = save_choices(worker.kept_saves(root, name)) if name and root.model(name).exists() else []
+            return compat.update(choices=choices, value=choices[0] if choices else None)
 
         def show_model(name):
             """A one-off refresh of the output panel when a model is selected."""
@@ -522,19 +538,19 @@ def build(host: Host) -> gr.Blocks:
             job = worker.last_job(root)
             if job is None or not (worker.running_job(root) or worker.recently_active(root, job["name"])):
                 # Nothing running: leave the panel to whatever model the page selected.
-                return [compat.unchanged()] * 6 + [last]
+                return [compat.unchanged()] * 7 + [last]
             now = panel(job["name"])
             last = last or {}
             return [now[k] if now[k] != last.get(k) else compat.unchanged() for k in now] + [now]
 
         # ------------------------------------------------------------ wiring
 
-        panel_outputs = [status_md, progress, chart, gallery, checkpoints_md, log_box, shown]
+        panel_outputs = [status_md, progress, chart, gallery, checkpoints_md, log_box, resume_from, shown]
         model_select.change(select_model, [model_select], settings + [model_msg])
         model_select.change(show_model, [model_select], panel_outputs)
         load_btn.click(on_load, [model_select], settings + [settings_msg])
         save_btn.click(on_save, [model_select] + settings, [settings_msg])
-        train_btn.click(on_train, [model_select, start_from, last_plan] + settings, [run_msg, last_plan])
+        train_btn.click(on_train, [model_select, start_from, resume_from, last_plan] + settings, [run_msg, last_plan])
         plan_btn.click(on_plan, [model_select, vram] + settings, [plan_msg, last_plan])
         preset_btn.click(on_preset, [model_select, preset], settings + [plan_msg])
         extract_btn.click(on_extract, [model_select, extract_rank, extract_te_rank], [extract_msg, checkpoints_md])

@@ -17,8 +17,8 @@ from dreambooth.config import Parameters
 from dreambooth.data.dataset import Example, Item, TrainingData
 from dreambooth.errors import UserError
 from dreambooth.train.loop import StopTraining, read_item, writing
-from dreambooth.train.state import (disk_full, load_state, mark_checkpoint_written, read_trainer_info,
-                                    remove_leftovers, save_state, write_failed)
+from dreambooth.train.saves import go_back, keep_save, kept_saves, mark_checkpoint_written, read_trainer_info
+from dreambooth.train.state import disk_full, load_state, remove_leftovers, save_state, write_failed
 
 CPU = SimpleNamespace(is_main_process=True, device="cpu")
 
@@ -50,8 +50,55 @@ def test_a_saved_state_loads_back(saved):
     assert torch.equal(torch.get_rng_state(), expected_rng)
     assert read_trainer_info(saved)["checkpoint_written"] is False
     mark_checkpoint_written(saved)
-    assert read_trainer_info(saved) == {"step": 7, "total_steps": 10, "checkpoint_written": True}
+    info = read_trainer_info(saved)
+    assert info == {"step": 7, "total_steps": 10, "checkpoint_written": True, "saved_at": info["saved_at"]}
     assert read_trainer_info(saved.parent / "nothing-saved") is None
+
+
+def test_the_last_n_saves_are_kept_and_a_run_can_go_back_to_one(tmp_path):
+    state, saves = tmp_path / "state", tmp_path / "saves"
+    model, optimizer, scheduler = training_objects()
+    weights = {}
+    for step in (10, 20, 30, 40):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights[step] = model.weight.clone()
+        save_state(state, step, 40, optimizer, scheduler, None,
+                   lambda tmp: torch.save(model.state_dict(), tmp / "weights.pt"))
+        mark_checkpoint_written(state)
+        keep_save(state, saves, keep=3)
+    assert [save["step"] for save in kept_saves(saves)] == [40, 30, 20]  # newest first; step 10 dropped
+    latest = saves / "step-40" / "weights.pt"
+    assert os.path.samefile(latest, state / "weights.pt")  # the newest kept save is state/ itself: no extra disk
+
+    assert go_back(state, saves, 20) == "went back to the save at step 20"
+    assert read_trainer_info(state)["step"] == 20
+    assert read_trainer_info(state)["checkpoint_written"] is False  # the next run writes its checkpoint file again
+    assert torch.equal(torch.load(state / "weights.pt", weights_only=True)["weight"], weights[20])
+    assert read_trainer_info(saves / "step-20")["checkpoint_written"] is True  # the kept save is untouched
+    assert [save["step"] for save in kept_saves(saves)] == [40, 30, 20]
+
+    # The run from step 20 saves at 25: the newest saves are kept, whatever their step.
+    save_state(state, 25, 40, optimizer, scheduler, None, lambda tmp: torch.save(model.state_dict(), tmp / "w.pt"))
+    mark_checkpoint_written(state)
+    keep_save(state, saves, keep=3)
+    assert [save["step"] for save in kept_saves(saves)] == [25, 40, 30]
+
+    with pytest.raises(UserError, match=r"no kept save at step 20 \(kept: 25, 40, 30\)"):
+        go_back(state, saves, 20)
+    keep_save(state, saves, keep=1)  # the setting lowered to 1: only state/ stays
+    assert not saves.exists() and read_trainer_info(state)["step"] == 25
+
+
+def test_a_damaged_kept_save_is_left_out_of_the_list(tmp_path):
+    state, saves = tmp_path / "state", tmp_path / "saves"
+    _, optimizer, scheduler = training_objects()
+    for step in (1, 2):
+        save_state(state, step, 2, optimizer, scheduler, None)
+        keep_save(state, saves, keep=2)
+    (saves / "step-1" / "trainer.json").write_text("garbage")
+    (saves / "not-a-save").mkdir()
+    assert [save["step"] for save in kept_saves(saves)] == [2]
 
 
 def truncate(path: Path) -> None:

@@ -456,3 +456,26 @@ def test_resume_with_settings_that_no_longer_fit_is_a_clear_error(tmp_path, tiny
     config.with_parameters(max_train_steps=3, train_text_encoder_ratio=1.0).save(model.config_path)
     with pytest.raises(UserError, match="saved training state does not fit the current settings"):
         train_model(root, "m")
+
+
+def test_a_run_goes_back_to_an_earlier_kept_save(tmp_path, tiny_source, capsys):
+    from dreambooth.cli import main
+
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=3,
+                             save_every_n_epochs=1, keep_saves=2)
+    assert train_model(root, "m").ok
+    first_run = load_file(root.checkpoints / "m_6.safetensors")
+    assert sorted(p.name for p in model.saves.iterdir()) == ["step-4", "step-6"]  # saves at 2, 4, 6; two kept
+
+    assert main(["--root", str(root.root), "train", "m", "--from-step", "2"]) == 2
+    assert "no kept save at step 2 (kept: 6, 4)" in capsys.readouterr().err
+
+    (root.checkpoints / "m_4.safetensors").unlink()
+    assert main(["--root", str(root.root), "train", "m", "--from-step", "4"]) == 0
+    assert "went back to the save at step 4" in capsys.readouterr().out
+    start = next(e for e in read_events(model) if e["kind"] == "start")
+    assert start["step"] == 4
+    assert (root.checkpoints / "m_4.safetensors").is_file()  # the save gone back to is published again
+    again = load_file(root.checkpoints / "m_6.safetensors")
+    assert same(first_run, again, UNET)  # the same steps from the same save: the same weights
+    assert sorted(p.name for p in model.saves.iterdir()) == ["step-4", "step-6"]
