@@ -35,7 +35,7 @@ from .components import Components, load_components
 from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler, make_optimizer
 from .requests import Requests
 from .schedule import Schedule
-from .saves import keep_save, link_tree, mark_checkpoint_written, read_trainer_info, swap_folder
+from .saves import keep_save, link_tree, mark_checkpoint_written, read_trainer_info, recover_folder, swap_folder
 from .state import disk_full, load_state, remove_leftovers, save_state, write_failed
 from .step import Batch, TrainStep, encode_prompt
 
@@ -265,6 +265,8 @@ class Trainer:
         if self.main:
             remove_leftovers(self.model.path, self.root.checkpoints, self.model.name)
             remove_leftovers(self.model.path, self.root.lora, self.model.name)
+            recover_folder(self.model.state)  # a save killed mid-swap
+        acc.wait_for_everyone()
         instances = collect_instances(self.config)  # bad images are reported before the models load
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
         saved = read_trainer_info(self.model.state)

@@ -87,9 +87,13 @@ def damaged(path: Path, problem: str) -> UserError:
 
 
 def read_trainer_info(folder: Path) -> dict | None:
-    """{"step", "total_steps", "checkpoint_written"} of the saved run; None when nothing was saved."""
+    """{"step", "total_steps", "checkpoint_written", "saved_at"} of the saved run; None when nothing was saved.
+
+    It only reads, so the tab may call it while a trainer writes: the folder's writer (holding the model's lock) is
+    the one that calls `recover_folder`. Mid-swap, the previous folder is the save."""
     folder = Path(folder)
-    recover_folder(folder)
+    if not folder.exists() and _old(folder).exists():
+        folder = _old(folder)
     if not folder.exists():
         return None
     path = folder / TRAINER_FILE
@@ -136,6 +140,7 @@ def keep_save(state: Path, saves: Path, keep: int) -> None:
     """Record the save now in state/ as saves/step-S (hard links), then drop all but the `keep` newest; with keep 1
     nothing is kept besides state/ itself. A failure here (a full disk) costs only the earlier saves."""
     try:
+        recover_folder(state)
         if keep > 1:
             step = saved_step(state)
             swap_folder(Path(saves) / f"step-{step}", lambda tmp: link_tree(state, tmp))
@@ -149,7 +154,8 @@ def keep_save(state: Path, saves: Path, keep: int) -> None:
 
 def go_back(state: Path, saves: Path, step: int) -> str:
     """Make the kept save of `step` the state the next run resumes from (its checkpoint file is written again by
-    that run). The saves stay as they are."""
+    that run). The saves stay as they are. Called with the model's lock held."""
+    recover_folder(state)
     current = saved_step(state)
     if current == step:
         return f"the latest save is step {step} already"

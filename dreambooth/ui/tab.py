@@ -150,7 +150,7 @@ SAVE_CHOICE = re.compile(r"step (\d+)")
 
 def save_choices(steps: list[int]) -> list[str]:
     """The kept saves as the "Resume from" list shows them: the latest first."""
-    return [f"the latest save, step {steps[0]}"] + [f"the earlier save at step {step}" for step in steps[1:]] if steps else []
+    return [f"the latest save, step {steps[0]}"] + [f"the save at step {step}" for step in steps[1:]] if steps else []
 JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "dreambooth.js"
 
 

@@ -90,6 +90,23 @@ def test_the_last_n_saves_are_kept_and_a_run_can_go_back_to_one(tmp_path):
     assert not saves.exists() and read_trainer_info(state)["step"] == 25
 
 
+def test_reading_a_save_while_the_trainer_writes_one_leaves_the_write_alone(tmp_path, saved):
+    """The tab lists saves every second during a run: a reader must never tidy up the writer's half-made folder."""
+    from dreambooth.train.saves import saved_step, swap_folder
+
+    seen = []
+
+    def write(tmp: Path) -> None:
+        (tmp / "trainer.json").write_text('{"step": 8}')
+        seen.append(saved_step(saved))  # the tab's poll, mid-save
+        assert tmp.is_dir() and (tmp / "trainer.json").is_file()
+
+    swap_folder(saved, write)
+    assert seen == [7] and saved_step(saved) == 8
+    saved.rename(saved.parent / ".state.old")  # killed between the two renames of a swap
+    assert saved_step(saved) == 8 and (saved.parent / ".state.old").is_dir()  # read, not moved
+
+
 def test_a_damaged_kept_save_is_left_out_of_the_list(tmp_path):
     state, saves = tmp_path / "state", tmp_path / "saves"
     _, optimizer, scheduler = training_objects()

@@ -43,17 +43,26 @@ def progress(page) -> dict:
 # that overrides gradio's hiding makes an overlay cover the fields, or pulse over the status.
 SHOWN_HIDDEN = """() => [...document.querySelectorAll('#db_layout .hide')].filter(e => e.offsetParent !== null)
     .filter(e => { const s = getComputedStyle(e); return s.visibility !== 'hidden' && Number(s.opacity) > 0; })
-    .map(e => (e.closest('[id]') || {}).id)"""
+    .map(e => ((e.closest("[id]") || {}).id || "") + " " + e.tagName + "." + e.className)"""
+
+
+def fields_painted(page) -> None:
+    """No element gradio has hidden stays painted (a fade-out of a second is fine)."""
+    try:
+        page.wait_for_function(f"() => ({SHOWN_HIDDEN})().length === 0", timeout=3000)
+    except Exception:
+        shown = page.evaluate(SHOWN_HIDDEN)
+        assert shown == [], f"hidden elements painted over these fields: {shown}"
 
 
 def shots(page, name: str) -> None:
     """A full-page screenshot at 1400 px wide (the test's window) and at 1024 px, of a page whose fields are all
     painted."""
-    assert page.evaluate(SHOWN_HIDDEN) == [], "hidden overlays are painted over these fields"
+    fields_painted(page)
     page.screenshot(path=str(ARTIFACTS / f"{name}-1400.png"), full_page=True)
     page.set_viewport_size({"width": 1024, "height": 1000})
     page.wait_for_timeout(1000)
-    assert page.evaluate(SHOWN_HIDDEN) == [], "hidden overlays are painted over these fields"
+    fields_painted(page)
     page.screenshot(path=str(ARTIFACTS / f"{name}-1024.png"), full_page=True)
     page.set_viewport_size({"width": 1400, "height": 1000})
     page.wait_for_timeout(500)

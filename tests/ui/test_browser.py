@@ -50,6 +50,8 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     contrast = page.evaluate(CONTRAST)
     assert contrast >= 4.5, contrast
     fill(page, "db_p_learning_rate", "5e-5")
+    page.click("#db_group_saving")
+    fill(page, "db_p_keep_saves", 3)  # saves a later run can go back to
     shots(page, "2-parameters")
 
     # Errors: in the tab's words, the field marked, and a refused Train writes nothing
@@ -186,6 +188,19 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     page.wait_for_function("document.querySelector('#db_pause').disabled", timeout=TIMEOUT)
     page.wait_for_timeout(1500)
     assert "Cancel requested" not in visible_text(page, "db_run_message")
+
+    # Go back: an earlier kept save becomes the one the run goes on from
+    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
+    page.wait_for_function("document.querySelector('#db_resume_from')?.innerText.includes('latest save, step') "
+                           "|| document.querySelector('#db_resume_from input')?.value.includes('latest save, step')",
+                           timeout=TIMEOUT)
+    fill(page, "db_p_num_train_epochs", 6)
+    choose(page, "db_resume_from", "the save at step 12")
+    page.click("#db_train")
+    wait_text(page, "db_run_message", "resuming at step 12")
+    wait_text(page, "db_status", r"dog\W+ done")
+    assert re.search(r"step 24/24", text(page, "db_status")) and "this run trained 12 steps" in text(page, "db_status")
+    assert {"step-12", "step-24"} <= {p.name for p in (app.root / "models/dreambooth/dog/saves").iterdir()}
 
     # Start over: back to the source's weights, settings and class images kept, a new run from step 0
     wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
