@@ -194,13 +194,18 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     page.wait_for_function("document.querySelector('#db_resume_from')?.innerText.includes('latest save, step') "
                            "|| document.querySelector('#db_resume_from input')?.value.includes('latest save, step')",
                            timeout=TIMEOUT)
-    fill(page, "db_p_num_train_epochs", 6)
-    choose(page, "db_resume_from", "the save at step 12")
+    open_panel(page, "Parameters")
+    kept = {p.name for p in (app.root / "models/dreambooth/dog/saves").iterdir()}
+    assert len(kept) == 3 and "step-24" in kept  # the last three saves: 24, then the long run's
+    fill(page, "db_p_num_train_epochs", 9)
+    choose(page, "db_resume_from", "the save at step 24")
     page.click("#db_train")
-    wait_text(page, "db_run_message", "resuming at step 12")
+    wait_text(page, "db_run_message", "resuming at step 24")
     wait_text(page, "db_status", r"dog\W+ done")
-    assert re.search(r"step 24/24", text(page, "db_status")) and "this run trained 12 steps" in text(page, "db_status")
-    assert {"step-12", "step-24"} <= {p.name for p in (app.root / "models/dreambooth/dog/saves").iterdir()}
+    assert re.search(r"step 36/36", text(page, "db_status")) and "this run trained 12 steps" in text(page, "db_status")
+    # the list follows: this run's own save at 36 is the latest
+    page.wait_for_function("document.querySelector('#db_resume_from input')?.value === 'the latest save, step 36'",
+                           timeout=TIMEOUT)
 
     # Start over: back to the source's weights, settings and class images kept, a new run from step 0
     wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
@@ -212,8 +217,9 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     page.click("#db_train")
     message = wait_text(page, "db_run_message", "Training dog started, from step 0|Error")
     assert "from step 0" in message, message
-    wait_text(page, "db_status", r"dog\W+ done")
-    assert re.search(r"step 4/4", text(page, "db_status"))
+    wait_text(page, "db_status", r"dog\W+ done · step 4/4")
+    saves = app.root / "models/dreambooth/dog/saves"
+    assert [p.name for p in saves.iterdir()] == ["step-4"]  # starting over dropped the earlier saves
     assert sorted(p.name for p in (app.root / "models/dreambooth/dog/class_images").rglob("*.png")) == class_images
     assert json.loads(config_path.read_text())["parameters"]["learning_rate"] == 5e-5
 
