@@ -378,16 +378,18 @@ def test_cancel_during_class_images_keeps_them_for_next_time(tmp_path, tiny_sour
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["cancel", "sigterm"])
-def test_cancel_stops_class_generation_between_denoising_steps(tmp_path, tiny_source, monkeypatch, how):
+@pytest.mark.parametrize("how,class_batch_size", [("cancel", 1), ("sigterm", 1), ("cancel", 2)])
+def test_cancel_stops_class_generation_between_denoising_steps(tmp_path, tiny_source, monkeypatch, how,
+                                                               class_batch_size):
     """Each class image takes about 20 s here (a slowed UNet, 200 steps): a cancel or SIGTERM during the first image
-    ends the run within 5 s, and the progress said which image of how many, with an ETA once one was made."""
+    (or the first batch of two) ends the run within 5 s, and the progress said which image of how many."""
     import signal
 
     from diffusers import UNet2DConditionModel
 
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
-        tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=200)], max_train_steps=1)
+        tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=200)], max_train_steps=1,
+        class_batch_size=class_batch_size)
     forward = UNet2DConditionModel.forward
     calls = []
 
