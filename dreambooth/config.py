@@ -177,6 +177,7 @@ class Concept:
     class_infer_steps: int = setting(40, 'Class generation steps', 'Denoising steps per generated class image.', group='class', min=1, max=200)
     # sample
     sample_prompt: str = setting('', 'Sample prompt', 'Prompt for preview images. Empty: the instance prompt of the first instance image. [filewords] allowed.', group='sample', kind='prompt')
+    sample_prompt_file: str = setting('', 'Sample prompt template file', 'A UTF-8 text file with one preview prompt per line (at most 64; blank lines and lines starting with # are skipped; [filewords] allowed). When set, each preview renders every prompt of the file instead of the sample prompt.', group='sample', kind='path')
     sample_negative_prompt: str = setting('', 'Sample negative prompt', 'Negative prompt for preview images.', group='sample', kind='prompt')
     num_samples: int = setting(1, 'Samples per preview', 'How many preview images to make for this concept each time.', group='sample', min=0, max=16)
     sample_seed: int = setting(420, 'Sample seed', 'Seed for preview images; -1 draws a new one each time.', group='sample', min=-1, max=2**31 - 1)
@@ -203,6 +204,7 @@ class Parameters:
     # batch
     train_batch_size: int = setting(1, 'Batch size', 'Instance images per step (class images are added alongside).', group='batch', min=1, max=256)
     gradient_accumulation_steps: int = setting(1, 'Gradient accumulation steps', 'Micro-batches per optimizer step.', group='batch', min=1, max=1024)
+    class_batch_size: int = setting(1, 'Class generation batch size', 'Class images generated at once before training; more is faster on a big GPU and needs more memory.', group='batch', min=1, max=64)
     # performance
     optimizer: str = setting('adamw_8bit', 'Optimizer', 'AdamW, 8-bit AdamW (bitsandbytes; least memory) or Adafactor.', group='performance', choices=OPTIMIZERS)
     mixed_precision: str = setting('fp16', 'Mixed precision', 'fp16 for most cards, bf16 for RTX 30xx and newer; no for full fp32.', group='performance', choices=PRECISIONS)
@@ -224,6 +226,8 @@ class Parameters:
     frozen_precision: str = setting('half', 'Frozen parts precision', 'half: the VAE and frozen text encoders run in the mixed-precision type on the GPU (bf16 or fp16; the SDXL VAE stays fp32 under fp16, where it overflows); full: fp32.', group='memory', choices=('half', 'full'))
     # loss
     prior_loss_weight: float = setting(1.0, 'Prior loss weight', 'Weight of the class (prior preservation) loss: loss = MSE(instance) + weight x MSE(class).', group='loss', min=0, max=100, step=0.05)
+    prior_loss_weight_min: float = setting(0.1, 'Minimum prior loss weight', 'With prior loss scaling on, the prior loss weight falls to this value and then stays there.', group='loss', min=0, max=100, step=0.05)
+    prior_loss_scale_epochs: int = setting(0, 'Prior loss scaling epochs', 'Lower the prior loss weight linearly from the prior loss weight to the minimum over this many epochs, then keep the minimum. 0: off (the weight stays as set).', group='loss', min=0, max=100000)
     min_snr_gamma: float = setting(0.0, 'Min-SNR gamma', "Min-SNR loss weighting (5 is typical); 0 uses the paper's plain MSE.", group='loss', min=0, max=100, step=0.5)
     # image processing
     resolution: int = setting(512, 'Resolution', "Training resolution (the family's native one by default).", group='image processing', min=64, max=4096, step=64)
@@ -278,6 +282,24 @@ def _folder_missing(path: str) -> bool:
     return not Path(path).expanduser().is_dir()
 
 
+def _label(settings_section, name: str) -> str:
+    return next(s.label for s in settings_of(settings_section) if s.name == name)
+
+
+def _prompt_file_problem(concept) -> str | None:
+    from .data.captions import prompt_file_problem
+
+    return prompt_file_problem(concept.sample_prompt_file) if concept.sample_prompt_file.strip() else None
+
+
+def _prior_minimum_problem(p) -> str | None:
+    if p.prior_loss_scale_epochs > 0 and p.prior_loss_weight_min > p.prior_loss_weight:
+        return (f"{p.prior_loss_weight_min:g} is above the {_label(Parameters, 'prior_loss_weight')} "
+                f"({p.prior_loss_weight:g}); with {_label(Parameters, 'prior_loss_scale_epochs')} on, the weight "
+                f"can only fall to the minimum")
+    return None
+
+
 CONCEPT_RULES: tuple[Rule, ...] = (
     Rule(("instance_data_dir",), lambda c: f"{c.instance_data_dir!r} is not a folder"
          if _folder_missing(c.instance_data_dir) else None, training=True),
@@ -285,6 +307,8 @@ CONCEPT_RULES: tuple[Rule, ...] = (
     Rule(("class_data_dir",), lambda c: f"{c.class_data_dir!r} is not a folder"
          if c.num_class_images_per_image > 0 and c.class_data_dir.strip() and _folder_missing(c.class_data_dir)
          else None, training=True),
+    # Read when training starts (the file may be written after the config); the trainer reads it again at setup.
+    Rule(("sample_prompt_file",), _prompt_file_problem, training=True),
 )
 PARAMETER_RULES: tuple[Rule, ...] = (
     Rule(("checkpoint_name",), lambda p: "use letters, digits, spaces and _ - . (no folders)"
@@ -293,6 +317,7 @@ PARAMETER_RULES: tuple[Rule, ...] = (
     # LoRA keeps the model's weights as they are: an average of them would only copy the base.
     Rule(("use_ema",), lambda p: "cannot be used with LoRA (use_lora); turn one of them off"
          if p.use_ema and p.use_lora else None),
+    Rule(("prior_loss_weight_min", "prior_loss_weight"), _prior_minimum_problem),
 )
 
 

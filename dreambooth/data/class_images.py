@@ -66,9 +66,12 @@ def plan_class_images(folder: Path, prompts: list[str]) -> tuple[list[tuple[Path
     return reuse, missing
 
 
-def generate_missing(folder: Path, missing: list[str], make_image: Callable[[str, int], object],
-                     parameters: Callable[[str, int], str], progress: Callable[[int, int], None]) -> list[tuple[Path, str]]:
-    """Generate one image per prompt in `missing` (seeded by its number) and store it with its prompt."""
+def generate_missing(folder: Path, missing: list[str], make_images: Callable[[list[str], list[int]], list],
+                     parameters: Callable[[str, int], str], progress: Callable[[int, int], None],
+                     batch_size: int = 1) -> list[tuple[Path, str]]:
+    """Generate one image per prompt in `missing` and store it with its prompt, `batch_size` prompts per call of
+    `make_images(prompts, numbers)` (the last batch may be smaller). Each image is numbered by the first free
+    five-digit file name and seeded by that number, so the batch size does not change what is made."""
     from ..store import atomic_write_text
     from ..train.pipeline import save_png
 
@@ -76,15 +79,20 @@ def generate_missing(folder: Path, missing: list[str], make_image: Callable[[str
     taken = {p.stem for p in folder.iterdir()}
     made = []
     number = 0
-    for done, prompt in enumerate(missing):
-        while f"{number:05d}" in taken:
-            number += 1
-        taken.add(f"{number:05d}")
-        path = folder / f"{number:05d}.png"
-        image = make_image(prompt, number)
-        # The prompt file first: an image without its .txt is never reused, so a kill between the two is harmless.
-        atomic_write_text(path.with_suffix(".txt"), prompt + "\n")
-        save_png(image, path, parameters(prompt, number))
-        made.append((path, prompt))
-        progress(done + 1, len(missing))
+    for start in range(0, len(missing), max(1, batch_size)):
+        prompts = missing[start:start + max(1, batch_size)]
+        numbers = []
+        for _ in prompts:
+            while f"{number:05d}" in taken:
+                number += 1
+            taken.add(f"{number:05d}")
+            numbers.append(number)
+        images = make_images(prompts, numbers)
+        for prompt, image_number, image in zip(prompts, numbers, images, strict=True):
+            path = folder / f"{image_number:05d}.png"
+            # The prompt file first: an image without its .txt is never reused, so a kill between the two is harmless.
+            atomic_write_text(path.with_suffix(".txt"), prompt + "\n")
+            save_png(image, path, parameters(prompt, image_number))
+            made.append((path, prompt))
+            progress(len(made), len(missing))
     return made

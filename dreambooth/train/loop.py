@@ -8,6 +8,7 @@ Under `accelerate launch` every process trains its share of each epoch; only the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, validate_for_training
+from ..config import Config, ConfigError, Problem, validate_for_training
 from ..data import captions
 from ..data import class_images as class_data
 from ..data.dataset import Example, TrainingData, class_examples_from, collect_instances, tokenize
@@ -199,6 +200,7 @@ class TrainingState:
     checkpoints: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     lora: LoraRun | None = None  # LoRA: the adapters the run trains (the model itself stays frozen)
+    sample_files: dict = field(default_factory=dict)  # concept index -> its sample prompt file's prompts
 
 
 class Trainer:
@@ -268,6 +270,7 @@ class Trainer:
             recover_folder(self.model.state)  # a save killed mid-swap
         acc.wait_for_everyone()
         instances = collect_instances(self.config)  # bad images are reported before the models load
+        sample_files = read_sample_prompt_files(self.config)  # read once, before the models load
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
         saved = read_trainer_info(self.model.state)
         resume_from = self.model.state if saved is not None else None
@@ -281,7 +284,8 @@ class Trainer:
         train_step = build_step(p, parts, acc, schedule.total_steps, schedule.text_encoder_steps > 0)
         ema = make_ema(p, acc.unwrap_model(train_step.unet))
         state = TrainingState(parts, train_step.unet, list(train_step.text_encoders), train_step.optimizer,
-                              train_step.lr_scheduler, ema, train_step, instances, data, schedule, lora=lora)
+                              train_step.lr_scheduler, ema, train_step, instances, data, schedule, lora=lora,
+                              sample_files=sample_files)
 
         resumed = load_state(self.model.state, acc, state.optimizer, state.lr_scheduler, ema)
         if resumed is None:
@@ -309,7 +313,8 @@ class Trainer:
                 raise StopTraining("done", "already trained to the last step; nothing to do")
             for epoch, items in micro_batches(s.data, s.step):
                 out = s.train_step(self.make_batch(s, items, epoch),
-                                   train_text_encoder=schedule.trains_text_encoder(s.step))
+                                   train_text_encoder=schedule.trains_text_encoder(s.step),
+                                   prior_loss_weight=schedule.prior_loss_weight(s.step))
                 if not acc.sync_gradients:  # accumulating: no optimizer step yet
                     continue
                 s.step += 1
@@ -464,9 +469,11 @@ class Trainer:
                 continue
             settings = (concept.class_negative_prompt, concept.class_infer_steps, concept.class_guidance_scale)
 
-            def make(prompt, number, settings=settings):
+            def make(prompts, numbers, settings=settings):
+                negative, steps, guidance = settings
                 try:  # asked between denoising steps, so a cancel or SIGTERM stops within one step
-                    return gen.generate(pipe, prompt, *settings, number, res, res, stop=cancelled)
+                    return gen.generate_batch(pipe, prompts, negative, steps, guidance, numbers, res, res,
+                                              stop=cancelled)
                 except gen.Stopped:
                     raise stop(made[0]) from None
 
@@ -481,22 +488,22 @@ class Trainer:
                     raise stop(made[0])
 
             with writing(folder):
-                class_data.generate_missing(folder, missing, make, parameters, progress)
+                class_data.generate_missing(folder, missing, make, parameters, progress, self.p.class_batch_size)
             done += len(missing)
 
     def sample_prompts(self, s: TrainingState):
-        """(concept position, concept, prompt) for each active concept with previews."""
-        active = [c for c in self.config.concepts if c.instance_data_dir.strip()]
-        for pos, (concept, examples) in enumerate(zip(active, s.instances)):
+        """(concept position, concept, prompts) for each active concept with previews: the prompts of its sample
+        prompt file, else its sample prompt, else the first instance image's prompt. [filewords] in a file's or the
+        sample prompt becomes the first instance image's caption."""
+        active = [(i, c) for i, c in enumerate(self.config.concepts) if c.instance_data_dir.strip()]
+        for pos, ((index, concept), examples) in enumerate(zip(active, s.instances)):
             if concept.num_samples == 0:
                 continue
             caption = captions.caption_of(examples[0].path)
-            if concept.sample_prompt.strip():
-                prompt = captions.instance_prompt(concept.sample_prompt, caption, concept.instance_token,
-                                                  concept.class_token)
-            else:
-                prompt = examples[0].prompt
-            yield pos, concept, prompt
+            templates = s.sample_files.get(index) or ([concept.sample_prompt] if concept.sample_prompt.strip() else [])
+            prompts = [captions.instance_prompt(t, caption, concept.instance_token, concept.class_token)
+                       for t in templates]
+            yield pos, concept, prompts or [examples[0].prompt]
 
     def make_samples(self, s: TrainingState) -> None:
         if self.main:
@@ -507,12 +514,13 @@ class Trainer:
             res = self.p.resolution
             paths = []
             with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()):
-                for pos, concept, prompt in self.sample_prompts(s):
-                    for i in range(concept.num_samples):
+                for pos, concept, prompts in self.sample_prompts(s):
+                    # Each prompt gets the same seeds, so its images compare with the other prompts' side by side.
+                    for k, (prompt, i) in enumerate(itertools.product(prompts, range(concept.num_samples))):
                         seed = concept.sample_seed + i if concept.sample_seed >= 0 else random.randrange(2**31)
                         image = gen.generate(pipe, prompt, concept.sample_negative_prompt, concept.sample_infer_steps,
                                              concept.sample_guidance_scale, seed, res, res)
-                        path = self.model.samples / f"{step}-{pos}-{i}.png"
+                        path = self.model.samples / f"{step}-{pos}-{k}.png"
                         info = gen.png_parameters(prompt, concept.sample_negative_prompt, concept.sample_infer_steps,
                                                   concept.sample_guidance_scale, seed, res, res,
                                                   {"Model": self.model.name, "Training step": step})
@@ -626,6 +634,19 @@ class Trainer:
         ema_unet = copy.deepcopy(unet)
         s.ema.copy_to(ema_unet.parameters())
         return ema_unet
+
+
+def read_sample_prompt_files(config: Config) -> dict:
+    """Concept index -> the prompts of its sample prompt file, for each active concept that has one (read once,
+    bounded; a file that cannot be used is named like the config check names it)."""
+    files = {}
+    for index, concept in enumerate(config.concepts):
+        if concept.instance_data_dir.strip() and concept.sample_prompt_file.strip():
+            try:
+                files[index] = captions.read_prompt_file(concept.sample_prompt_file)
+            except captions.PromptFileError as e:
+                raise ConfigError(Problem(("concepts", index, "sample_prompt_file"), str(e))) from None
+    return files
 
 
 class Progress:

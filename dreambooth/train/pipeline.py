@@ -34,9 +34,18 @@ class Stopped(Exception):
 
 def generate(pipe, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int,
              width: int, height: int, stop: Callable[[], bool] | None = None):
-    """One image (PIL) for a fixed seed. `stop()` is asked after each denoising step (diffusers'
-    callback_on_step_end, in 0.30 as in the newest); when it says so, Stopped is raised."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """One image (PIL) for a fixed seed; see `generate_batch`."""
+    return generate_batch(pipe, [prompt], negative_prompt, steps, guidance_scale, [seed], width, height, stop)[0]
+
+
+def generate_batch(pipe, prompts: list[str], negative_prompt: str, steps: int, guidance_scale: float,
+                   seeds: list[int], width: int, height: int, stop: Callable[[], bool] | None = None) -> list:
+    """Images (PIL) for several prompts in one pipeline call, each from its own seed: an image does not depend on
+    the batch it was made in (each starts from its own seed's noise). `stop()` is asked after each denoising step
+    (diffusers' callback_on_step_end, in 0.30 as in the newest); when it says so, Stopped is raised."""
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError("one seed per prompt, at least one prompt")
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     extra = {}
     if stop is not None:
         def check(_pipe, _step, _timestep, tensors):
@@ -46,9 +55,10 @@ def generate(pipe, prompt: str, negative_prompt: str, steps: int, guidance_scale
 
         extra["callback_on_step_end"] = check
     with torch.no_grad():
-        return pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, generator=generator, width=width, height=height,
-                    **extra).images[0]
+        return list(pipe(prompt=list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt
+                         else None, num_inference_steps=steps, guidance_scale=guidance_scale,
+                         generator=generators if len(generators) > 1 else generators[0], width=width,
+                         height=height, **extra).images)
 
 
 def png_parameters(prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int, width: int,

@@ -6,6 +6,7 @@ of steps done so far. The trainer asks, before each step, whether the text encod
 
     schedule = Schedule.plan(params, steps_per_epoch=data.steps_per_epoch)
     due = schedule.after(step)   # Due(freeze_text_encoder, sample, save, stop, pause)
+    weight = schedule.prior_loss_weight(step)   # the class loss's weight in the step after `step`
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class Schedule:
     save_every_n_epochs: int = 0    # 0: no saves during the run
     save_on_end: bool = True
     pause_every_n_epochs: int = 0  # 0: never
+    prior_loss_weight_start: float = 1.0
+    prior_loss_weight_min: float = 1.0
+    prior_loss_scale_epochs: int = 0  # 0: the weight stays at its start
 
     @classmethod
     def plan(cls, params, steps_per_epoch: int, max_steps: int | None = None) -> "Schedule":
@@ -57,7 +61,8 @@ class Schedule:
         saves = params.save_every_n_epochs if params.save_during_training else 0
         return cls(total, steps_per_epoch, text_encoder_steps(params.train_text_encoder_ratio, total),
                    params.sample_every_n_epochs, saves, params.save_on_end,
-                   params.pause_every_n_epochs if params.pause_seconds > 0 else 0)
+                   params.pause_every_n_epochs if params.pause_seconds > 0 else 0,
+                   params.prior_loss_weight, params.prior_loss_weight_min, params.prior_loss_scale_epochs)
 
     @property
     def epochs(self) -> int:
@@ -70,6 +75,15 @@ class Schedule:
     def trains_text_encoder(self, step: int) -> bool:
         """Whether the text encoder trains in the step after `step`."""
         return step < self.text_encoder_steps
+
+    def prior_loss_weight(self, step: int) -> float:
+        """The weight of the class loss in the step after `step`: with scaling on, it goes linearly from the start
+        weight at step 0 to the minimum at the end of epoch `prior_loss_scale_epochs` (counted in fractional epochs,
+        step / steps per epoch), then stays at the minimum."""
+        if self.prior_loss_scale_epochs <= 0:
+            return self.prior_loss_weight_start
+        progress = min(1.0, step / (self.prior_loss_scale_epochs * self.steps_per_epoch))
+        return self.prior_loss_weight_start * (1 - progress) + self.prior_loss_weight_min * progress
 
     def after(self, step: int) -> Due:
         """What is due once `step` steps are done. Within the run previews and saves come at the end of every n-th

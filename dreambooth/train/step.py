@@ -4,8 +4,11 @@ The trainer (train/loop.py) runs exactly this; the benchmarks time exactly this.
 
     step = TrainStep(unet, (text_encoder,), noise_scheduler, params, sdxl=False,
                      vae=vae, optimizer=opt, lr_scheduler=sched, accelerator=accelerator)
-    loss = step(batch, train_text_encoder=True)      # forward + loss + backward (+ clip + optimizer step)
-    out = step.compute_loss(batch, noise=n, timesteps=t)   # forward + loss only (tests inject noise/timesteps)
+    loss = step(batch, train_text_encoder=True, prior_loss_weight=w)   # forward, loss, backward, clip, step
+    out = step.compute_loss(batch, noise=n, timesteps=t, prior_loss_weight=w)   # forward + loss only
+
+(tests inject noise and timesteps). The class loss's weight `w` is handed in per step: the run's schedule decides it
+(schedule.Schedule.prior_loss_weight(step)); 1.0 when not given.
 
 `Batch` fields (tensors on the training device; B = batch size, instance and class examples mixed):
   latents        (B, 4, h, w) VAE latents already multiplied by vae.config.scaling_factor; or None and then
@@ -22,7 +25,7 @@ The loss (DreamBooth paper, Ruiz et al. 2022, with the usual extras):
   target  = noise (epsilon models) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (v-prediction models)
   err_i   = mean over (c, h, w) of (unet(x_t, t, text) - target)^2 for each example i
   w_i     = min(SNR_t, gamma) / SNR_t (epsilon) or min(SNR_t, gamma) / (SNR_t + 1) (v) when min_snr_gamma > 0, else 1
-  loss    = mean_{instance}(w_i err_i) + prior_loss_weight * mean_{class}(w_i err_i)
+  loss    = mean_{instance}(w_i err_i) + prior_loss_weight * mean_{class}(w_i err_i)   (the step's weight)
 (A batch without class examples is just the instance mean.)
 """
 from __future__ import annotations
@@ -155,8 +158,8 @@ class TrainStep:
                              device=latents.device).long()
 
     # -- the loss --------------------------------------------------------------------------------------------
-    def compute_loss(self, batch: Batch, noise: torch.Tensor | None = None,
-                     timesteps: torch.Tensor | None = None) -> LossOutput:
+    def compute_loss(self, batch: Batch, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                     prior_loss_weight: float = 1.0) -> LossOutput:
         latents = self.latents_of(batch)
         if noise is None:
             noise = self.draw_noise(latents)
@@ -186,11 +189,11 @@ class TrainStep:
             return LossOutput(loss, loss.detach(), None)
         instance = per_example[~is_prior].mean() if bool((~is_prior).any()) else per_example.new_zeros(())
         prior = per_example[is_prior].mean()
-        loss = instance + self.params.prior_loss_weight * prior
+        loss = instance + prior_loss_weight * prior
         return LossOutput(loss, instance.detach(), prior.detach())
 
     # -- the whole step --------------------------------------------------------------------------------------
-    def __call__(self, batch: Batch, train_text_encoder: bool = True) -> LossOutput:
+    def __call__(self, batch: Batch, train_text_encoder: bool = True, prior_loss_weight: float = 1.0) -> LossOutput:
         """Forward + loss + backward, then (when an optimizer is given and gradients are synced) clip and step.
 
         With an accelerator this honours gradient accumulation (accelerator.accumulate) and mixed precision.
@@ -207,7 +210,7 @@ class TrainStep:
                               add_time_ids=batch.add_time_ids, is_prior=batch.is_prior)
             autocast = acc.autocast() if acc is not None else contextlib.nullcontext()
             with autocast:
-                out = self.compute_loss(batch)
+                out = self.compute_loss(batch, prior_loss_weight=prior_loss_weight)
             if acc is not None:
                 acc.backward(out.loss)
             else:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -89,6 +90,53 @@ def test_class_folder_rule_applies_only_when_class_images_are_used(tmp_path):
     validate_for_training(Config(concepts=(Concept(instance_data_dir=instance, class_data_dir=instance,
                                                    num_class_images_per_image=2),)))
     validate_for_training(Config(concepts=(Concept(instance_data_dir=instance, num_class_images_per_image=2),)))
+
+
+SECRET = "s3cr3t-prompt"
+
+
+def hostile_prompt_files(tmp_path):
+    """(path, words of the error) for each sample prompt file that cannot be used."""
+    files = {"folder": (tmp_path, "is a folder"), "missing": (tmp_path / "gone.txt", "no such file")}
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(f"caf\xe9 {SECRET}\n".encode("latin-1"))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(SECRET.encode() + b"\x00\x01\x02\n")
+    big = tmp_path / "big.txt"
+    big.write_text((SECRET + "\n") * (64 * 1024 // len(SECRET)), encoding="utf-8")
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"{SECRET} {i}\n" for i in range(65)), encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text(f"# {SECRET}\n\n   \n#another comment\n", encoding="utf-8")
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("ok\n" + SECRET * 200 + "\n", encoding="utf-8")
+    files.update({"not UTF-8": (latin1, "is not UTF-8 text"), "binary": (binary, "binary data"),
+                  "over 64 KiB": (big, "too large .*64 KiB"), "65 prompts": (many, "more than 64 prompts"),
+                  "no prompt": (empty, "has no prompt"), "long line": (long_line, "line 2 is too long"),
+                  "device": ("/dev/zero", "not a regular file")})
+    return files
+
+
+def test_a_sample_prompt_file_that_cannot_be_used_is_one_line_naming_the_setting(tmp_path):
+    from dreambooth.data.captions import read_prompt_file
+
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    for case, (path, words) in hostile_prompt_files(tmp_path).items():
+        config = Config(concepts=(Concept(instance_data_dir=str(instance), sample_prompt_file=str(path)),))
+        Config.from_dict(config.to_dict())  # a config being edited may name a file not written yet
+        with pytest.raises(ConfigError) as bad:
+            validate_for_training(config)
+        message = str(bad.value)
+        assert re.match(rf"concepts\[0\]\.sample_prompt_file: '[^']*'.*{words}", message), (case, message)
+        assert "\n" not in message and SECRET not in message.replace(str(tmp_path), ""), case
+    good = tmp_path / "good.txt"
+    good.write_text("\ufeff# previews\n\na zwx dog on the moon\n  [filewords],   in the snow  \n", encoding="utf-8")
+    assert read_prompt_file(good) == ["a zwx dog on the moon", "[filewords], in the snow"]
+    validate_for_training(Config(concepts=(Concept(instance_data_dir=str(instance), sample_prompt_file=str(good)),)))
+    # an empty slot's file is never read; an empty setting is the sample prompt as before
+    validate_for_training(Config(concepts=(Concept(instance_data_dir=str(instance)),
+                                           Concept(sample_prompt_file=str(tmp_path / "gone.txt")))))
 
 
 @pytest.mark.parametrize("value, words", [

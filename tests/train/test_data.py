@@ -122,3 +122,31 @@ def test_epochs_split_into_equal_shares_for_each_process(tmp_path):
     assert shares[0].steps_per_epoch == shares[1].steps_per_epoch == 2
     seen = {e.example.path for s in shares for b in s.epoch_batches(0) for e in b}
     assert seen == {e.path for e in examples}
+
+
+def test_class_images_are_generated_in_batches_numbered_and_seeded_as_one_at_a_time(tmp_path):
+    from dreambooth.data.class_images import existing_class_images, generate_missing
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "00001.png")  # an earlier run's image without its prompt: not reused
+    calls, progress = [], []
+
+    def make_images(prompts, numbers):
+        calls.append((list(prompts), list(numbers)))
+        return [Image.new("RGB", (8, 8), (n, 0, 0)) for n in numbers]  # the colour says which number it was made as
+
+    prompts = [f"a dog {i}" for i in range(5)]
+    made = generate_missing(folder, prompts, make_images, lambda p, n: f"{p}\nSeed: {n}",
+                            lambda done, total: progress.append((done, total)), batch_size=2)
+    assert [len(p) for p, _ in calls] == [2, 2, 1]  # a last, smaller batch
+    assert [p for batch, _ in calls for p in batch] == prompts
+    assert [n for _, numbers in calls for n in numbers] == [0, 2, 3, 4, 5]  # the seeds: the file numbers, 1 skipped
+    assert [p.name for p, _ in made] == ["00000.png", "00002.png", "00003.png", "00004.png", "00005.png"]
+    assert all(Image.open(p).getpixel((0, 0))[0] == int(p.stem) for p, _ in made)
+    assert progress == [(i, 5) for i in range(1, 6)]  # one step of progress per image, not per batch
+    assert sorted(existing_class_images(folder)) == sorted(made)  # each with its prompt beside it, reused next time
+    one_at_a_time = []
+    generate_missing(tmp_path / "single", prompts[:2], lambda p, n: one_at_a_time.append(len(p)) or
+                     [Image.new("RGB", (8, 8))] * len(p), lambda p, n: p, lambda d, t: None)
+    assert one_at_a_time == [1, 1]  # the default batch size

@@ -80,7 +80,7 @@ def test_loss_and_gradients_match_reference(prediction, prior, extras):
     unet, te = tiny_unet(), tiny_text_encoder()
     ref_unet, ref_te = copy.deepcopy(unet), copy.deepcopy(te)
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction)
-    params = Parameters(offset_noise=offset, min_snr_gamma=gamma, prior_loss_weight=0.7)
+    params = Parameters(offset_noise=offset, min_snr_gamma=gamma)
     g = torch.Generator().manual_seed(5)
     latents = torch.randn(4, 4, 8, 8, generator=g)
     ids = (torch.randint(0, 1000, (4, 77), generator=g),)
@@ -89,7 +89,8 @@ def test_loss_and_gradients_match_reference(prediction, prior, extras):
     noise, t = draws(g, latents, offset)
 
     step = TrainStep(unet, (te,), scheduler, params, sdxl=False)
-    out = step.compute_loss(Batch(latents=latents, input_ids=ids, is_prior=is_prior), noise=noise, timesteps=t)
+    out = step.compute_loss(Batch(latents=latents, input_ids=ids, is_prior=is_prior), noise=noise, timesteps=t,
+                            prior_loss_weight=0.7)  # the step's weight, as the run's schedule hands it in
     out.loss.backward()
     ref = reference_loss(ref_unet, (ref_te,), scheduler.alphas_cumprod, latents, ids, is_prior, prediction, noise, t,
                          gamma, 0.7)
@@ -109,7 +110,7 @@ def test_sdxl_conditioning_matches_reference():
     te1, te2 = tiny_text_encoder(seed=1), tiny_text_encoder(projection=12, seed=2)
     refs = [copy.deepcopy(m) for m in (unet, te1, te2)]
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    params = Parameters(prior_loss_weight=1.0)
+    params = Parameters()
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, 8, 8, generator=g)
     ids = (torch.randint(0, 1000, (2, 77), generator=g), torch.randint(0, 1000, (2, 77), generator=g))

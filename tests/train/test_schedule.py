@@ -130,3 +130,31 @@ def test_pause_waits_until_withdrawn_or_cancelled():
     polls.clear()
     requests.interrupted = True  # Ctrl-C while paused ends the pause as a cancel
     assert "cancel" in requests.wait_while_paused({"pause"}, poll_s=0) and len(polls) == 1
+
+
+def test_prior_loss_weight_falls_linearly_to_the_minimum_over_n_epochs_then_stays():
+    p = Parameters(num_train_epochs=5, prior_loss_weight=1.0, prior_loss_weight_min=0.2, prior_loss_scale_epochs=2)
+    s = Schedule.plan(p, steps_per_epoch=4)  # the minimum is reached at the end of epoch 2: step 8
+    weights = [round(s.prior_loss_weight(step), 9) for step in range(s.total_steps)]
+    assert weights[:9] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]  # fractional epochs: step / steps per epoch
+    assert all(s.prior_loss_weight(step) == 0.2 for step in range(8, s.total_steps))  # exactly the minimum
+    assert s.prior_loss_weight(0) == 1.0
+    off = Schedule.plan(Parameters(prior_loss_weight=0.7, prior_loss_weight_min=0.1), steps_per_epoch=4)
+    assert {off.prior_loss_weight(step) for step in range(off.total_steps)} == {0.7}  # 0 epochs: off
+    longer = Schedule.plan(Parameters(num_train_epochs=2, prior_loss_weight=2.0, prior_loss_weight_min=0.0,
+                                      prior_loss_scale_epochs=4), steps_per_epoch=3)
+    assert longer.prior_loss_weight(longer.total_steps - 1) == pytest.approx(2.0 * (1 - 5 / 12))  # ends half-way down
+
+
+def test_prior_loss_minimum_above_the_start_is_refused_in_the_users_words():
+    from dreambooth.config import Config, ConfigError
+
+    with pytest.raises(ConfigError) as bad:
+        Config.from_dict({"parameters": {"prior_loss_weight": 0.5, "prior_loss_weight_min": 0.8,
+                                         "prior_loss_scale_epochs": 3}})
+    assert str(bad.value) == ("parameters.prior_loss_weight_min: 0.8 is above the Prior loss weight (0.5); with "
+                              "Prior loss scaling epochs on, the weight can only fall to the minimum")
+    # Scaling off: the minimum is not used, so it is not checked; equal to the start is a constant weight.
+    Config.from_dict({"parameters": {"prior_loss_weight": 0.5, "prior_loss_weight_min": 0.8}})
+    Config.from_dict({"parameters": {"prior_loss_weight": 0.5, "prior_loss_weight_min": 0.5,
+                                     "prior_loss_scale_epochs": 3}})

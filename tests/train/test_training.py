@@ -378,16 +378,18 @@ def test_cancel_during_class_images_keeps_them_for_next_time(tmp_path, tiny_sour
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["cancel", "sigterm"])
-def test_cancel_stops_class_generation_between_denoising_steps(tmp_path, tiny_source, monkeypatch, how):
+@pytest.mark.parametrize("how,class_batch_size", [("cancel", 1), ("sigterm", 1), ("cancel", 2)])
+def test_cancel_stops_class_generation_between_denoising_steps(tmp_path, tiny_source, monkeypatch, how,
+                                                               class_batch_size):
     """Each class image takes about 20 s here (a slowed UNet, 200 steps): a cancel or SIGTERM during the first image
-    ends the run within 5 s, and the progress said which image of how many, with an ETA once one was made."""
+    (or the first batch of two) ends the run within 5 s, and the progress said which image of how many."""
     import signal
 
     from diffusers import UNet2DConditionModel
 
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
-        tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=200)], max_train_steps=1)
+        tmp_path, class_prompt="a dog", num_class_images_per_image=1, class_infer_steps=200)], max_train_steps=1,
+        class_batch_size=class_batch_size)
     forward = UNet2DConditionModel.forward
     calls = []
 
@@ -479,3 +481,80 @@ def test_a_run_goes_back_to_an_earlier_kept_save(tmp_path, tiny_source, capsys):
     again = load_file(root.checkpoints / "m_6.safetensors")
     assert same(first_run, again, UNET)  # the same steps from the same save: the same weights
     assert sorted(p.name for p in model.saves.iterdir()) == ["step-4", "step-6"]
+
+
+def test_class_images_in_batches_and_the_prior_loss_weight_follows_its_schedule(tmp_path, tiny_source, monkeypatch):
+    """class_batch_size 4: six class images in two pipeline calls (4, then 2), named and numbered as one at a time.
+    prior_loss_scale_epochs 1: the loss of each step is instance + w x class with w going 1.0 -> 0.25 over epoch 1."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth.train import step as step_module
+
+    batches = []
+    call = StableDiffusionPipeline.__call__
+
+    def counting_call(self, *args, **kwargs):
+        batches.append(len(kwargs["prompt"]))
+        return call(self, *args, **kwargs)
+
+    losses = []
+    compute_loss = step_module.TrainStep.compute_loss
+
+    def recording(self, *args, **kwargs):
+        out = compute_loss(self, *args, **kwargs)
+        losses.append((out.loss.item(), out.instance_loss.item(), out.prior_loss.item()))
+        return out
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting_call)
+    monkeypatch.setattr(step_module.TrainStep, "compute_loss", recording)
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
+        tmp_path, class_prompt="a dog", num_class_images_per_image=3, class_infer_steps=1)], num_train_epochs=2,
+        class_batch_size=4, prior_loss_weight=1.0, prior_loss_weight_min=0.25, prior_loss_scale_epochs=1)
+    result = train_model(root, "m")
+    assert result.ok and result.step == 4, result.summary()
+    assert batches == [4, 2]
+    [folder] = model.class_images.iterdir()
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:05d}.png" for i in range(6)]
+    assert {p.read_text().strip() for p in folder.glob("*.txt")} == {"a dog"}
+    seeds = sorted(int(re.search(r"Seed: (\d+)", Image.open(p).info["parameters"]).group(1))
+                   for p in folder.glob("*.png"))
+    assert seeds == list(range(6))
+    progress = [e["done"] for e in read_events(model) if e["kind"] == "class_images"]
+    assert progress == list(range(7))  # one event per image, batches or not
+
+    # Two steps per epoch: the weight is 1.0 at step 0, 0.625 half-way through epoch 1, 0.25 from its end on.
+    assert len(losses) == 4 and all(prior > 0 for _, _, prior in losses)
+    for (loss, instance, prior), weight in zip(losses, (1.0, 0.625, 0.25, 0.25)):
+        assert loss == pytest.approx(instance + weight * prior, rel=1e-5)
+
+
+def test_previews_render_every_prompt_of_the_sample_prompt_file(tmp_path, tiny_source, monkeypatch):
+    from dreambooth.data import captions
+
+    prompts = tmp_path / "previews.txt"
+    prompts.write_text("# one line per preview prompt\n[filewords] on the moon\n\na zwx dog in the snow\n",
+                       encoding="utf-8")
+    reads = []
+    read = captions.read_prompt_file
+    monkeypatch.setattr(captions, "read_prompt_file", lambda path: reads.append(path) or read(path))
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
+        tmp_path, sample_prompt="not used when a file is set", sample_prompt_file=str(prompts), num_samples=2,
+        sample_seed=3, sample_infer_steps=1)], num_train_epochs=2, sample_every_n_epochs=1)
+    result = train_model(root, "m")
+    assert result.ok, result.summary()
+    assert len(reads) == 2  # once by the check before training, once at setup; not once per preview
+    names = sorted(p.name for p in model.samples.iterdir())
+    assert names == [f"{step}-0-{k}.png" for step in (2, 4) for k in range(4)]
+    infos = [Image.open(model.samples / f"4-0-{k}.png").info["parameters"] for k in range(4)]
+    assert [info.split("\n")[0] for info in infos] == ["a red zwx dog on grass on the moon"] * 2 + [
+        "a zwx dog in the snow"] * 2
+    assert ["Seed: 3" in infos[0], "Seed: 4" in infos[1], "Seed: 3" in infos[2], "Seed: 4" in infos[3]] == [True] * 4
+
+    # The file gone before the next run: one line naming the setting, before any model loads.
+    from dreambooth.errors import UserError
+    from dreambooth.train import loop
+
+    prompts.unlink()
+    monkeypatch.setattr(loop, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match=r"^concepts\[0\]\.sample_prompt_file: '.*previews\.txt': no such file$"):
+        train_model(root, "m")

@@ -44,6 +44,22 @@ def test_config_errors_in_the_tabs_words_name_the_fields(tmp_path):
     assert re.fullmatch(r"Concept 1 › Instance images folder: '.*gone' is not a folder", text)
     assert fields == ["db_c0_instance_data_dir"] and "--" not in text
 
+    # A sample prompt file is named by its label, and the field is marked; so are both fields of a cross-field rule.
+    with pytest.raises(ConfigError) as unusable:
+        validate_for_training(Config.from_dict({"concepts": [{"instance_data_dir": str(tmp_path),
+                                                              "sample_prompt_file": str(tmp_path)}]}))
+    text, fields = views.explain(unusable.value)
+    assert re.fullmatch(r"Concept 1 › Sample prompt template file: '.*' is a folder; choose a text file with one "
+                        r"prompt per line", text)
+    assert fields == ["db_c0_sample_prompt_file"]
+    with pytest.raises(ConfigError) as rising:
+        Config.from_dict({"parameters": {"prior_loss_weight": 0.5, "prior_loss_weight_min": 0.8,
+                                         "prior_loss_scale_epochs": 2}})
+    text, fields = views.explain(rising.value)
+    assert text == ("Minimum prior loss weight: 0.8 is above the Prior loss weight (0.5); with Prior loss scaling "
+                    "epochs on, the weight can only fall to the minimum")
+    assert fields == ["db_p_prior_loss_weight_min"]
+
 
 @pytest.mark.slow  # imports diffusers, for the previews' PNG text as the trainer writes it
 def test_status_checkpoints_previews_and_chart(tmp_path):
