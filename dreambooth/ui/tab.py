@@ -249,7 +249,8 @@ def build(host: Host) -> gr.Blocks:
                                       value=START_FROM[0], elem_id="db_start_from",
                                       info="Resume where the last run stopped, or start over from the source "
                                            "checkpoint (the settings and class images stay; the saves go).")
-                resume_from = gr.Dropdown(label="Resume from", choices=[], value=None, elem_id="db_resume_from",
+                resume_from = gr.Dropdown(label="Resume from", choices=[], value=None, visible=False,
+                                          elem_id="db_resume_from",
                                           info="An earlier save goes on from its step (Parameters › Saving › Saves "
                                                "to go back to sets how many are kept).")
                 run_msg = gr.HTML(elem_id="db_run_message")
@@ -522,7 +523,7 @@ def build(host: Host) -> gr.Blocks:
 
         def saves_update(name):
             choices = save_choices(worker.kept_saves(root, name)) if name and root.model(name).exists() else []
-            return compat.update(choices=choices, value=choices[0] if choices else None)
+            return compat.update(choices=choices, value=choices[0] if choices else None, visible=len(choices) > 1)
 
         def show_model(name):
             """A one-off refresh of the output panel when a model is selected."""
