@@ -141,6 +141,9 @@ def keep_save(state: Path, saves: Path, keep: int) -> None:
     nothing is kept besides state/ itself. A failure here (a full disk) costs only the earlier saves."""
     try:
         recover_folder(state)
+        if Path(saves).is_dir():
+            for leftover in Path(saves).glob(".step-*"):  # of a keep killed mid-swap
+                recover_folder(Path(saves) / leftover.name[1:].rsplit(".", 1)[0])
         if keep > 1:
             step = saved_step(state)
             swap_folder(Path(saves) / f"step-{step}", lambda tmp: link_tree(state, tmp))

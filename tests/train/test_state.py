@@ -84,6 +84,9 @@ def test_the_last_n_saves_are_kept_and_a_run_can_go_back_to_one(tmp_path):
     keep_save(state, saves, keep=3)
     assert [save["step"] for save in kept_saves(saves)] == [25, 40, 30]
 
+    (saves / ".step-99.new").mkdir()  # left by a keep killed mid-swap
+    keep_save(state, saves, keep=3)
+    assert not (saves / ".step-99.new").exists()
     with pytest.raises(UserError, match=r"no kept save at step 20 \(kept: 25, 40, 30\)"):
         go_back(state, saves, 20)
     keep_save(state, saves, keep=1)  # the setting lowered to 1: only state/ stays

@@ -74,6 +74,17 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     assert config_path.read_bytes() == before
     shots(page, "3-concepts-error")
     fill(page, "db_c0_instance_data_dir", str(app.root / "demo-images"))
+    # the sample prompt template file: a file that is not text is named, never quoted
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(b"secret\x00\xff" * 10)
+    page.get_by_role("tab", name="Sample").first.click()
+    fill(page, "db_c0_sample_prompt_file", binary)
+    page.click("#db_train")
+    message = wait_text(page, "db_run_message", "Sample prompt template file")
+    assert re.search(r"Concept 1 › Sample prompt template file: .*prompts.txt.* not a text file", message), message
+    assert "secret" not in message
+    page.wait_for_selector("#db_c0_sample_prompt_file.db-invalid")
+    fill(page, "db_c0_sample_prompt_file", "")
 
     # Train: a CPU-only warning reaches the live log at once; buttons follow the run; the first run is quick
     open_panel(page, "Parameters")

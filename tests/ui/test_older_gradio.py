@@ -24,7 +24,9 @@ def test_first_run_under_older_gradio(version, start_app, page, stack_python, tm
     assert config["version"].startswith(version)
     elem_ids = {c["props"].get("elem_id") for c in config["components"]}
     assert {"db_model_select", "db_c0_instance_data_dir", "db_c3_sample_prompt", "db_p_learning_rate",
-            "db_progress_box", "db_gallery", "db_run_message", "db_model_message", "db_export_name"} <= elem_ids
+            "db_progress_box", "db_gallery", "db_run_message", "db_model_message", "db_export_name",
+            "db_c0_sample_prompt_file", "db_p_class_batch_size", "db_p_prior_loss_weight_min",
+            "db_p_prior_loss_scale_epochs", "db_p_keep_saves", "db_resume_from"} <= elem_ids
     labels = {c["props"].get("label") for c in config["components"]}
     assert {"Instance images folder", "UNet learning rate", "Checkpoint format"} <= labels
 
