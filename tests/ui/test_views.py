@@ -122,3 +122,15 @@ def test_nothing_to_do_says_how_to_continue_and_keeps_the_last_chart(tmp_path):
     line = views.status_line(st)
     assert "nothing to do" in line and "raise Training epochs" in line
     assert len(st.losses) == 4
+
+
+def test_resume_from_lists_the_saves_and_reads_back_only_what_it_listed():
+    from dreambooth.errors import UserError
+    from dreambooth.ui.tab import chosen_save, save_choices
+
+    choices = save_choices([38, 36, 24])
+    assert choices == ["the latest save, step 38", "the save at step 36", "the save at step 24"]
+    assert [chosen_save(c) for c in choices] == [None, 36, 24] and chosen_save(None) is None
+    for forged in ("the save at step 24; rm -rf", "step 5", "the save at step -1"):
+        with pytest.raises(UserError, match="Resume from: choose one of the listed saves"):
+            chosen_save(forged)
