@@ -145,23 +145,7 @@ def free_gpu_gib() -> float | None:
 
 EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()\-]{0,119}$")
 START_FROM = ("Resume the saved run", "Start over from the source checkpoint")
-SAVE_CHOICE = re.compile(r"^the (latest save, step|save at step) (\d+)$")
 JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "dreambooth.js"
-
-
-def save_choices(steps: list[int]) -> list[str]:
-    """The kept saves as the "Resume from" list shows them: the latest first."""
-    return [f"the latest save, step {steps[0]}"] + [f"the save at step {step}" for step in steps[1:]] if steps else []
-
-
-def chosen_save(choice: str | None) -> int | None:
-    """The step of an earlier save picked in "Resume from"; None for the latest save (or none picked)."""
-    if not choice:
-        return None
-    match = SAVE_CHOICE.match(choice)
-    if not match:
-        raise UserError("Resume from: choose one of the listed saves")
-    return None if match.group(1).startswith("latest") else int(match.group(2))
 
 
 # ---------------------------------------------------------------- the tab
@@ -395,7 +379,7 @@ def build(host: Host) -> gr.Blocks:
                     raise worker.JobRunningError(f"{job['name']} is training; cancel it or wait until it ends")
                 config = fields.to_config(values)
                 validate_for_training(config)  # refused before anything is written
-                earlier_save = chosen_save(resume)
+                earlier_save = views.chosen_save(resume)
                 model = root.model(name)
                 if start == START_FROM[1]:
                     worker.start_over(root, name)
@@ -533,7 +517,7 @@ def build(host: Host) -> gr.Blocks:
             }
 
         def saves_update(name):
-            choices = save_choices(worker.kept_saves(root, name)) if name and root.model(name).exists() else []
+            choices = views.save_choices(worker.kept_saves(root, name)) if name and root.model(name).exists() else []
             return compat.update(choices=choices, value=choices[0] if choices else None, visible=len(choices) > 1)
 
         def show_model(name):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import html
 import math
+import re
 
+from ..errors import UserError
 from ..worker import Status
 
 
@@ -205,3 +207,21 @@ def explain(error: Exception) -> tuple[str, list]:
             parts.append(str(where[-1]))
         lines.append(f"{' › '.join(parts)}: {problem.message}" if parts else problem.message)
     return "\n".join(lines), fields
+
+
+SAVE_CHOICE = re.compile(r"^the (latest save, step|save at step) (\d+)$")
+
+
+def save_choices(steps: list[int]) -> list[str]:
+    """The kept saves as the "Resume from" list shows them: the latest first."""
+    return [f"the latest save, step {steps[0]}"] + [f"the save at step {step}" for step in steps[1:]] if steps else []
+
+
+def chosen_save(choice: str | None) -> int | None:
+    """The step of an earlier save picked in "Resume from"; None for the latest save (or none picked)."""
+    if not choice:
+        return None
+    match = SAVE_CHOICE.match(choice)
+    if not match:
+        raise UserError("Resume from: choose one of the listed saves")
+    return None if match.group(1).startswith("latest") else int(match.group(2))

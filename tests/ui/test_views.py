@@ -126,7 +126,7 @@ def test_nothing_to_do_says_how_to_continue_and_keeps_the_last_chart(tmp_path):
 
 def test_resume_from_lists_the_saves_and_reads_back_only_what_it_listed():
     from dreambooth.errors import UserError
-    from dreambooth.ui.tab import chosen_save, save_choices
+    from dreambooth.ui.views import chosen_save, save_choices
 
     choices = save_choices([38, 36, 24])
     assert choices == ["the latest save, step 38", "the save at step 36", "the save at step 24"]
