@@ -140,7 +140,6 @@ def keep_save(state: Path, saves: Path, keep: int) -> None:
     """Record the save now in state/ as saves/step-S (hard links), then drop all but the `keep` newest; with keep 1
     nothing is kept besides state/ itself. A failure here (a full disk) costs only the earlier saves."""
     try:
-        recover_folder(state)
         if Path(saves).is_dir():
             for leftover in Path(saves).glob(".step-*"):  # of a keep killed mid-swap
                 recover_folder(Path(saves) / leftover.name[1:].rsplit(".", 1)[0])
@@ -162,15 +161,16 @@ def go_back(state: Path, saves: Path, step: int) -> str:
     current = saved_step(state)
     if current == step:
         return f"the latest save is step {step} already"
-    chosen = [save for save in kept_saves(saves) if save["step"] == step]
-    if not chosen:
-        kept = ", ".join(str(save["step"]) for save in kept_saves(saves)) or "none"
-        raise UserError(f"no kept save at step {step} (kept: {kept}); 'Saves to go back to' sets how many are kept")
-    source = chosen[0]["path"]
+    kept = kept_saves(saves)
+    chosen = next((save for save in kept if save["step"] == step), None)
+    if chosen is None:
+        steps = ", ".join(str(save["step"]) for save in kept) or "none"
+        raise UserError(f"no kept save at step {step} (kept: {steps}); 'Saves to go back to' sets how many are kept")
+    source = chosen["path"]
+    info = {key: value for key, value in chosen.items() if key != "path"}
 
     def write(tmp: Path) -> None:
         link_tree(source, tmp)
-        info = read_trainer_info(source)
         (tmp / TRAINER_FILE).unlink()  # a link to the kept save's file: replace it, never write through it
         (tmp / TRAINER_FILE).write_text(json.dumps({**info, "checkpoint_written": False}) + "\n")
 
