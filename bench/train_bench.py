@@ -193,7 +193,8 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
 
     from dreambooth.config import Parameters
     from dreambooth.train.components import Components, prepare_for_training
-    from dreambooth.train.loop import build_step, choose_precision
+    from dreambooth.train.loop import build_step
+    from dreambooth.train.precision import DtypePlan, detect
     from dreambooth.train.step import Batch
 
     from dreambooth.lora.training import LoraRun, training_dtype
@@ -205,16 +206,16 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
                         use_lora=case.lora_rank > 0, lora_unet_rank=max(1, case.lora_rank),
                         lora_unet_alpha=float(max(1, case.lora_rank)), lora_text_encoder_rank=max(1, case.lora_rank),
                         lora_text_encoder_alpha=float(max(1, case.lora_rank)), **dict(case.settings))
-    cuda = str(device).startswith("cuda")
-    acc = Accelerator(mixed_precision=choose_precision(params.mixed_precision, cuda, pure_bf16=params.pure_bf16),
-                      cpu=not cuda)
+    hardware = detect(device)
+    dtypes = DtypePlan.decide(params, hardware, models.sdxl)
+    acc = Accelerator(mixed_precision=dtypes.mixed_precision, cpu=not hardware.gpu)
     vae = models.vae
-    trainable = prepare_for_training(models.unet, vae, list(models.text_encoders), params, device)
+    trainable = prepare_for_training(models.unet, vae, list(models.text_encoders), params, device, dtypes)
     # As Trainer.setup: with LoRA, adapters on the frozen model (in the training precision) before the step is built.
     LoraRun.start(models.unet, models.text_encoders, params, "sdxl" if models.sdxl else "v1", trainable,
-                  weight_dtype=training_dtype(acc.mixed_precision))
+                  weight_dtype=training_dtype(dtypes.mixed_precision))
     parts = Components(models.unet, vae, models.text_encoders, (), models.noise_scheduler, models.sdxl)
-    step = build_step(params, parts, acc, total_steps=1000, train_text_encoder=trainable)
+    step = build_step(params, parts, acc, total_steps=1000, train_text_encoder=trainable, dtypes=dtypes)
 
     pixels = inputs["pixels"]
     is_prior = torch.zeros(case.batch, dtype=torch.bool, device=device)

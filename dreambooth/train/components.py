@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .precision import DtypePlan
 from .schedule import trains_text_encoder
 from .saves import damaged, recover_folder
 
@@ -32,8 +33,8 @@ def set_attention(unet, backend: str) -> str:
     if backend == "xformers":
         try:
             import xformers  # noqa: F401
-            available = torch.cuda.is_available()
-            reason = "no CUDA GPU"
+            available = next(unet.parameters()).device.type == "cuda"
+            reason = "the model is not on a CUDA GPU"
         except ImportError:
             available, reason = False, "xformers is not installed"
         if available:
@@ -45,7 +46,8 @@ def set_attention(unet, backend: str) -> str:
     return backend
 
 
-def load_components(working: Path, family: str, device, params, resume_from: Path | None = None) -> Components:
+def load_components(working: Path, family: str, device, params, dtypes: DtypePlan,
+                    resume_from: Path | None = None) -> Components:
     """The model's parts from working/; trained parts from `resume_from` (a saved state folder) where it has them."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -79,7 +81,7 @@ def load_components(working: Path, family: str, device, params, resume_from: Pat
     if torch.device(device).type == "cpu":  # (moving to a GPU gives new memory anyway)
         for module in (unet, vae, *encoders):
             own_aligned_memory(module)
-    prepare_for_training(unet, vae, encoders, params, device)
+    prepare_for_training(unet, vae, encoders, params, device, dtypes)
     return Components(unet, vae, tuple(encoders), tuple(tokenizers), noise_scheduler, sdxl)
 
 
@@ -93,52 +95,19 @@ def own_aligned_memory(module: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
-def _gpu(device, gpu: tuple | None) -> tuple[bool, bool]:
-    """(on a GPU, the GPU has bf16) for `device`, or as given (the memory plan decides for a GPU it does not have)."""
-    if gpu is not None:
-        return gpu
-    on_gpu = torch.device(device).type == "cuda"
-    return on_gpu, on_gpu and torch.cuda.is_bf16_supported()
-
-
-def pure_bf16_active(params, device, gpu_bf16: bool | None = None) -> bool:
-    """Pure bf16 is on when asked for and the device has bf16 (CPUs do; GPUs from Ampere on)."""
-    if not params.pure_bf16:
-        return False
-    on_gpu, bf16 = _gpu(device, None if gpu_bf16 is None else (torch.device(device).type == "cuda", gpu_bf16))
-    return bf16 or not on_gpu
-
-
-def frozen_dtype(params, device, gpu: tuple | None = None) -> torch.dtype:
-    """The dtype of the VAE and frozen text encoders: the mixed-precision type on a GPU when frozen_precision is half."""
-    on_gpu, bf16 = _gpu(device, gpu)
-    if params.frozen_precision != "half" or not on_gpu:
-        return torch.float32
-    if params.mixed_precision == "bf16" or params.pure_bf16:
-        return torch.bfloat16 if bf16 else torch.float16
-    return torch.float16 if params.mixed_precision == "fp16" else torch.float32
-
-
-def prepare_for_training(unet, vae, text_encoders, params, device, gpu: tuple | None = None) -> bool:
+def prepare_for_training(unet, vae, text_encoders, params, device, dtypes: DtypePlan) -> bool:
     """Attention backend, dtypes, train/eval modes, what gets gradients, checkpointing; returns whether text encoders
     train.
 
     The trainer, the benchmark and the memory plan all call this, so they see the model exactly as training sets it
-    up. `gpu` = (on a GPU, with bf16) overrides what `device` says (the plan traces on the CPU for a GPU).
+    up; `dtypes` (precision.DtypePlan) says which dtype each part is held in.
     """
-    set_attention(unet, params.attention)
-    on_gpu, bf16 = _gpu(device, gpu)
-    pure = params.pure_bf16 and (bf16 or not on_gpu)
-    if params.pure_bf16 and not pure:
-        warnings.warn("pure_bf16: this GPU has no bf16; training with fp32 weights", stacklevel=2)
-    trained_dtype = torch.bfloat16 if pure else torch.float32
-    unet.train().requires_grad_(True).to(device, trained_dtype)
+    unet.train().requires_grad_(True).to(device, dtypes.trained)
+    set_attention(unet, params.attention)  # on its device: xformers runs on a GPU only
     trainable = trains_text_encoder(params.train_text_encoder_ratio)
-    frozen = frozen_dtype(params, device, (on_gpu, bf16))
     for te in text_encoders:
-        te.requires_grad_(trainable).train(trainable).to(device, trained_dtype if trainable else frozen)
-    sdxl_fp16 = len(text_encoders) == 2 and frozen == torch.float16  # the SDXL VAE overflows in fp16
-    vae.requires_grad_(False).eval().to(device, torch.float32 if sdxl_fp16 else frozen)
+        te.requires_grad_(trainable).train(trainable).to(device, dtypes.trained if trainable else dtypes.frozen)
+    vae.requires_grad_(False).eval().to(device, dtypes.vae)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if trainable:

@@ -32,7 +32,9 @@ from ..lora.training import LoraRun, training_dtype
 from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
+from . import precision
 from .components import Components, load_components
+from .precision import DtypePlan, Hardware
 from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler, make_optimizer
 from .requests import Requests
 from .schedule import Schedule
@@ -91,23 +93,6 @@ def train_model(root: DataRoot, name: str, max_steps: int | None = None, overrid
     return Trainer(root, model, config, max_steps).run()
 
 
-def choose_precision(requested: str, on_gpu: bool, gpu_has_bf16: bool = True, pure_bf16: bool = False) -> str:
-    """The precision that can run here, said in one line when it differs from the request.
-
-    fp16 autocast on a CPU is slow and poorly supported: fp32 there instead. bf16 on a GPU without it (before
-    Ampere): fp16 instead. bf16 on a CPU works.
-    """
-    if pure_bf16 and (gpu_has_bf16 or not on_gpu):
-        return "bf16"  # weights held in bf16 compute in bf16
-    if requested == "fp16" and not on_gpu:
-        warnings.warn("mixed_precision fp16 needs a GPU; training in full precision (fp32) on the CPU", stacklevel=2)
-        return "no"
-    if requested == "bf16" and on_gpu and not gpu_has_bf16:
-        warnings.warn("mixed_precision bf16: this GPU has no bf16 support; using fp16", stacklevel=2)
-        return "fp16"
-    return requested
-
-
 def make_ema(params, unet):
     """An exponential moving average of the UNet weights (None when EMA is off)."""
     if not params.use_ema:
@@ -117,7 +102,23 @@ def make_ema(params, unet):
     return EMAModel(unet.parameters(), decay=params.ema_decay)
 
 
-def build_step(params, parts: Components, accelerator, total_steps: int, train_text_encoder: bool) -> TrainStep:
+def make_accelerator(params, dtypes: DtypePlan, hardware: Hardware):
+    """accelerate's Accelerator for the run: its processes, the mixed precision the plan chose, accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
+        cpu=not hardware.gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=dtypes.mixed_precision,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        # SDXL's first encoder contributes its penultimate layer only: its last layer gets no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def build_step(params, parts: Components, accelerator, total_steps: int, train_text_encoder: bool,
+               dtypes: DtypePlan) -> TrainStep:
     """The optimizer, the LR schedule, the models under accelerate and the TrainStep that runs them.
 
     How the trainer sets up its step; the benchmark (bench/train_bench.py) calls it too, so it times the same thing.
@@ -136,7 +137,7 @@ def build_step(params, parts: Components, accelerator, total_steps: int, train_t
     return TrainStep(unet, encoders, parts.noise_scheduler, params, sdxl=parts.sdxl, vae=parts.vae,
                      optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=acc, trainable_params=trainable,
                      fused=make_fused_step(params, optimizer, trainable, acc),
-                     pure_bf16=any(q.dtype == torch.bfloat16 for q in trainable))
+                     pure_bf16=any(q.dtype == torch.bfloat16 for q in trainable), autocast_dtype=dtypes.autocast)
 
 
 def resume_words(last_save_step: int | None) -> str:
@@ -205,21 +206,12 @@ class TrainingState:
 
 class Trainer:
     def __init__(self, root: DataRoot, model: ModelDir, config: Config, max_steps: int | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
         self.root, self.model, self.config, self.p = root, model, config, config.parameters
         self.max_steps_override = max_steps
-        on_gpu = torch.cuda.is_available()
-        self.accelerator = Accelerator(
-            # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
-            cpu=not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-            mixed_precision=choose_precision(self.p.mixed_precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
-                                             self.p.pure_bf16),
-            gradient_accumulation_steps=self.p.gradient_accumulation_steps,
-            # SDXL's first encoder contributes its penultimate layer only: its last layer gets no gradient.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
+        self.hardware = precision.detect(precision.training_device())
+        # Every dtype of the run, decided once (the model's parts, the step's autocast, generation).
+        self.dtypes = DtypePlan.decide(self.p, self.hardware, sdxl=config.model.family == "sdxl")
+        self.accelerator = make_accelerator(self.p, self.dtypes, self.hardware)
         self.main = self.accelerator.is_main_process
         self.events = EventLog(model.events)
         self.requests = Requests(Controls(model.control), self.main, self.broadcast)
@@ -274,14 +266,14 @@ class Trainer:
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
         saved = read_trainer_info(self.model.state)
         resume_from = self.model.state if saved is not None else None
-        parts = load_components(self.model.working, self.config.model.family, acc.device, p, resume_from)
+        parts = load_components(self.model.working, self.config.model.family, acc.device, p, self.dtypes, resume_from)
         classes = self.prepare_class_images(parts, instances)
         data = TrainingData(instances, classes, p, acc.num_processes, acc.process_index)
         schedule = Schedule.plan(p, data.steps_per_epoch, self.max_steps_override)
         # LoRA: adapters on the frozen model (kept in the training precision); the optimizer then sees only them.
         lora = LoraRun.start(parts.unet, parts.text_encoders, p, self.config.model.family,
-                             schedule.text_encoder_steps > 0, resume_from, training_dtype(acc.mixed_precision))
-        train_step = build_step(p, parts, acc, schedule.total_steps, schedule.text_encoder_steps > 0)
+                             schedule.text_encoder_steps > 0, resume_from, training_dtype(self.dtypes.mixed_precision))
+        train_step = build_step(p, parts, acc, schedule.total_steps, schedule.text_encoder_steps > 0, self.dtypes)
         ema = make_ema(p, acc.unwrap_model(train_step.unet))
         state = TrainingState(parts, train_step.unet, list(train_step.text_encoders), train_step.optimizer,
                               train_step.lr_scheduler, ema, train_step, instances, data, schedule, lora=lora,
@@ -312,6 +304,7 @@ class Trainer:
             if s.step >= schedule.total_steps:
                 raise StopTraining("done", "already trained to the last step; nothing to do")
             for epoch, items in micro_batches(s.data, s.step):
+                lrs = s.lr_scheduler.get_last_lr()  # the rates this optimizer step applies (shown, not the next)
                 out = s.train_step(self.make_batch(s, items, epoch),
                                    train_text_encoder=schedule.trains_text_encoder(s.step),
                                    prior_loss_weight=schedule.prior_loss_weight(s.step))
@@ -328,7 +321,7 @@ class Trainer:
                     raise StopTraining("error", f"loss became {loss} at step {s.step}; stopped, {last}")
                 if s.ema is not None:
                     s.ema.step(acc.unwrap_model(s.unet).parameters())
-                progress.update(s.step, epoch, loss, s.lr_scheduler.get_last_lr())
+                progress.update(s.step, epoch, loss, lrs)
                 self.handle_requests(s)
                 if due.sample:
                     self.make_samples(s)
@@ -450,7 +443,8 @@ class Trainer:
 
     def generate_class_images(self, parts: Components, plans, total_missing: int) -> None:
         c, res = parts, self.p.resolution
-        pipe = gen.make_pipeline(c.unet, c.vae, c.text_encoders, c.tokenizers, c.noise_scheduler.config, c.sdxl)
+        pipe = gen.make_pipeline(c.unet, c.vae, c.text_encoders, c.tokenizers, c.noise_scheduler.config, c.sdxl,
+                                 self.dtypes.autocast)
         done = 0
         made = [0]  # images made so far, all concepts
         started = time.time()
@@ -510,7 +504,8 @@ class Trainer:
             acc, c, step = self.accelerator, s.parts, s.step
             unet = acc.unwrap_model(s.unet)
             tes = [acc.unwrap_model(te) for te in s.text_encoders]
-            pipe = gen.make_pipeline(unet, c.vae, tes, c.tokenizers, c.noise_scheduler.config, c.sdxl)
+            pipe = gen.make_pipeline(unet, c.vae, tes, c.tokenizers, c.noise_scheduler.config, c.sdxl,
+                                     self.dtypes.autocast)
             res = self.p.resolution
             paths = []
             with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()):
@@ -670,12 +665,7 @@ class Progress:
         elapsed = time.time() - self.started
         it_per_s = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / it_per_s if it_per_s > 0 else None
-        if torch.cuda.is_available():
-            memory = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            import resource
-
-            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory = precision.peak_memory_mb(self.trainer.accelerator.device)
         self.trainer.emit(Step(step, epoch, loss, lrs[0], round(it_per_s, 4), None if eta is None else round(eta, 1),
                                round(memory, 1)))
         self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")

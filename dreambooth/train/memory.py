@@ -221,22 +221,16 @@ class _Bnb8bitStandIn(torch.optim.Optimizer):
 
 
 class _PlanAccelerator:
-    """What TrainStep asks of accelerate, for a single-process trace: autocast in the run's precision."""
+    """What TrainStep asks of accelerate, for a single-process trace."""
 
     sync_gradients = True
     scaler = None
 
-    def __init__(self, device: str, precision: str):
+    def __init__(self, device: str):
         self.device = torch.device(device)
-        self.precision = precision
 
     def accumulate(self, *models):
         return contextlib.nullcontext()
-
-    def autocast(self):
-        if self.precision == "no":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)  # fp16 traced as bf16: the same size
 
     def backward(self, loss):
         loss.backward()
@@ -279,12 +273,11 @@ def architecture_from_folder(working: Path, family: str) -> Architecture:
 # ---------------------------------------------------------------------------------------------------------------
 # The plan.
 
-def _precision(params, target: str) -> str:
-    from .loop import choose_precision
+def _dtypes(params, target: str, sdxl: bool):
+    """The run's dtypes on the target: a GPU with bf16 ("cuda"), or this CPU."""
+    from .precision import CPU, DtypePlan, Hardware
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return choose_precision(params.mixed_precision, target == "cuda", True, params.pure_bf16)
+    return DtypePlan.decide(params, Hardware(gpu=True, bf16=True) if target == "cuda" else CPU, sdxl, warn=False)
 
 
 @contextlib.contextmanager
@@ -331,12 +324,13 @@ def plan_architecture(arch: Architecture, params, n_images: int = 0, target: str
 
 
 def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorMode) -> MemoryPlan:
-    from .components import prepare_for_training, pure_bf16_active
+    from .components import prepare_for_training
     from .optim import ParamStepper, make_fused_step, make_optimizer, param_groups
     from .step import Batch, TrainStep, encode_prompt
 
     rounding = CUDA_BLOCK if target == "cuda" else 1
-    precision = _precision(params, target)
+    dtypes = _dtypes(params, target, arch.sdxl)
+    precision = dtypes.mixed_precision
     on_gpu = target == "cuda"
     batch_size = batch_size or params.train_batch_size
     tracker = StorageTracker(rounding)
@@ -347,7 +341,7 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
         warnings.simplefilter("ignore")
         # Dtypes and modes exactly as the trainer sets them up for the target (on the meta device, before the
         # tensors become fake); fp16 is traced as bf16.
-        trainable = prepare_for_training(unet, vae, encoders, params, "meta", gpu=(True, True) if on_gpu else (False, True))
+        trainable = prepare_for_training(unet, vae, encoders, params, "meta", dtypes)
         for m in (unet, vae, *encoders):
             if any(t.dtype == torch.float16 for t in m.parameters()):
                 m.to(torch.bfloat16)
@@ -389,11 +383,12 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
         tracker.reset_peak()
         for p in trained:
             p.register_post_accumulate_grad_hook(lambda q: tracker.tag(q.grad, "gradients"))
-        accelerator = _PlanAccelerator("cpu", precision)
+        accelerator = _PlanAccelerator("cpu")
         fused = make_fused_step(params, optimizer, trained, None)
         step = TrainStep(unet, encoders, arch.noise_scheduler, params, sdxl=arch.sdxl, vae=vae,
                          optimizer=optimizer, accelerator=accelerator, trainable_params=trained, fused=fused,
-                         pure_bf16=pure_bf16_active(params, "cuda" if on_gpu else "cpu", gpu_bf16=True))
+                         pure_bf16=dtypes.trained == torch.bfloat16,
+                         autocast_dtype=None if precision == "no" else torch.bfloat16)  # fp16 traced as bf16
         side = params.resolution // 8
         with tracker.recording():
             if params.cache_latents:

@@ -1,8 +1,6 @@
 """Optimizer (separate UNet and text-encoder learning rates) and learning-rate schedule from the parameters."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..errors import UserError
@@ -59,9 +57,9 @@ def check_optimizer_runs_here(params, device=None) -> None:
     except Exception as e:  # a broken install failing while it loads its library
         raise UserError(f"parameters.optimizer: adamw_8bit needs bitsandbytes, which fails to load "
                         f"({type(e).__name__}); choose adamw") from e
-    if device is None:  # this process's GPU under `accelerate launch` (LOCAL_RANK), else the CPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    from .precision import training_device
+
+    device = torch.device(device) if device is not None else training_device()
     try:
         trial = torch.nn.Parameter(torch.zeros(4096, device=device))  # 4096: bitsandbytes' smallest 8-bit tensor
         trial.grad = torch.ones_like(trial)

@@ -113,7 +113,7 @@ class TrainStep:
     def __init__(self, unet, text_encoders: Sequence[torch.nn.Module], noise_scheduler, params, sdxl: bool,
                  prediction_type: str | None = None, vae=None, optimizer=None, lr_scheduler=None,
                  accelerator=None, trainable_params: Sequence[torch.nn.Parameter] | None = None,
-                 fused=None, pure_bf16: bool = False):
+                 fused=None, pure_bf16: bool = False, autocast_dtype: torch.dtype | None = None):
         self.unet = unet
         self.text_encoders = tuple(text_encoders)
         self.noise_scheduler = noise_scheduler
@@ -129,6 +129,7 @@ class TrainStep:
         self.trainable_params = list(trainable_params) if trainable_params is not None else None
         self.fused = fused  # optim.FusedBackwardStep: parameters are stepped during backward
         self.pure_bf16 = pure_bf16  # weights held in bf16: stepped one by one with stochastic rounding
+        self.autocast_dtype = autocast_dtype  # the mixed precision (precision.DtypePlan.autocast); None: none
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def latents_of(self, batch: Batch) -> torch.Tensor:
@@ -208,35 +209,46 @@ class TrainStep:
                 batch = Batch(latents=batch.latents, pixels=batch.pixels, prompt_embeds=hidden.detach(),
                               pooled_embeds=None if pooled is None else pooled.detach(),
                               add_time_ids=batch.add_time_ids, is_prior=batch.is_prior)
-            autocast = acc.autocast() if acc is not None else contextlib.nullcontext()
-            with autocast:
+            with self.autocast():
                 out = self.compute_loss(batch, prior_loss_weight=prior_loss_weight)
             if acc is not None:
                 acc.backward(out.loss)
             else:
                 out.loss.backward()
             synced = acc.sync_gradients if acc is not None else True
-            if self.optimizer is not None and synced and self.fused is not None:
-                self.fused.finish_step()  # each parameter was clipped and stepped as its gradient arrived
-            elif self.optimizer is not None and synced:
-                params = self.trainable_params
-                if params is None:
-                    params = [p for m in models for p in m.parameters() if p.requires_grad]
-                if self.params.max_grad_norm > 0:
-                    if acc is not None:
-                        acc.clip_grad_norm_(params, self.params.max_grad_norm)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(params, self.params.max_grad_norm)
-                if self.pure_bf16:
-                    from .optim import plain_step_pure_bf16
-
-                    plain_step_pure_bf16(self.optimizer, params)
+            if self.optimizer is not None and synced:
+                if self.fused is not None:
+                    self.fused.finish_step()  # each parameter was clipped and stepped as its gradient arrived
                 else:
-                    self.optimizer.step()
+                    self.plain_optimizer_step(models)
                 if self.lr_scheduler is not None:
-                    self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    self.lr_scheduler.step()  # after the optimizer step, on both paths
         return out
+
+    def autocast(self):
+        """The forward pass in the run's mixed precision, on the models' device (whatever accelerate thinks of it)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.unet.parameters()).device.type, dtype=self.autocast_dtype)
+
+    def plain_optimizer_step(self, models) -> None:
+        """Clip by the global norm, step every parameter, clear the gradients."""
+        acc = self.accelerator
+        params = self.trainable_params
+        if params is None:
+            params = [p for m in models for p in m.parameters() if p.requires_grad]
+        if self.params.max_grad_norm > 0:
+            if acc is not None:
+                acc.clip_grad_norm_(params, self.params.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, self.params.max_grad_norm)
+        if self.pure_bf16:
+            from .optim import plain_step_pure_bf16
+
+            plain_step_pure_bf16(self.optimizer, params)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 __all__ = ["Batch", "LossOutput", "TrainStep", "encode_prompt", "snr"]

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from dreambooth.config import Config, Parameters
-from dreambooth.train.components import frozen_dtype, prepare_for_training
+from dreambooth.train.components import prepare_for_training
+from dreambooth.train.precision import CPU, DtypePlan, Hardware
 from dreambooth.train.memory import (Architecture, _PlanAccelerator, arithmetic_plan, plan_architecture,
                                      StorageTracker)
-from dreambooth.train.optim import (FusedBackwardStep, ParamStepper, make_fused_step, make_optimizer,
-                                    stochastic_round_to_bf16)
+from dreambooth.train.optim import (FusedBackwardStep, ParamStepper, make_fused_step, make_lr_scheduler,
+                                    make_optimizer, stochastic_round_to_bf16)
 from dreambooth.train.step import Batch, TrainStep
 
 from train_helpers import tiny_text_encoder, tiny_unet
@@ -49,7 +50,9 @@ def batch(n=1, side=8):
 
 # -- the fused step ------------------------------------------------------------------------------------------------
 
-def train_tiny(params: Parameters, steps: int = 3, optimizer=None):
+def train_tiny(params: Parameters, steps: int = 3, optimizer=None, lrs: list | None = None):
+    """Train the tiny model `steps` steps; with `lrs`, under the LR schedule of `params` (total 6 steps), recording
+    the rates each step applied."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
@@ -58,12 +61,33 @@ def train_tiny(params: Parameters, steps: int = 3, optimizer=None):
     opt = optimizer(unet, te) if optimizer else make_optimizer(params, unet, (te,))
     trained = [p for m in (unet, te) for p in m.parameters()]
     fused = make_fused_step(params, opt, trained)
+    schedule = make_lr_scheduler(params, opt, total_steps=6) if lrs is not None else None
     step = TrainStep(unet, (te,), DDPMScheduler(), params, sdxl=False, optimizer=opt, trainable_params=trained,
-                     fused=fused)
+                     fused=fused, lr_scheduler=schedule)
     torch.manual_seed(1)
     for _ in range(steps):
+        if lrs is not None:
+            lrs.append([g["lr"] for g in opt.param_groups])
         step(batch(2), train_text_encoder=True)
     return [p.detach().clone() for p in trained], opt
+
+
+@pytest.mark.parametrize("schedule", ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                      "polynomial"])
+def test_the_lr_schedule_advances_alike_on_the_fused_and_the_plain_step(schedule):
+    """Once per optimizer step, after it: the same rate at every step on both paths, and (AdamW, fp32) the same
+    weights within 1e-6 relative."""
+    kw = dict(optimizer="adamw", learning_rate=1e-3, text_encoder_learning_rate=5e-4, max_grad_norm=0.0,
+              lr_scheduler=schedule, lr_warmup_steps=2, lr_cycles=2, lr_power=2.0)
+    plain_lrs, fused_lrs = [], []
+    plain, _ = train_tiny(Parameters(fused_backward_step=False, **kw), steps=6, lrs=plain_lrs)
+    fused, _ = train_tiny(Parameters(fused_backward_step=True, **kw), steps=6, lrs=fused_lrs)
+    assert fused_lrs == plain_lrs
+    assert [unet for unet, _te in plain_lrs[:3]] == pytest.approx([0.0, 5e-4, 1e-3])  # the warm-up
+    if schedule != "constant_with_warmup":
+        assert plain_lrs[-1][0] < 1e-3  # and the decay
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
 
 
 def test_fused_backward_step_gives_the_plain_steps_weights_adamw_fp32():
@@ -196,13 +220,14 @@ def test_pure_bf16_holds_trained_weights_in_bf16_and_steps_them():
     params = Parameters(pure_bf16=True, optimizer="adamw", learning_rate=1e-3, max_grad_norm=1.0,
                         fused_backward_step=False)
     unet, te, vae = tiny_unet(), tiny_text_encoder(), tiny_architecture("cpu").vae
-    prepare_for_training(unet, vae, [te], params, "cpu")
+    prepare_for_training(unet, vae, [te], params, "cpu", DtypePlan.decide(params, CPU, sdxl=False))
     assert all(p.dtype == torch.bfloat16 for p in unet.parameters())
     opt = make_optimizer(params, unet, (te,))
     trained = [p for m in (unet, te) for p in m.parameters()]
     before = [p.detach().clone() for p in trained]
     step = TrainStep(unet, (te,), DDPMScheduler(), params, sdxl=False, optimizer=opt, trainable_params=trained,
-                     accelerator=_PlanAccelerator("cpu", "bf16"), pure_bf16=True)
+                     accelerator=_PlanAccelerator("cpu"), pure_bf16=True,
+                     autocast_dtype=torch.bfloat16)
     step(batch(1), train_text_encoder=True)
     assert all(p.dtype == torch.bfloat16 and p.grad is None for p in trained)
     assert sum(not torch.equal(a, b) for a, b in zip(trained, before)) > len(trained) // 2
@@ -210,17 +235,11 @@ def test_pure_bf16_holds_trained_weights_in_bf16_and_steps_them():
     assert state["exp_avg"].dtype == torch.float32  # optimizer state is fp32 (the update runs in fp32)
 
 
-def test_frozen_precision_half_on_a_gpu_only():
-    fp16 = Parameters(mixed_precision="fp16")
-    assert frozen_dtype(fp16, "cpu") == torch.float32
-    assert frozen_dtype(fp16, "cuda", gpu=(True, True)) == torch.float16
-    assert frozen_dtype(Parameters(mixed_precision="bf16"), "cuda", gpu=(True, True)) == torch.bfloat16
-    assert frozen_dtype(Parameters(mixed_precision="bf16"), "cuda", gpu=(True, False)) == torch.float16
-    assert frozen_dtype(Parameters(frozen_precision="full"), "cuda", gpu=(True, True)) == torch.float32
-    assert frozen_dtype(Parameters(mixed_precision="no"), "cuda", gpu=(True, True)) == torch.float32
+def test_prepare_for_training_holds_each_part_in_the_plans_dtype():
     arch = tiny_architecture()
-    prepare_for_training(arch.unet, arch.vae, list(arch.text_encoders), Parameters(train_text_encoder_ratio=0.0),
-                         "meta", gpu=(True, True))
+    params = Parameters(train_text_encoder_ratio=0.0, mixed_precision="fp16")
+    dtypes = DtypePlan.decide(params, Hardware(gpu=True, bf16=True), sdxl=False)
+    prepare_for_training(arch.unet, arch.vae, list(arch.text_encoders), params, "meta", dtypes)
     assert arch.vae.dtype == torch.float16 and arch.text_encoders[0].dtype == torch.float16
     assert next(arch.unet.parameters()).dtype == torch.float32
 
@@ -270,7 +289,8 @@ def test_plan_peak_is_the_measured_cpu_peak():
         assert plan.traced, plan.notes
 
         arch = tiny_architecture("cpu")
-        prepare_for_training(arch.unet, arch.vae, list(arch.text_encoders), params, "cpu")
+        prepare_for_training(arch.unet, arch.vae, list(arch.text_encoders), params, "cpu",
+                             DtypePlan.decide(params, CPU, sdxl=False))
         opt = make_optimizer(params, arch.unet, arch.text_encoders)
         trained = [p for m in (arch.unet, *arch.text_encoders) for p in m.parameters()]
         step = TrainStep(arch.unet, arch.text_encoders, arch.noise_scheduler, params, sdxl=False, vae=arch.vae,

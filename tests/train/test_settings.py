@@ -15,7 +15,7 @@ from dreambooth.config import Config, Parameters
 from dreambooth.data.dataset import Example, Item, TrainingData
 from dreambooth.errors import UserError
 from dreambooth.train.components import set_attention
-from dreambooth.train.loop import choose_precision, make_ema
+from dreambooth.train.loop import make_ema
 from dreambooth.train.schedule import plan_total_steps
 from dreambooth.train.optim import make_lr_scheduler, make_optimizer
 from dreambooth.train.step import Batch, TrainStep
@@ -151,26 +151,47 @@ def test_frozen_text_encoder_does_not_change_but_still_conditions():
     assert all(torch.equal(a, b) for a, b in zip(te.parameters(), te_now))
 
 
-def test_mixed_precision_bf16_autocasts_and_fp16_falls_back_on_cpu():
+def test_the_dtype_plan_of_each_device_and_its_fallbacks():
+    from dreambooth.train.precision import CPU, DtypePlan, Hardware
+
+    gpu, old_gpu = Hardware(gpu=True, bf16=True), Hardware(gpu=True, bf16=False)
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+    def plan(hardware, sdxl=False, **settings):
+        d = DtypePlan.decide(Parameters(**settings), hardware, sdxl)
+        return d.mixed_precision, d.trained, d.frozen, d.vae
+
+    with pytest.warns(UserWarning, match="fp16 needs a GPU"):
+        assert plan(CPU, mixed_precision="fp16") == ("no", f32, f32, f32)
+    assert plan(CPU, mixed_precision="bf16") == ("bf16", f32, f32, f32)  # CPUs compute in bf16; frozen stay fp32
+    assert plan(gpu, mixed_precision="fp16") == ("fp16", f32, f16, f16)
+    assert plan(gpu, sdxl=True, mixed_precision="fp16") == ("fp16", f32, f16, f32)  # SDXL's VAE overflows in fp16
+    assert plan(gpu, sdxl=True, mixed_precision="bf16") == ("bf16", f32, bf16, bf16)
+    assert plan(gpu, mixed_precision="fp16", frozen_precision="full") == ("fp16", f32, f32, f32)
+    assert plan(gpu, mixed_precision="no") == ("no", f32, f32, f32)
+    with pytest.warns(UserWarning, match="no bf16 support; using fp16"):
+        assert plan(old_gpu, mixed_precision="bf16") == ("fp16", f32, f16, f16)
+    assert plan(gpu, mixed_precision="no", pure_bf16=True) == ("bf16", bf16, bf16, bf16)
+    assert plan(CPU, mixed_precision="no", pure_bf16=True) == ("bf16", bf16, f32, f32)
+    with pytest.warns(UserWarning, match="pure_bf16: this GPU has no bf16"):  # nothing in a type it cannot run
+        assert plan(old_gpu, mixed_precision="no", pure_bf16=True) == ("no", f32, f32, f32)
+
+
+def test_the_step_autocasts_to_the_plan_whatever_accelerate_does():
+    """accelerate autocasts fp16 only on a GPU (and 0.21 only through torch.cuda.amp): the step's own autocast
+    follows the plan on any device."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    with pytest.warns(UserWarning, match="fp16 needs a GPU"):
-        assert choose_precision("fp16", on_gpu=False) == "no"
-    assert choose_precision("fp16", on_gpu=True) == "fp16"
-    assert choose_precision("bf16", on_gpu=False) == "bf16"
-    assert choose_precision("bf16", on_gpu=True, gpu_has_bf16=True) == "bf16"
-    with pytest.warns(UserWarning, match="no bf16 support; using fp16"):
-        assert choose_precision("bf16", on_gpu=True, gpu_has_bf16=False) == "fp16"
     seen = {}
-    for precision in ("no", "bf16"):
+    for name, dtype in (("no", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         reset_accelerate()
         unet, te = tiny_unet(), tiny_text_encoder()
-        acc = Accelerator(mixed_precision=precision, cpu=True)
-        unet.conv_in.register_forward_hook(lambda m, i, o, precision=precision: seen.__setitem__(precision, o.dtype))
-        TrainStep(unet, (te,), DDPMScheduler(), Parameters(), sdxl=False, accelerator=acc)(
+        acc = Accelerator(mixed_precision=name, cpu=True)
+        unet.conv_in.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+        TrainStep(unet, (te,), DDPMScheduler(), Parameters(), sdxl=False, accelerator=acc, autocast_dtype=dtype)(
             Batch(latents=torch.randn(1, 4, 8, 8), input_ids=(torch.randint(0, 1000, (1, 77)),)))
-    assert seen == {"no": torch.float32, "bf16": torch.bfloat16}
+    assert seen == {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def test_attention_backends():

@@ -121,3 +121,24 @@ def kill_after_checkpoint(root, model, step: int) -> int:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     return max(e["step"] for e in read_events(model) if e["kind"] == "checkpoint")
+
+
+def decide_as_gpu(monkeypatch, bf16: bool) -> None:
+    """Make every dtype and precision decision of a run as on a CUDA GPU (with bf16 or without) while the tensors
+    stay on the CPU: precision.detect answers for a GPU, and the accelerator does for fp16 what accelerate does on
+    CUDA (autocast and a GradScaler; accelerate leaves both off for a CPU device)."""
+    import torch
+
+    from dreambooth.train import loop, precision
+
+    monkeypatch.setattr(precision, "detect", lambda device: precision.Hardware(gpu=True, bf16=bf16))
+    make = loop.make_accelerator
+
+    def make_as_on_gpu(params, dtypes, hardware):
+        acc = make(params, dtypes, hardware)
+        if dtypes.mixed_precision == "fp16":
+            acc.native_amp = True
+            acc.scaler = torch.amp.GradScaler("cpu")
+        return acc
+
+    monkeypatch.setattr(loop, "make_accelerator", make_as_on_gpu)
