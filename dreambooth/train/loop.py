@@ -304,7 +304,7 @@ class Trainer:
             if s.step >= schedule.total_steps:
                 raise StopTraining("done", "already trained to the last step; nothing to do")
             for epoch, items in micro_batches(s.data, s.step):
-                lrs = s.lr_scheduler.get_last_lr()  # the rates this optimizer step applies (shown, not the next)
+                lrs = [g["lr"] for g in s.optimizer.param_groups]  # the rates this step applies (not the next)
                 out = s.train_step(self.make_batch(s, items, epoch),
                                    train_text_encoder=schedule.trains_text_encoder(s.step),
                                    prior_loss_weight=schedule.prior_loss_weight(s.step))
@@ -546,7 +546,7 @@ class Trainer:
 
             with writing(self.model.state, s.last_save_step):
                 save_state(self.model.state, s.step, s.schedule.total_steps, s.optimizer, s.lr_scheduler, s.ema,
-                           write_weights)
+                           write_weights, device=self.accelerator.device)
             s.last_save_step = s.step
             self.publish(s)
             keep_save(self.model.state, self.model.saves, self.p.keep_saves)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from . import precision
 
 
 def param_groups(params, unet, text_encoders) -> list[dict]:
@@ -21,7 +22,8 @@ def make_optimizer(params, unet, text_encoders):
     groups = param_groups(params, unet, text_encoders)
     if params.optimizer == "adamw":
         # On a GPU the fused kernel: one launch for all parameters, no temporaries.
-        fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) else {}
+        devices = {p.device for g in groups for p in g["params"]}
+        fused = {"fused": True} if len(devices) == 1 and precision.detect(devices.pop()).gpu else {}
         return torch.optim.AdamW(groups, betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_epsilon,
                                  weight_decay=params.weight_decay, **fused)
     if params.optimizer == "adamw_8bit":
@@ -57,9 +59,7 @@ def check_optimizer_runs_here(params, device=None) -> None:
     except Exception as e:  # a broken install failing while it loads its library
         raise UserError(f"parameters.optimizer: adamw_8bit needs bitsandbytes, which fails to load "
                         f"({type(e).__name__}); choose adamw") from e
-    from .precision import training_device
-
-    device = torch.device(device) if device is not None else training_device()
+    device = torch.device(device) if device is not None else precision.training_device()
     try:
         trial = torch.nn.Parameter(torch.zeros(4096, device=device))  # 4096: bitsandbytes' smallest 8-bit tensor
         trial.grad = torch.ones_like(trial)

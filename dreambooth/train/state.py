@@ -33,7 +33,7 @@ def _save_torch(obj, path: Path) -> None:
 
 
 def save_state(folder: Path, step: int, total_steps: int, optimizer, lr_scheduler, ema,
-               write_weights: Callable[[Path], None] | None = None) -> None:
+               write_weights: Callable[[Path], None] | None = None, device=None) -> None:
     def write(tmp: Path) -> None:
         if write_weights is not None:
             write_weights(tmp)
@@ -42,8 +42,8 @@ def save_state(folder: Path, step: int, total_steps: int, optimizer, lr_schedule
         if ema is not None:
             _save_torch(ema.state_dict(), tmp / "ema.pt")
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if device is not None and torch.device(device).type == "cuda":  # the training GPU's own generator
+            rng["cuda"] = torch.cuda.get_rng_state(torch.device(device))
         _save_torch(rng, tmp / "rng.pt")
         info = {"step": step, "total_steps": total_steps, "checkpoint_written": False, "saved_at": time.time()}
         (tmp / TRAINER_FILE).write_text(json.dumps(info) + "\n")
@@ -60,6 +60,20 @@ def _load(path: Path):
         raise damaged(path, f"cannot be read: {type(e).__name__}") from e
 
 
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """The optimizer's saved state, each tensor in the dtype it was saved in.
+
+    torch casts the state to its parameter's dtype when loading; weights held in bf16 (pure bf16) keep an fp32 state
+    (the update runs in fp32), which must come back as fp32, not rounded to bf16."""
+    optimizer.load_state_dict(saved)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved["state"].items():
+        live = optimizer.state[params[index]]
+        for key, value in values.items():
+            if torch.is_tensor(value) and torch.is_tensor(live.get(key)) and value.dtype != live[key].dtype:
+                live[key] = value.to(live[key].device)
+
+
 def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema) -> int | None:
     """Restore a saved run; returns its step, or None when there is nothing to resume."""
     step = saved_step(folder)
@@ -68,8 +82,12 @@ def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema) -> int |
     folder = Path(folder)
     optimizer_state, scheduler_state = _load(folder / "optimizer.pt"), _load(folder / "lr_scheduler.pt")
     try:
-        optimizer.load_state_dict(optimizer_state)
+        load_optimizer_state(optimizer, optimizer_state)
         lr_scheduler.load_state_dict(scheduler_state)
+        # The saved rates follow the saved run's total steps: a run with another total (--max-steps, more epochs)
+        # goes on along its own schedule from the saved step.
+        for group, rate, base in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, lr_scheduler.base_lrs):
+            group["lr"] = base * rate(lr_scheduler.last_epoch)
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{folder}: the saved training state does not fit the current settings (optimizer or text "
                         f"encoder training changed: {e}); put the settings back, or delete that folder to start a "
@@ -84,8 +102,8 @@ def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema) -> int |
     try:
         if accelerator.is_main_process:
             torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            if "cuda" in rng and accelerator.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
     except (TypeError, KeyError, RuntimeError) as e:
         raise damaged(folder / "rng.pt", "not a random generator state") from e
     return step

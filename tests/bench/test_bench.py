@@ -144,3 +144,27 @@ def test_lora_cases_run_both_loops_at_tiny_size(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-lora ")]
     assert len(table) == 2 and all("| LoRA r4 |" in line for line in table)
     assert {"sd15-512-b1-fp16-lora16-cached", "sdxl-1024-b1-bf16-lora16-gc-cached"} <= set(bench.DEFAULT_CASES["cuda"])
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_run_runs_every_part_and_writes_the_table(tmp_path):
+    """bench/gpu_check.py --dry-run: the GPU check's own code on tiny models on the CPU, so it cannot rot."""
+    out = tmp_path / "check"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), str(out), "--dry-run",
+                           "--budget", "1200"], cwd="/", env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    jobs = results["jobs"]
+    assert list(jobs) == ["a-sd15", "b-sdxl-lora", "c-sd15-8gb", "c-sdxl-8gb", "d-bench"]
+    assert all(job["status"] == "ok" for job in jobs.values()), jobs
+    for name in ("a-sd15", "b-sdxl-lora"):
+        flow = jobs[name]["result"]
+        assert flow["class_images"] == 4 and flow["steady_it_s"] > 0
+        assert all(flow[k] >= 0 for k in ("create_s", "class_images_s", "preview_s", "save_s", "export_s"))
+        assert flow["plan_gib"] > 0
+    preset = jobs["c-sd15-8gb"]["result"]
+    assert preset["preset_gib"] == 8 and preset["settings"] and preset["plan_gib"] > 0
+    assert "| ours |" in jobs["d-bench"]["result"]["table"]
+    table = (out / "results.md").read_text()
+    assert "| a-sd15 | ok |" in table and "dry run" in table
