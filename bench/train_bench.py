@@ -67,6 +67,8 @@ CASES = {c.name: c for c in (
     # CPU: the same settings on both sides (latents encoded every step, text encoder trained), a few steps.
     _sd15("sd15-256-cpu", 256, 1, "no", "adamw_8bit", False),
     _sd15("sd15-256-cpu-cached", 256, 1, "no", "adamw_8bit", True),
+    # Host work per step (--count-ops): SD1.5 at 128, AdamW, the text encoder trained.
+    _sd15("sd15-128-cpu", 128, 1, "no", "adamw", False),
     # The same before the memory settings (plain optimizer step) and with the leanest ones (pure bf16, checkpointing).
     Case("sd15-256-cpu-plain", "sd15", 256, 1, "no", "adamw_8bit", False, True,
          settings=(("fused_backward_step", False),)),
@@ -197,7 +199,7 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     from dreambooth.train.precision import DtypePlan, detect
     from dreambooth.train.step import Batch
 
-    from dreambooth.lora.training import LoraRun, training_dtype
+    from dreambooth.lora.training import LoraRun
 
     params = Parameters(optimizer=case.optimizer, mixed_precision=case.precision, train_batch_size=case.batch,
                         resolution=case.resolution, cache_latents=case.cache_latents,
@@ -213,12 +215,12 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     trainable = prepare_for_training(models.unet, vae, list(models.text_encoders), params, device, dtypes)
     # As Trainer.setup: with LoRA, adapters on the frozen model (in the training precision) before the step is built.
     LoraRun.start(models.unet, models.text_encoders, params, "sdxl" if models.sdxl else "v1", trainable,
-                  weight_dtype=training_dtype(dtypes.mixed_precision))
+                  weight_dtype=dtypes.weights)
     parts = Components(models.unet, vae, models.text_encoders, (), models.noise_scheduler, models.sdxl)
     step = build_step(params, parts, acc, total_steps=1000, train_text_encoder=trainable, dtypes=dtypes)
 
     pixels = inputs["pixels"]
-    is_prior = torch.zeros(case.batch, dtype=torch.bool, device=device)
+    is_prior = torch.zeros(case.batch, dtype=torch.bool)  # on the CPU, as Trainer.make_batch keeps it
     cache = []
 
     def encode():
@@ -366,8 +368,30 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def measure(case: Case, loop: str, steps: int, warmup: int, device: str) -> dict:
-    """Build the models, run `warmup` untimed steps then `steps` timed ones; return the numbers."""
+def count_ops(run) -> dict:
+    """The aten operations one call of `run` dispatches (forward, backward and optimizer alike): a measure of host
+    work per step that a CPU can take. {"total": n, "top": [[op, n], ...]}."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        run()
+    return {"total": sum(counter.counts.values()), "top": counter.counts.most_common(12)}
+
+
+def measure(case: Case, loop: str, steps: int, warmup: int, device: str, ops: bool = False) -> dict:
+    """Build the models, run `warmup` untimed steps then `steps` timed ones (and with `ops` one more, counting its
+    aten operations); return the numbers."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -378,6 +402,8 @@ def measure(case: Case, loop: str, steps: int, warmup: int, device: str) -> dict
     build = build_ours if loop == "ours" else build_reference
     run = build(case, models, inputs, device)
     setup_s = time.perf_counter() - t0
+    if cuda:  # the models were built in fp32 on the device, then set up: the peak counts from the first step on
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         loss = run()
     # Per-step times: CUDA events recorded between steps (no host sync until the end), wall clock on CPU.
@@ -399,6 +425,7 @@ def measure(case: Case, loop: str, steps: int, warmup: int, device: str) -> dict
             step_seconds.append(time.perf_counter() - t1)
     median = statistics.median(step_seconds)
     loss_value = float(loss.detach().float().item())
+    op_counts = count_ops(run) if ops else None
     if cuda:
         peak, peak_kind = torch.cuda.max_memory_allocated(device), "VRAM"
     else:
@@ -407,7 +434,7 @@ def measure(case: Case, loop: str, steps: int, warmup: int, device: str) -> dict
                 steps_per_s=1 / median, samples_per_s=case.batch / median,
                 mean_steps_per_s=steps / sum(step_seconds), peak_bytes=peak,
                 peak_kind=peak_kind, loss=loss_value, setup_s=setup_s, device=_device_name(device),
-                torch=torch.__version__)
+                torch=torch.__version__, ops=op_counts)
 
 
 def measure_matmul_peak(device: str, n: int = 8192, iters: int = 50) -> float:
@@ -444,7 +471,7 @@ def _child_main(args) -> int:
     if args.child == "matmul-peak":
         result = {"matmul_peak_flops": measure_matmul_peak(args.device)}
     else:
-        result = measure(CASES[args.case[0]], args.child, args.steps, args.warmup, args.device)
+        result = measure(CASES[args.case[0]], args.child, args.steps, args.warmup, args.device, args.count_ops)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 
@@ -516,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per (case, loop) subprocess")
     p.add_argument("--json", help="also write the raw results to this JSON file")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the aten operations of one step per loop (a CPU proxy of host work per step)")
     p.add_argument("--child", choices=LOOPS + ("matmul-peak",), help=argparse.SUPPRESS)
     return p
 
@@ -551,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--device: {device!r} requested but torch sees no CUDA device")
 
     common = ["--device", device, "--steps", str(steps), "--warmup", str(warmup)]
+    common += ["--count-ops"] if args.count_ops else []
     peak_flops = None
     if cuda:
         peak = _run_child(["--child", "matmul-peak", *common], args.timeout)
@@ -578,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{time.strftime('%Y-%m-%d', time.gmtime())}, {dev}, {steps} timed steps after {warmup} warm-up"
           + (f", bf16 matmul peak {peak_flops / 1e12:.1f} TFLOP/s" if peak_flops else ""))
     print(format_table(rows), flush=True)
+    for row in rows:
+        counts = {loop: row[loop].get("ops") for loop in LOOPS if row[loop].get("ops")}
+        if counts:
+            print(f"aten ops per step, {row['case']}: "
+                  + ", ".join(f"{loop} {c['total']}" for loop, c in counts.items()))
     if args.json:
         from dreambooth.store import atomic_write_text
 

@@ -18,11 +18,6 @@ from .weights import ADAPTER, adapters_of, attach_adapters, lora_parameters
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
-def training_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype the frozen model is kept in during a LoRA run: the mixed-precision one ("fp16", "bf16"), else fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
 def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_dtype=torch.float32) -> dict:
     """Freeze the model, put adapters on the UNet (and the text encoders when they train); {part: module}."""
     parts = {"unet": unet}

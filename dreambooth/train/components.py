@@ -102,11 +102,11 @@ def prepare_for_training(unet, vae, text_encoders, params, device, dtypes: Dtype
     The trainer, the benchmark and the memory plan all call this, so they see the model exactly as training sets it
     up; `dtypes` (precision.DtypePlan) says which dtype each part is held in.
     """
-    unet.train().requires_grad_(True).to(device, dtypes.trained)
+    unet.train().requires_grad_(True).to(device, dtypes.weights)
     set_attention(unet, params.attention)  # on its device: xformers runs on a GPU only
     trainable = trains_text_encoder(params.train_text_encoder_ratio)
     for te in text_encoders:
-        te.requires_grad_(trainable).train(trainable).to(device, dtypes.trained if trainable else dtypes.frozen)
+        te.requires_grad_(trainable).train(trainable).to(device, dtypes.weights if trainable else dtypes.frozen)
     vae.requires_grad_(False).eval().to(device, dtypes.vae)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

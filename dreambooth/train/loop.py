@@ -28,7 +28,7 @@ from ..data.dataset import Example, TrainingData, class_examples_from, collect_i
 from ..errors import UserError
 from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
                       Sample, Start, Step)
-from ..lora.training import LoraRun, training_dtype
+from ..lora.training import LoraRun
 from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
@@ -272,7 +272,7 @@ class Trainer:
         schedule = Schedule.plan(p, data.steps_per_epoch, self.max_steps_override)
         # LoRA: adapters on the frozen model (kept in the training precision); the optimizer then sees only them.
         lora = LoraRun.start(parts.unet, parts.text_encoders, p, self.config.model.family,
-                             schedule.text_encoder_steps > 0, resume_from, training_dtype(self.dtypes.mixed_precision))
+                             schedule.text_encoder_steps > 0, resume_from, self.dtypes.weights)
         train_step = build_step(p, parts, acc, schedule.total_steps, schedule.text_encoder_steps > 0, self.dtypes)
         ema = make_ema(p, acc.unwrap_model(train_step.unet))
         state = TrainingState(parts, train_step.unet, list(train_step.text_encoders), train_step.optimizer,
@@ -365,7 +365,7 @@ class Trainer:
         batch = Batch(
             latents=torch.stack(latents).float().to(device),
             add_time_ids=torch.stack(time_ids).to(device) if c.sdxl else None,
-            is_prior=torch.tensor([item.is_prior for item in items], device=device),
+            is_prior=torch.tensor([item.is_prior for item in items]),  # on the CPU: the step counts it there
         )
         if s.schedule.trains_text_encoder(s.step):
             batch.input_ids = tuple(i.to(device) for i in tokenize(c.tokenizers, prompts))

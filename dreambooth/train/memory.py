@@ -375,7 +375,7 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
         stepper = ParamStepper(optimizer)
         for p in trained:
             p.grad = torch.zeros_like(p)
-            stepper.step(p)
+            stepper.step([p])
             p.grad = None
         for state in optimizer.state.values():
             for t in state.values():
@@ -387,7 +387,7 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
         fused = make_fused_step(params, optimizer, trained, None)
         step = TrainStep(unet, encoders, arch.noise_scheduler, params, sdxl=arch.sdxl, vae=vae,
                          optimizer=optimizer, accelerator=accelerator, trainable_params=trained, fused=fused,
-                         pure_bf16=dtypes.trained == torch.bfloat16,
+                         pure_bf16=dtypes.weights == torch.bfloat16 and not params.use_lora,
                          autocast_dtype=None if precision == "no" else torch.bfloat16)  # fp16 traced as bf16
         side = params.resolution // 8
         with tracker.recording():

@@ -103,42 +103,48 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
 
 
 class ParamStepper:
-    """Applies the optimizer to one parameter at a time, with the optimizer's own update rule and state.
+    """Applies the optimizer to some of its parameters, with the optimizer's own update rule and state.
 
     The one optimizer keeps its parameter groups (learning rates, the LR scheduler, saving and resuming are
-    unchanged); for a step its groups are narrowed to the one parameter. Parameters held in bf16 (pure bf16) are
-    updated in fp32 (so the optimizer state is fp32 or 8-bit, as with fp32 weights) and written back with stochastic
-    rounding.
+    unchanged); for a step its groups are narrowed to the parameters given, which then take one multi-tensor step
+    (foreach or fused kernels where the optimizer has them). Parameters held in bf16 (pure bf16) are updated in fp32
+    (so the optimizer state is fp32 or 8-bit, as with fp32 weights) and written back with stochastic rounding.
     """
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
 
-    def step(self, p: torch.Tensor) -> None:
+    def step(self, params: list) -> None:
         groups = self.optimizer.param_groups
         saved = [g["params"] for g in groups]
-        owner = self.group_of[id(p)]
-        for i, g in enumerate(groups):
-            g["params"] = [p] if i == owner else []
-        low = None
+        narrowed = [[] for _ in groups]
+        for p in params:
+            narrowed[self.group_of[id(p)]].append(p)
+        low = [(p, p.data, p.grad) for p in params if p.dtype == torch.bfloat16]
         try:
-            if p.dtype == torch.bfloat16:
-                low, grad = p.data, p.grad
-                p.data, p.grad = low.float(), grad.float()
+            for g, mine in zip(groups, narrowed):
+                g["params"] = mine
+            for p, data, grad in low:
+                p.data, p.grad = data.float(), grad.float()
             self.optimizer.step()
-            if low is not None:
-                low.copy_(stochastic_round_to_bf16(p.data))
+            for p, data, _grad in low:
+                data.copy_(stochastic_round_to_bf16(p.data))
         finally:
-            if low is not None:
-                p.data, p.grad = low, grad
-            for g, params in zip(groups, saved):
-                g["params"] = params
+            for p, data, grad in low:
+                p.data, p.grad = data, grad
+            for g, mine in zip(groups, saved):
+                g["params"] = mine
+
+
+BUCKET_BYTES = 32 * 2**20  # gradients held at once by the fused step: one optimizer launch per 32 MiB of them
 
 
 class FusedBackwardStep:
-    """The optimizer step fused into the backward pass: each parameter is updated, and its gradient freed, as soon as
-    its gradient is ready (`register_post_accumulate_grad_hook`), so gradients never all exist at once.
+    """The optimizer step fused into the backward pass: parameters are updated, and their gradients freed, as soon as
+    their gradients are ready (`register_post_accumulate_grad_hook`), a bucket at a time: once the ready gradients
+    reach `bucket_bytes`, their parameters take one multi-tensor optimizer step. So gradients never all exist at once
+    (at most a bucket of them), and the optimizer runs a few dozen times per step, not once per tensor.
 
     What cannot be done exactly without all gradients at hand:
     - clipping by the global norm: each gradient is clipped to `max_grad_norm` by its own norm instead;
@@ -147,10 +153,12 @@ class FusedBackwardStep:
     - gradient accumulation > 1: not served (make_fused_step falls back to the plain step).
     """
 
-    def __init__(self, optimizer, params, max_grad_norm: float = 0.0, scaler=None):
+    def __init__(self, optimizer, params, max_grad_norm: float = 0.0, scaler=None, bucket_bytes: int = BUCKET_BYTES):
         self.stepper = ParamStepper(optimizer)
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
+        self.bucket_bytes = bucket_bytes
+        self.bucket, self.bucket_size = [], 0
         self.inv_scale = None
         self.overflow = False
         self._growth = 0
@@ -159,22 +167,44 @@ class FusedBackwardStep:
     def _ready(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
+        self.bucket.append(p)
+        self.bucket_size += p.grad.numel() * p.grad.element_size()
+        if self.bucket_size >= self.bucket_bytes:
+            self._step_bucket()
+
+    def _step_bucket(self) -> None:
+        params, self.bucket, self.bucket_size = self.bucket, [], 0
+        if not params:
+            return
+        grads = [p.grad for p in params]
         if self.scaler is not None and self.scaler.is_enabled():
             if self.inv_scale is None:
                 self.inv_scale = 1.0 / self.scaler.get_scale()
-            p.grad.mul_(self.inv_scale)
-            if not bool(torch.isfinite(p.grad).all()):
+            torch._foreach_mul_(grads, self.inv_scale)
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).tolist()  # one host sync per bucket
+            if not all(finite):
                 self.overflow = True
-                p.grad = None
-                return
-        if self.max_grad_norm > 0:  # per tensor: scale down to max_grad_norm when its own norm is above (no sync)
-            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-            p.grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(p.grad.dtype))
-        self.stepper.step(p)
-        p.grad = None
+                for p, ok in zip(params, finite):
+                    if not ok:
+                        p.grad = None
+                params = [p for p, ok in zip(params, finite) if ok]
+                grads = [p.grad for p in params]
+        if self.max_grad_norm > 0 and grads:  # per tensor: scale down to max_grad_norm when its own norm is above
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            factors = torch._foreach_add(norms, 1e-6)
+            torch._foreach_reciprocal_(factors)
+            torch._foreach_mul_(factors, self.max_grad_norm)
+            torch._foreach_clamp_max_(factors, 1.0)
+            torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors, grads)])
+        if params:
+            self.stepper.step(params)
+        for p in params:
+            p.grad = None
 
     def finish_step(self) -> None:
-        """After backward: the loss scale backs off after an overflow, grows after `growth_interval` clean steps."""
+        """After backward: the last bucket; the loss scale backs off after an overflow, grows after
+        `growth_interval` clean steps."""
+        self._step_bucket()
         scaler = self.scaler
         if scaler is not None and scaler.is_enabled():
             scale = scaler.get_scale()
@@ -214,7 +244,4 @@ def make_fused_step(params, optimizer, trainable, accelerator=None):
 
 def plain_step_pure_bf16(optimizer, params) -> None:
     """The plain (unfused) step when weights are held in bf16: one parameter at a time, stochastically rounded."""
-    stepper = ParamStepper(getattr(optimizer, "optimizer", optimizer))
-    for p in params:
-        if p.grad is not None:
-            stepper.step(p)
+    ParamStepper(getattr(optimizer, "optimizer", optimizer)).step([p for p in params if p.grad is not None])

@@ -59,7 +59,8 @@ _LOW = {"fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass(frozen=True)
 class DtypePlan:
     mixed_precision: str   # "no", "fp16" or "bf16": what the step (and generation) autocasts to
-    trained: torch.dtype   # weights that train: bf16 under pure bf16, else fp32
+    weights: torch.dtype   # the UNet's and the trained text encoders': fp32; bf16 under pure bf16; under LoRA (the
+                           # model stays frozen, float32 adapters train) the mixed-precision type
     frozen: torch.dtype    # frozen text encoders (and the VAE): the mixed-precision type when frozen_precision is half
     vae: torch.dtype       # the frozen type, except fp32 for SDXL's VAE under fp16 (it overflows in fp16)
 
@@ -89,4 +90,8 @@ class DtypePlan:
         half = params.frozen_precision == "half" and hardware.gpu and mixed in _LOW
         frozen = _LOW[mixed] if half else torch.float32
         vae = torch.float32 if sdxl and frozen == torch.float16 else frozen
-        return cls(mixed, torch.bfloat16 if pure else torch.float32, frozen, vae)
+        if params.use_lora:  # the model is loaded straight into the type it is kept in: never in fp32 on the GPU
+            weights = _LOW.get(mixed, torch.float32)
+        else:
+            weights = torch.bfloat16 if pure else torch.float32
+        return cls(mixed, weights, frozen, vae)

@@ -17,7 +17,8 @@ The trainer (train/loop.py) runs exactly this; the benchmarks time exactly this.
                  encoders are frozen and their outputs cached:
   prompt_embeds  (B, 77, D) encoder hidden states and, for SDXL, pooled_embeds (B, D2)
   add_time_ids   (B, 6) SDXL size/crop conditioning: original (h, w), crop top-left (top, left), target (h, w)
-  is_prior       (B,) bool, True for class (prior-preservation) examples; None = all instance examples
+  is_prior       (B,) bool, True for class (prior-preservation) examples; None = all instance examples. Best kept
+                 on the CPU (the trainer does): the step counts it there, without waiting for the GPU
 
 The loss (DreamBooth paper, Ruiz et al. 2022, with the usual extras):
   noise   = N(0, 1) (+ offset_noise * N(0, 1) per sample and channel, broadcast over h, w)
@@ -59,7 +60,7 @@ class Batch:
             latents=move(self.latents), pixels=move(self.pixels),
             input_ids=tuple(i.to(device) for i in self.input_ids),
             prompt_embeds=move(self.prompt_embeds), pooled_embeds=move(self.pooled_embeds),
-            add_time_ids=move(self.add_time_ids), is_prior=move(self.is_prior, False),
+            add_time_ids=move(self.add_time_ids), is_prior=self.is_prior,
         )
 
     def __len__(self) -> int:
@@ -185,11 +186,16 @@ class TrainStep:
             per_example = per_example * (clipped / (s + 1) if self.prediction_type == "v_prediction" else clipped / s)
 
         is_prior = batch.is_prior
-        if is_prior is None or not bool(is_prior.any()):
+        priors = 0 if is_prior is None else int(is_prior.sum())
+        if priors == 0:
             loss = per_example.mean()
             return LossOutput(loss, loss.detach(), None)
-        instance = per_example[~is_prior].mean() if bool((~is_prior).any()) else per_example.new_zeros(())
-        prior = per_example[is_prior].mean()
+        # Masked sums rather than boolean indexing: no host sync on a GPU.
+        mask = is_prior.to(per_example.device, non_blocking=True)
+        instances = len(is_prior) - priors
+        zero = per_example.new_zeros(())
+        instance = torch.where(mask, zero, per_example).sum() / instances if instances else zero
+        prior = torch.where(mask, per_example, zero).sum() / priors
         loss = instance + prior_loss_weight * prior
         return LossOutput(loss, instance.detach(), prior.detach())
 

@@ -26,11 +26,19 @@ def concept(root, **changes) -> dict:
 
 
 def dtypes_seen(monkeypatch) -> dict:
-    """The dtypes each part had when the run built its step (filled in as the run goes)."""
-    from dreambooth.train import loop
+    """The dtypes each part had when the run built its step, and the UNet's as it came onto the device (filled in as
+    the run goes)."""
+    from dreambooth.train import components, loop
 
     seen = {}
-    build = loop.build_step
+    build, prepare = loop.build_step, components.prepare_for_training
+
+    def preparing(unet, *args, **kwargs):
+        trains = prepare(unet, *args, **kwargs)
+        seen["unet on the device"] = unet.dtype
+        return trains
+
+    monkeypatch.setattr(components, "prepare_for_training", preparing)
 
     def recording(params, parts, *args, **kwargs):
         seen.update(unet=parts.unet.dtype, vae=parts.vae.dtype, text_encoders=[te.dtype for te in parts.text_encoders])
@@ -67,9 +75,9 @@ def test_a_whole_run_decided_as_on_a_gpu(tmp_path, monkeypatch, family, gpu_bf16
     half = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
     first = train_model(root, "m", max_steps=4)
     assert first.ok and first.step == 4, first.summary()
-    # The plan a GPU makes: trained weights fp32 (LoRA: the model held in the half type), frozen VAE in the half
-    # type except SDXL's under fp16.
-    assert seen["unet"] == (half if use_lora or pure else torch.float32)
+    # The plan a GPU makes: trained weights fp32 (LoRA: the model loaded straight into the half type it is held in,
+    # never fp32 on the device), frozen VAE in the half type except SDXL's under fp16.
+    assert seen["unet"] == seen["unet on the device"] == (half if use_lora or pure else torch.float32)
     assert seen["vae"] == (torch.float32 if family == "sdxl" and half == torch.float16 else half)
     assert len(list(model.class_images.rglob("*.png"))) == 2
     # Previews at steps 2 (text encoder training) and 4 (frozen since step 3).

@@ -146,6 +146,37 @@ def test_fused_backward_step_falls_back_with_gradient_accumulation():
     fused.remove()
 
 
+def test_fused_backward_step_steps_buckets_of_parameters_with_one_optimizer_call_each():
+    """The ready gradients are stepped a bucket at a time: one optimizer call per bucket (not per tensor), the same
+    weights as one tensor at a time, and never more than a bucket of gradients held at once (plus the tensor that
+    filled it)."""
+    from diffusers import DDPMScheduler
+
+    results = {}
+    for bucket_bytes in (1, 64 * 2**10, 2**40):
+        torch.manual_seed(0)
+        unet = tiny_unet()
+        params = list(unet.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        calls, held = [], []
+        opt.step = (lambda step: lambda *a, **k: calls.append(1) or step(*a, **k))(opt.step)
+        for p in params:  # gradients held when each arrives (this hook runs before the fused step's own)
+            p.register_post_accumulate_grad_hook(
+                lambda q: held.append(sum(x.grad.numel() * 4 for x in params if x.grad is not None)))
+        fused = FusedBackwardStep(opt, params, bucket_bytes=bucket_bytes)
+        step = TrainStep(unet, (tiny_text_encoder(),), DDPMScheduler(), Parameters(max_grad_norm=1.0), sdxl=False,
+                         optimizer=opt, trainable_params=params, fused=fused)
+        torch.manual_seed(1)
+        step(batch(2), train_text_encoder=False)
+        results[bucket_bytes] = ([p.detach().clone() for p in params], len(calls), max(held))
+    (one_by_one, n1, _), (bucketed, n2, held2), (whole, n3, held3) = results.values()
+    assert n1 == len(one_by_one) and 1 < n2 < n1 and n3 == 1
+    largest = max(p.numel() * 4 for p in one_by_one)
+    assert held2 <= 64 * 2**10 + largest and held3 == sum(p.numel() * 4 for p in one_by_one)
+    for a, b in zip(one_by_one, bucketed):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+
+
 def test_fused_backward_step_fp16_skips_an_overflowed_tensor_and_backs_off():
     class Scaler:  # the part of torch's GradScaler the fused step uses
         def __init__(self):
@@ -205,7 +236,7 @@ def test_pure_bf16_with_stochastic_rounding_trains_to_a_lower_loss_than_plain_bf
         for _ in range(400):
             loss = ((x.bfloat16() @ w).float() - target).pow(2).mean()
             loss.backward()
-            stepper.step(w) if stochastic else opt.step()
+            stepper.step([w]) if stochastic else opt.step()
             w.grad = None
         return ((x @ w.detach().float()) - target).pow(2).mean().item()
 

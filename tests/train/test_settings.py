@@ -159,7 +159,7 @@ def test_the_dtype_plan_of_each_device_and_its_fallbacks():
 
     def plan(hardware, sdxl=False, **settings):
         d = DtypePlan.decide(Parameters(**settings), hardware, sdxl)
-        return d.mixed_precision, d.trained, d.frozen, d.vae
+        return d.mixed_precision, d.weights, d.frozen, d.vae
 
     with pytest.warns(UserWarning, match="fp16 needs a GPU"):
         assert plan(CPU, mixed_precision="fp16") == ("no", f32, f32, f32)
@@ -173,6 +173,10 @@ def test_the_dtype_plan_of_each_device_and_its_fallbacks():
         assert plan(old_gpu, mixed_precision="bf16") == ("fp16", f32, f16, f16)
     assert plan(gpu, mixed_precision="no", pure_bf16=True) == ("bf16", bf16, bf16, bf16)
     assert plan(CPU, mixed_precision="no", pure_bf16=True) == ("bf16", bf16, f32, f32)
+    # LoRA: the frozen model is held in the mixed-precision type from the moment it loads.
+    assert plan(gpu, mixed_precision="fp16", use_lora=True) == ("fp16", f16, f16, f16)
+    assert plan(CPU, mixed_precision="bf16", use_lora=True) == ("bf16", bf16, f32, f32)
+    assert plan(CPU, mixed_precision="no", use_lora=True) == ("no", f32, f32, f32)
     with pytest.warns(UserWarning, match="pure_bf16: this GPU has no bf16"):  # nothing in a type it cannot run
         assert plan(old_gpu, mixed_precision="no", pure_bf16=True) == ("no", f32, f32, f32)
 
