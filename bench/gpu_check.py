@@ -30,7 +30,8 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 PRESET_SIZES = (8, 12, 16, 24)
 BENCH_CASES = ["sd15-512-b1-bf16-adamw", "sd15-512-b1-bf16-adamw-cached", "sd15-512-b8-bf16-adamw-cached",
-               "sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sd15-512-b1-fp16-lora16-cached"]
+               "sd15-512-b8-bf16-adamw-cached-compiled", "sdxl-1024-b1-bf16-adamw8bit-gc-cached",
+               "sd15-512-b1-fp16-lora16-cached"]
 
 
 def flows(dry: bool) -> dict:

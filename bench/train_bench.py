@@ -84,6 +84,11 @@ CASES = {c.name: c for c in (
     _sd15("sd15-512-b8-bf16-adamw-cached", 512, 8, "bf16", "adamw", True),
     _sd15("sd15-512-b8-fp16-adamw-cached", 512, 8, "fp16", "adamw", True),
     _sd15("sd15-512-b8-bf16-adamw8bit-cached", 512, 8, "bf16", "adamw_8bit", True),
+    # The same with the UNet compiled (compile_unet; the compile happens in the warm-up steps).
+    Case("sd15-512-b1-bf16-adamw-cached-compiled", "sd15", 512, 1, "bf16", "adamw", True, True,
+         settings=(("compile_unet", True),)),
+    Case("sd15-512-b8-bf16-adamw-cached-compiled", "sd15", 512, 8, "bf16", "adamw", True, True,
+         settings=(("compile_unet", True),)),
     # SDXL at 1024, UNet only (text encoders frozen, embeddings cached), 8-bit AdamW, gradient checkpointing.
     Case("sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sdxl", 1024, 1, "bf16", "adamw_8bit", True, False, True),
     Case("sdxl-1024-b1-bf16-adamw8bit-gc", "sdxl", 1024, 1, "bf16", "adamw_8bit", False, False, True),

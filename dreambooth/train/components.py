@@ -1,6 +1,7 @@
 """The working model's parts, loaded for training: what trains, what stays frozen, and how attention runs."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,39 @@ def set_attention(unet, backend: str) -> str:
         backend = "sdpa"
     unet.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
     return backend
+
+
+COMPILE_BACKEND = "inductor"
+
+
+def compile_unet(unet) -> bool:
+    """torch.compile the UNet's forward in place (its weights, names and saving stay as they are); False, with one
+    warning, where this PyTorch cannot (before 2.2). A compiler failure shows at the first step: see `uncompile`."""
+    if not hasattr(unet, "compile"):
+        warnings.warn("compile_unet: needs PyTorch 2.2 or newer; training without compiling", stacklevel=2)
+        return False
+    unet.compile(backend=COMPILE_BACKEND)
+    return True
+
+
+def is_compiled(module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def uncompile(module) -> None:
+    """Back to the eager forward (after a compiler failure)."""
+    module._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def eager(module):
+    """The module's eager forward inside the block (previews: their shapes would each compile anew)."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
 
 
 def load_components(working: Path, family: str, device, params, dtypes: DtypePlan,

@@ -33,7 +33,7 @@ from ..models import load_config
 from ..store import DataRoot, ModelDir, atomic_write_text
 from . import pipeline as gen
 from . import precision
-from .components import Components, load_components
+from .components import Components, compile_unet, eager, load_components
 from .precision import DtypePlan, Hardware
 from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler, make_optimizer
 from .requests import Requests
@@ -126,6 +126,8 @@ def build_step(params, parts: Components, accelerator, total_steps: int, train_t
     """
     acc = accelerator
     encoders = list(parts.text_encoders)
+    if params.compile_unet:
+        compile_unet(parts.unet)
     optimizer = make_optimizer(params, parts.unet, encoders if train_text_encoder else ())
     lr_scheduler = make_lr_scheduler(params, optimizer, total_steps)
     unet, optimizer = acc.prepare(parts.unet, optimizer)
@@ -508,7 +510,7 @@ class Trainer:
                                      self.dtypes.autocast)
             res = self.p.resolution
             paths = []
-            with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()):
+            with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()), eager(unet):
                 for pos, concept, prompts in self.sample_prompts(s):
                     # Each prompt gets the same seeds, so its images compare with the other prompts' side by side.
                     for k, (prompt, i) in enumerate(itertools.product(prompts, range(concept.num_samples))):

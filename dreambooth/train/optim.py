@@ -137,13 +137,15 @@ class ParamStepper:
                 g["params"] = mine
 
 
-BUCKET_BYTES = 32 * 2**20  # gradients held at once by the fused step: one optimizer launch per 32 MiB of them
+BUCKET_BYTES = 32 * 2**20  # gradients held at once by the fused step: one optimizer call per 32 MiB of them, or per
+BUCKETS = 16               # sixteenth of all the gradients when that is less (a small model still saves 15/16)
 
 
 class FusedBackwardStep:
     """The optimizer step fused into the backward pass: parameters are updated, and their gradients freed, as soon as
     their gradients are ready (`register_post_accumulate_grad_hook`), a bucket at a time: once the ready gradients
-    reach `bucket_bytes`, their parameters take one multi-tensor optimizer step. So gradients never all exist at once
+    reach `bucket_bytes` (or a sixteenth of all the gradients, when less), their parameters take one multi-tensor
+    optimizer step. So gradients never all exist at once
     (at most a bucket of them), and the optimizer runs a few dozen times per step, not once per tensor.
 
     What cannot be done exactly without all gradients at hand:
@@ -157,12 +159,13 @@ class FusedBackwardStep:
         self.stepper = ParamStepper(optimizer)
         self.max_grad_norm = max_grad_norm
         self.scaler = scaler
-        self.bucket_bytes = bucket_bytes
+        trained = [p for p in params if p.requires_grad]
+        self.bucket_bytes = min(bucket_bytes, max(1, sum(p.numel() * p.element_size() for p in trained) // BUCKETS))
         self.bucket, self.bucket_size = [], 0
         self.inv_scale = None
         self.overflow = False
         self._growth = 0
-        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params if p.requires_grad]
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in trained]
 
     def _ready(self, p: torch.Tensor) -> None:
         if p.grad is None:
@@ -215,6 +218,11 @@ class FusedBackwardStep:
                 if self._growth >= scaler.get_growth_interval():
                     scale, self._growth = scale * scaler.get_growth_factor(), 0
             scaler.update(scale)
+        self.inv_scale, self.overflow = None, False
+
+    def discard(self) -> None:
+        """Forget the gradients waiting in the bucket (a step that failed half-way is run again)."""
+        self.bucket, self.bucket_size = [], 0
         self.inv_scale, self.overflow = None, False
 
     def remove(self) -> None:

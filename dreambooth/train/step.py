@@ -204,8 +204,33 @@ class TrainStep:
         """Forward + loss + backward, then (when an optimizer is given and gradients are synced) clip and step.
 
         With an accelerator this honours gradient accumulation (accelerator.accumulate) and mixed precision.
-        When train_text_encoder is False the text encoders run without gradients.
+        When train_text_encoder is False the text encoders run without gradients. A compiled UNet whose compiler
+        fails (at its first forward or backward, before any weight has a gradient) goes back to eager, with one
+        warning, and the step runs again.
         """
+        from .components import is_compiled, uncompile
+
+        unet = getattr(self.unet, "module", self.unet)  # under DDP, the model itself
+        try:
+            return self._step(batch, train_text_encoder, prior_loss_weight)
+        except Exception as e:
+            if not is_compiled(unet) or not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            import warnings
+
+            cause = getattr(e, "inner_exception", None) or e  # the compiler's own error, inside dynamo's
+            reason = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ""
+            warnings.warn(f"compile_unet: compiling the UNet failed ({type(cause).__name__}: {reason}); training "
+                          "without compiling", stacklevel=2)
+            uncompile(unet)
+            if self.fused is not None:
+                self.fused.discard()
+            for model in (self.unet, *self.text_encoders):
+                for p in model.parameters():
+                    p.grad = None
+            return self._step(batch, train_text_encoder, prior_loss_weight)
+
+    def _step(self, batch: Batch, train_text_encoder: bool, prior_loss_weight: float) -> LossOutput:
         acc = self.accelerator
         models = [self.unet, *self.text_encoders] if train_text_encoder else [self.unet]
         with _accumulate(acc, models):

@@ -305,3 +305,53 @@ def test_checkpoint_name():
     assert checkpoint_stem(Parameters(checkpoint_name=" rex v2 "), "dog") == "rex v2"
     with pytest.raises(ConfigError, match="checkpoint_name"):
         Config.from_dict({"parameters": {"checkpoint_name": "../outside"}})
+
+
+def compiled_losses(monkeypatch, compiled: bool, backend: str | None = None, steps: int = 3) -> tuple[list, object]:
+    """Losses of `steps` fused AdamW steps of the tiny UNet, with compile_unet on or off."""
+    from diffusers import DDPMScheduler
+
+    from dreambooth.train import components
+    from dreambooth.train.optim import make_fused_step
+
+    if backend is not None:
+        monkeypatch.setattr(components, "COMPILE_BACKEND", backend)
+    torch.manual_seed(0)
+    unet, te = tiny_unet(), tiny_text_encoder()
+    params = Parameters(optimizer="adamw", learning_rate=1e-3, compile_unet=compiled)
+    if params.compile_unet:
+        assert components.compile_unet(unet)
+    opt = make_optimizer(params, unet, ())
+    trained = list(unet.parameters())
+    step = TrainStep(unet, (te,), DDPMScheduler(), params, sdxl=False, optimizer=opt, trainable_params=trained,
+                     fused=make_fused_step(params, opt, trained))
+    torch.manual_seed(1)
+    batches = [Batch(latents=torch.randn(2, 4, 8, 8), input_ids=(torch.randint(0, 1000, (2, 77)),))
+               for _ in range(steps)]
+    return [step(b, train_text_encoder=False).loss.item() for b in batches], unet
+
+
+@pytest.mark.slow
+def test_compile_unet_gives_the_eager_steps_loss(monkeypatch):
+    """Inductor on the CPU (a compile of about two minutes here): the first step, on the same weights and noise,
+    within 1e-5 relative of the eager loss; the next ones within 1% (AdamW's first updates are normalised gradients,
+    which carry the compiled kernels' float rounding)."""
+    eager, _ = compiled_losses(monkeypatch, False)
+    compiled, unet = compiled_losses(monkeypatch, True)
+    from dreambooth.train.components import is_compiled
+
+    assert is_compiled(unet)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    assert compiled == pytest.approx(eager, rel=1e-2)
+
+
+def test_a_compiler_that_fails_falls_back_to_eager_with_one_warning(monkeypatch):
+    from dreambooth.train.components import is_compiled
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    with pytest.warns(UserWarning, match="compile_unet: compiling the UNet failed .*no C\\+\\+ compiler here.*"
+                                         "training without compiling"):
+        losses, unet = compiled_losses(monkeypatch, True, backend=broken)
+    assert not is_compiled(unet) and len(losses) == 3 and all(loss == loss for loss in losses)
