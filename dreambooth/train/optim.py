@@ -193,7 +193,10 @@ class FusedBackwardStep:
                 params = [p for p, ok in zip(params, finite) if ok]
                 grads = [p.grad for p in params]
         if self.max_grad_norm > 0 and grads:  # per tensor: scale down to max_grad_norm when its own norm is above
-            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            if all(g.dtype == torch.float32 for g in grads):
+                norms = list(torch._foreach_norm(grads))
+            else:  # bf16 gradients (pure bf16): their norms in fp32
+                norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
             factors = torch._foreach_add(norms, 1e-6)
             torch._foreach_reciprocal_(factors)
             torch._foreach_mul_(factors, self.max_grad_norm)
