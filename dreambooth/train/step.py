@@ -50,10 +50,10 @@ class Batch:
     is_prior: torch.Tensor | None = None
 
     def to(self, device, dtype=None) -> "Batch":
-        def move(t, floating=True):
+        def move(t):
             if t is None:
                 return None
-            if floating and dtype is not None and t.is_floating_point():
+            if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device)
         return Batch(
@@ -129,7 +129,7 @@ class TrainStep:
         self.accelerator = accelerator
         self.trainable_params = list(trainable_params) if trainable_params is not None else None
         self.fused = fused  # optim.FusedBackwardStep: parameters are stepped during backward
-        self.pure_bf16 = pure_bf16  # weights held in bf16: stepped one by one with stochastic rounding
+        self.pure_bf16 = pure_bf16  # weights held in bf16: updated in fp32, written back with stochastic rounding
         self.autocast_dtype = autocast_dtype  # the mixed precision (precision.DtypePlan.autocast); None: none
 
     # -- pieces ----------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ class TrainStep:
             synced = acc.sync_gradients if acc is not None else True
             if self.optimizer is not None and synced:
                 if self.fused is not None:
-                    self.fused.finish_step()  # each parameter was clipped and stepped as its gradient arrived
+                    self.fused.finish_step()  # the parameters were clipped and stepped as their gradients arrived
                 else:
                     self.plain_optimizer_step(models)
                 if self.lr_scheduler is not None:
