@@ -10,7 +10,8 @@
 (d) bench/train_bench.py's main cases, ours against diffusers' loop, one process per case and loop.
 
 Every job runs in its own process (its own peak memory); a job that would start after --budget seconds (default 450)
-is listed as skipped. OUT gets results.json, results.md (the table to paste) and the model folders under OUT/root.
+is listed as skipped. The memory plans (CPU work: a trace each) come last, several at once, so the GPU's time goes to
+measuring first. OUT gets results.json, results.md (the table to paste) and the model folders under OUT/root.
 `--dry-run` runs the same code on tiny models at 64 px on the CPU, in a few minutes: CI runs it so this file
 cannot rot. The random source is built on the device (fast init there) and written once per family, in fp16.
 """
@@ -59,6 +60,8 @@ def jobs(parts: str, dry: bool) -> list[tuple[str, list[str]]]:
                 out.append((f"c-{flow.split('-')[1]}-{size}gb", ["preset", flow, str(size)]))
     if "d" in parts:
         out.append(("d-bench", ["bench"]))
+    if any(part in parts for part in "abc"):
+        out.append(("e-plans", ["plans"]))  # CPU work, last: the GPU's time goes to measuring first
     return out
 
 
@@ -165,7 +168,7 @@ def phases(events: list[dict]) -> dict:
     return out
 
 
-def plan_gib(root, name: str, overrides: dict | None = None) -> float | None:
+def plan_gib(root, name: str, overrides: dict | None = None) -> float | str:
     from dataclasses import replace
 
     from dreambooth.config import Config
@@ -206,7 +209,7 @@ def job_flow(root, name: str, dry: bool) -> dict:
     started = time.perf_counter()
     export_model(root, name, half=True, out=root.checkpoints / f"{name}-export.safetensors")
     out["export_s"] = time.perf_counter() - started
-    out["plan_gib"] = plan_gib(root, name)
+    out.update(model=name, plan_overrides={})
     return out
 
 
@@ -224,8 +227,8 @@ def job_preset(root, flow_name: str, size: int, dry: bool) -> dict:
     overrides = {**settings, "use_lora": False, "save_on_end": False, "save_during_training": False,
                  "sample_every_n_epochs": 0}
     _, peak = train(root, flow_name, 2 if dry else 5, overrides)
-    return {"preset_gib": preset_size, "settings": settings, "peak_gib": peak,
-            "plan_gib": plan_gib(root, flow_name, overrides)}
+    return {"preset_gib": preset_size, "settings": settings, "peak_gib": peak, "model": flow_name,
+            "plan_overrides": overrides}
 
 
 def _arch_and_params(model, family: str):
@@ -249,6 +252,28 @@ def job_bench(out: Path, dry: bool, timeout: float) -> dict:
     return {"table": table, "rows": json.loads((out / "bench.json").read_text())["rows"]}
 
 
+def job_plans(out: Path, root) -> dict:
+    """The memory plan beside each measured job, several at once (each traces on one CPU core)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    measured = {}
+    for path in sorted((out / "jobs").glob("*.json")):
+        data = json.loads(path.read_text())
+        if "plan_overrides" in data:
+            measured[path.stem] = (data["model"], data["plan_overrides"])
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
+        futures = {stem: pool.submit(plan_gib, root, model, overrides)
+                   for stem, (model, overrides) in measured.items()}
+        return {stem: future.result() for stem, future in futures.items()}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def run_job(out: Path, kind: str, rest: list[str], dry: bool, timeout: float) -> int:
     import warnings
 
@@ -260,9 +285,11 @@ def run_job(out: Path, kind: str, rest: list[str], dry: bool, timeout: float) ->
         result = job_flow(root, rest[0], dry)
     elif kind == "preset":
         result = job_preset(root, rest[0], int(rest[1]), dry)
+    elif kind == "plans":
+        result = job_plans(out, root)
     else:
         result = job_bench(out, dry, timeout)
-    atomic_write_text(out / "jobs" / f"{rest[0] if kind == 'flow' else '-'.join([kind, *rest])}.json",
+    atomic_write_text(out / "jobs" / f"{job_stem([kind, *rest])}.json",
                       json.dumps(result, indent=2, default=str) + "\n")
     return 0
 
@@ -326,16 +353,24 @@ def main(argv=None) -> int:
             error = "" if ok else (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
         except subprocess.TimeoutExpired:
             ok, error = False, "timed out"
-        stem = job[1] if job[0] == "flow" else "-".join(job)
         record = {"status": "ok" if ok else f"failed: {error}", "seconds": round(time.monotonic() - begun, 1)}
         if ok:
-            record["result"] = json.loads((out / "jobs" / f"{stem}.json").read_text())
+            record["result"] = json.loads((out / "jobs" / f"{job_stem(job)}.json").read_text())
         results["jobs"][name] = record
+    plans = results["jobs"].get("e-plans", {}).get("result", {})
+    for name, job in jobs(args.parts, args.dry_run):
+        if job_stem(job) in plans and "result" in results["jobs"][name]:
+            results["jobs"][name]["result"]["plan_gib"] = plans[job_stem(job)]
     results["device"] = _device_name(env)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return 0 if all(r["status"] == "ok" for r in results["jobs"].values()) else 1
+
+
+def job_stem(job: list[str]) -> str:
+    """The name of a job's result file."""
+    return job[1] if job[0] == "flow" else "-".join(job)
 
 
 def _device_name(env) -> str:

@@ -156,7 +156,7 @@ def test_the_gpu_check_dry_run_runs_every_part_and_writes_the_table(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads((out / "results.json").read_text())
     jobs = results["jobs"]
-    assert list(jobs) == ["a-sd15", "b-sdxl-lora", "c-sd15-8gb", "c-sdxl-8gb", "d-bench"]
+    assert list(jobs) == ["a-sd15", "b-sdxl-lora", "c-sd15-8gb", "c-sdxl-8gb", "d-bench", "e-plans"]
     assert all(job["status"] == "ok" for job in jobs.values()), jobs
     for name in ("a-sd15", "b-sdxl-lora"):
         flow = jobs[name]["result"]
