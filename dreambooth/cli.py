@@ -109,7 +109,7 @@ def cmd_demo(args) -> int:
 def cmd_ui(args) -> int:
     from .ui.app import launch
 
-    launch(_root(args), host=args.host, port=args.port, auth=args.auth)
+    launch(_root(args), host=args.host, port=args.port, auth=args.auth, allow_origins=args.allow_origin)
     return 0
 
 
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7861)
     p.add_argument("--auth", metavar="USER:PASS", help="login for the page and HTTP Basic auth for the REST routes "
                                                        "(several: u1:p1,u2:p2)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web address whose pages may use the app besides its own, e.g. https://sd.example.org "
+                        "behind a proxy (repeatable); its host name is accepted too")
     p.set_defaults(run=cmd_ui)
 
     p = verbs.add_parser("plan", help="predict the peak GPU memory of a model's training settings (no GPU needed)")

@@ -6,10 +6,11 @@ checkpoint list is the data root's models/Stable-diffusion folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .access import Access
 from .store import DataRoot
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -34,7 +35,8 @@ class Host:
     before_training() frees the host's loaded model (VRAM) before a training starts;
     after_training() loads it again when the training has ended;
     checkpoints_changed() refreshes the host's checkpoint list after a checkpoint file was written;
-    loras_changed() refreshes its LoRA list after a LoRA file was written.
+    loras_changed() refreshes its LoRA list after a LoRA file was written;
+    access: who may call the tab's handlers and the REST routes (dreambooth.access).
     """
 
     root: DataRoot
@@ -44,6 +46,7 @@ class Host:
     after_training: Callable[[], None] = _nothing
     checkpoints_changed: Callable[[], None] = _nothing
     loras_changed: Callable[[], None] = _nothing
+    access: Access = field(default_factory=Access)
 
     def files_changed(self, paths) -> None:
         """Refresh the host's lists that the written files belong to."""
@@ -61,5 +64,5 @@ class Host:
         return {str(p.relative_to(folder)): str(p) for p in checkpoint_files(folder)}
 
 
-def standalone_host(root: DataRoot) -> Host:
-    return Host(root=root)
+def standalone_host(root: DataRoot, access: Access | None = None) -> Host:
+    return Host(root=root, access=access or Access())

@@ -11,6 +11,7 @@ if str(EXTENSION_ROOT) not in sys.path:
 from modules import paths, script_callbacks, sd_models, shared  # noqa: E402
 
 from dreambooth import worker  # noqa: E402
+from dreambooth.access import Access, install  # noqa: E402
 from dreambooth.config import HOST_SETTINGS  # noqa: E402
 from dreambooth.host import Host  # noqa: E402
 from dreambooth.store import DataRoot  # noqa: E402
@@ -52,6 +53,19 @@ def restore_host_model():
         sd_models.reload_model_weights()
 
 
+def webui_access() -> Access:
+    """The access rule from the webui's own flags: the origins it allows (--cors-allow-origins[-regex]) are the
+    user's declaration of who else may call; --server-name is a name it is reached by; a login (--gradio-auth) or a
+    public link (--share, --ngrok) makes the Host check moot."""
+    opts = shared.cmd_opts
+    origins = tuple(o.strip() for o in (getattr(opts, "cors_allow_origins", None) or "").split(",") if o.strip())
+    logged_in = bool(getattr(opts, "gradio_auth", None) or getattr(opts, "gradio_auth_path", None))
+    public = bool(getattr(opts, "share", False) or getattr(opts, "ngrok", None))
+    return Access(origins=origins, origin_pattern=getattr(opts, "cors_allow_origins_regex", None) or None,
+                  hosts=tuple(h for h in [getattr(opts, "server_name", None)] if h), any_host=logged_in or public,
+                  allow_hint="add it to the webui's --cors-allow-origins")
+
+
 def webui_host() -> Host:
     return Host(
         root=data_root().ensure(),
@@ -61,6 +75,7 @@ def webui_host() -> Host:
         after_training=restore_host_model,
         checkpoints_changed=shared.refresh_checkpoints,
         loras_changed=refresh_loras,
+        access=webui_access(),
     )
 
 
@@ -106,6 +121,7 @@ def on_app_started(demo, app):
     from dreambooth.ui.routes import add_routes, basic_auth
 
     host = webui_host()
+    install(app, host.access)  # the tab's handlers see the headers the browser sent (dreambooth.access)
     opts = shared.cmd_opts
     if getattr(opts, "api", False) or getattr(opts, "nowebui", False):  # where the webui mounts its own API
         credentials = api_credentials()

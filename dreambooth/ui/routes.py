@@ -8,13 +8,14 @@ GET  /dreambooth/status[/{name}]     status of the running job, or of a model
 POST /dreambooth/cancel              cancel the running job
 
 Access: the routes exist where the host's own API does (webui: --api or --nowebui) and sit behind its HTTP Basic
-auth when one is set. A POST must say `Content-Type: application/json` (its body may be empty where none is needed):
+auth when one is set. They follow the tab's access rule (dreambooth.access): a call from another site's page or
+addressed to a name that is not this machine's is answered 403 with one line. A POST must also say `Content-Type: application/json` (its body may be empty where none is needed):
 a web page can send text/plain or form posts to another site without asking, but not JSON, so a page open in the same
 browser cannot start, cancel or reconfigure a training. Bodies are at most MAX_BODY bytes of UTF-8 JSON, bounded as
 config files are (config.parse_json: depth, no NaN/Infinity).
 
 Bad input answers 400 with {"detail": one line}; a body that is not JSON 415; one too large 413; an unknown model 404;
-a second training 409.
+a second training 409; a refused caller 403.
 """
 from __future__ import annotations
 
@@ -89,7 +90,13 @@ async def json_body(request: Request):
 
 def add_routes(app, host: Host, dependencies: list = ()) -> None:
     root = host.root
-    router = APIRouter(prefix="/dreambooth", dependencies=list(dependencies), tags=["dreambooth"])
+
+    def allowed(request: Request):
+        refusal = host.access.refusal(request.headers)
+        if refusal:
+            raise HTTPException(status_code=403, detail=refusal)
+
+    router = APIRouter(prefix="/dreambooth", dependencies=[Depends(allowed), *dependencies], tags=["dreambooth"])
     body = Depends(json_body)
 
     def bad(e: UserError) -> HTTPException:

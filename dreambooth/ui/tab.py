@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import worker
+from ..access import Access, request_headers
 from ..config import (CONCEPT_SETTINGS, FAMILIES, GROUPS, MIN_CONCEPTS, MODEL_SETTINGS, PARAMETER_SETTINGS, Config,
                       Setting, validate_for_training)
 from ..errors import UserError
@@ -141,6 +142,25 @@ def free_gpu_gib() -> float | None:
         return None
     free, _ = torch.cuda.mem_get_info()
     return free / 2**30
+
+
+def checked(access: Access, fn, outputs: list, message=None):
+    """`fn` as a handler behind the access rule (dreambooth.access): a refused call changes nothing, and `message`
+    (one of `outputs`, where the handler has one) says why. Every handler of the tab is wired through this."""
+
+    def handler(request, *values):
+        refusal = access.refusal(request_headers(request))
+        if refusal is None:
+            return fn(*values)
+        result = [compat.unchanged()] * len(outputs)
+        if message is not None:
+            result[outputs.index(message)] = _message(f"Error: {refusal}", "db-error")
+        return result[0] if len(outputs) == 1 else result
+
+    handler.__annotations__ = {"request": gr.Request}  # gradio passes the request to a parameter typed so
+    handler.__name__ = handler.__qualname__ = fn.__name__
+    handler.access_checked = fn
+    return handler
 
 
 EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()\-]{0,119}$")
@@ -541,31 +561,38 @@ def build(host: Host) -> gr.Blocks:
 
         # ------------------------------------------------------------ wiring
 
+        def on(event, fn, inputs, outputs, message=None):
+            event(checked(host.access, fn, outputs, message), inputs, outputs)
+
         panel_outputs = [status_md, progress, chart, gallery, checkpoints_md, log_box, resume_from, shown]
-        model_select.change(select_model, [model_select], settings + [model_msg])
-        model_select.change(show_model, [model_select], panel_outputs)
-        load_btn.click(on_load, [model_select], settings + [settings_msg])
-        save_btn.click(on_save, [model_select] + settings, [settings_msg])
-        train_btn.click(on_train, [model_select, start_from, resume_from, last_plan] + settings, [run_msg, last_plan])
-        plan_btn.click(on_plan, [model_select, vram] + settings, [plan_msg, last_plan])
-        preset_btn.click(on_preset, [model_select, preset], settings + [plan_msg])
-        extract_btn.click(on_extract, [model_select, extract_rank, extract_te_rank], [extract_msg, checkpoints_md])
+        on(model_select.change, select_model, [model_select], settings + [model_msg], model_msg)
+        on(model_select.change, show_model, [model_select], panel_outputs)
+        on(load_btn.click, on_load, [model_select], settings + [settings_msg], settings_msg)
+        on(save_btn.click, on_save, [model_select] + settings, [settings_msg], settings_msg)
+        on(train_btn.click, on_train, [model_select, start_from, resume_from, last_plan] + settings,
+           [run_msg, last_plan], run_msg)
+        on(plan_btn.click, on_plan, [model_select, vram] + settings, [plan_msg, last_plan], plan_msg)
+        on(preset_btn.click, on_preset, [model_select, preset], settings + [plan_msg], plan_msg)
+        on(extract_btn.click, on_extract, [model_select, extract_rank, extract_te_rank], [extract_msg, checkpoints_md],
+           extract_msg)
         for btn, what in ((cancel_btn, "cancel"), (pause_btn, "pause"), (save_now_btn, "save"),
                           (sample_now_btn, "sample")):
-            btn.click(control(what), [model_select], [run_msg])
-        export_btn.click(on_export, [model_select, export_name, export_overwrite] + settings,
-                         [export_msg, checkpoints_md])
-        refresh_btn.click(on_refresh, [model_select], [model_select, checkpoint])
-        delete_btn.click(on_delete, [model_select, delete_confirm], [model_select, delete_confirm, delete_msg])
-        checkpoint.change(on_source, [checkpoint, source_text], [detected])
-        source_text.change(on_source, [checkpoint, source_text], [detected])
-        create_btn.click(on_create, [new_name, checkpoint, source_text, family, overwrite],
-                         [model_select] + settings + [model_msg])
-        starter_btn.click(on_starter, [], [checkpoint, starter_btn, model_msg])
+            on(btn.click, control(what), [model_select], [run_msg], run_msg)
+        on(export_btn.click, on_export, [model_select, export_name, export_overwrite] + settings,
+           [export_msg, checkpoints_md], export_msg)
+        on(refresh_btn.click, on_refresh, [model_select], [model_select, checkpoint])
+        on(delete_btn.click, on_delete, [model_select, delete_confirm], [model_select, delete_confirm, delete_msg],
+           delete_msg)
+        on(checkpoint.change, on_source, [checkpoint, source_text], [detected])
+        on(source_text.change, on_source, [checkpoint, source_text], [detected])
+        on(create_btn.click, on_create, [new_name, checkpoint, source_text, family, overwrite],
+           [model_select] + settings + [model_msg], model_msg)
+        on(starter_btn.click, on_starter, [], [checkpoint, starter_btn, model_msg], model_msg)
         concept_components = [c for concept in fields.concepts for c in concept]
-        load_concepts_btn.click(on_load_concepts, [concepts_path], concept_components + [concepts_msg])
-        save_concepts_btn.click(on_save_concepts, [concepts_path] + settings, [concepts_msg])
-        compat.every(tab, POLL_SECONDS, poll, shown, panel_outputs)
+        on(load_concepts_btn.click, on_load_concepts, [concepts_path], concept_components + [concepts_msg],
+           concepts_msg)
+        on(save_concepts_btn.click, on_save_concepts, [concepts_path] + settings, [concepts_msg], concepts_msg)
+        compat.every(tab, POLL_SECONDS, checked(host.access, poll, panel_outputs), shown, panel_outputs)
 
         def on_page_load():
             job = worker.running_job(root)
@@ -574,7 +601,7 @@ def build(host: Host) -> gr.Blocks:
             return [compat.update(choices=names, value=selected), compat.update(choices=list(host.checkpoints())),
                     compat.update(visible=not host.checkpoints())]
 
-        tab.load(on_page_load, [], [model_select, checkpoint, starter_btn])
+        on(tab.load, on_page_load, [], [model_select, checkpoint, starter_btn])
         if host.name != "webui" and JAVASCRIPT.is_file():  # the webui injects javascript/ itself
             compat.run_js_on_load(tab, JAVASCRIPT.read_text(encoding="utf-8"))
     return tab

@@ -15,6 +15,8 @@ from dreambooth.host import Host
 from dreambooth.store import DataRoot
 from dreambooth.ui import routes
 
+LOCAL = "http://127.0.0.1:7860"  # the address a browser on this machine uses (the test client's default name is refused)
+
 FAKE = Path(__file__).with_name("fake_trainer.py")
 
 
@@ -34,7 +36,7 @@ def api(tmp_path, monkeypatch):
                         lambda r, name: [sys.executable, str(FAKE), str(r.model(name).path), "wait"])
     app = FastAPI()
     routes.add_routes(app, Host(root=root))
-    yield TestClient(app), root
+    yield TestClient(app, base_url=LOCAL), root
     job = worker.running_job(root)
     if job:  # a failed test must not leave its trainer running
         os.kill(job["pid"], signal.SIGKILL)
@@ -136,7 +138,7 @@ def test_basic_auth_guards_every_route(tmp_path):
 
     app = FastAPI()
     routes.add_routes(app, Host(root=DataRoot(tmp_path).ensure()), routes.basic_auth("alice:secret,bob:pw:x"))
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     for method, path in (("get", "/dreambooth/models"), ("get", "/dreambooth/status"), ("post", "/dreambooth/cancel"),
                          ("post", "/dreambooth/start/dog"), ("get", "/dreambooth/config/dog")):
         kwargs = {"json": {}} if method == "post" else {}

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,21 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from webui_helpers import copy_extension
+
+LOCAL = "http://127.0.0.1:7860"  # the address a browser on this machine uses (the test client's default name is refused)
+
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).with_name("webui_stub")
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 OWNED_MODULES = ("modules", "dreambooth", "launch")
-
-
-def copy_extension(target: Path) -> Path:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    target.mkdir(parents=True)
-    for item in ("scripts", "dreambooth", "javascript"):
-        if (REPO / item).is_dir():
-            shutil.copytree(REPO / item, target / item, ignore=ignore)
-    for item in ("install.py", "preload.py", "style.css", "pyproject.toml"):
-        shutil.copy2(REPO / item, target / item)
-    return target
 
 
 def load_file(path: Path, name: str):
@@ -119,7 +111,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     assert shared.opts.dreambooth_data_dir == ""
 
     # the routes, behind the webui's API auth
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     assert client.get("/dreambooth/models").status_code == 401
     assert client.get("/dreambooth/models", auth=("alice", "wrong")).status_code == 401
     auth = ("alice", "secret")
@@ -189,7 +181,7 @@ def test_data_dir_flag_and_setting(webui, tmp_path):
     assert script.data_root().root == other  # the flag wins over the setting
     from fastapi.testclient import TestClient
 
-    assert TestClient(app).get("/dreambooth/models").status_code == 200  # no --api-auth: open like the webui's API
+    assert TestClient(app, base_url=LOCAL).get("/dreambooth/models").status_code == 200  # no --api-auth: open like the webui's API
 
 
 ALICE, GRETA = ("alice", "secret"), ("greta", "pw:with:colons")
@@ -217,7 +209,7 @@ def test_routes_follow_the_webuis_access_flags(webui, tmp_path, case):
     auth_file.write_text("\n greta:pw:with:colons,\n", encoding="utf-8")
     argv = [a.replace("{auth_file}", str(auth_file)) for a in flags]
     script, tabs, app = start_webui(webui, argv, build_ui=False)
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     got = tuple(client.get("/dreambooth/models", auth=who).status_code for who in (None, ALICE, GRETA))
     assert got == expected
     assert client.get("/sdapi/v1/sd-models").status_code == sdapi  # the webui's own API, for comparison

@@ -10,6 +10,13 @@ parser.add_argument("--api-auth", type=str, default=None, help='Set authenticati
 parser.add_argument("--nowebui", action="store_true", help="use api=True to launch the API instead of the webui")
 parser.add_argument("--gradio-auth", type=str, default=None, help='set gradio authentication like "username:password"')
 parser.add_argument("--gradio-auth-path", type=str, default=None, help="set gradio authentication file path")
+# the network flags of modules/cmd_args.py
+parser.add_argument("--listen", action="store_true", help="launch gradio with 0.0.0.0 as server name, allowing to respond to network requests")
+parser.add_argument("--share", action="store_true", help="use share=True for gradio and make the UI accessible through their site")
+parser.add_argument("--ngrok", type=str, help="ngrok authtoken, alternative to gradio --share", default=None)
+parser.add_argument("--cors-allow-origins", type=str, help="Allowed CORS origin(s) in the form of a comma-separated list (no spaces)", default=None)
+parser.add_argument("--cors-allow-origins-regex", type=str, help="Allowed CORS origin(s) in the form of a single regular expression", default=None)
+parser.add_argument("--server-name", type=str, help="Sets hostname of server", default=None)
 cmd_opts = parser.parse_args([])  # the test re-parses after preload() added the extension's flags
 
 
