@@ -36,9 +36,19 @@ def cmd_tiny_checkpoint(args) -> int:
     return 0
 
 
+def _reclaim(root: DataRoot, name: str | None = None) -> None:
+    """Remove what interrupted runs left on this data root (and model) and say how much that was."""
+    from .store import reclaim_leftovers
+
+    reclaimed = reclaim_leftovers(root, root.model(name) if name else None)
+    if reclaimed:
+        print(reclaimed.sentence())
+
+
 def cmd_create(args) -> int:
     from .models import create_model
 
+    _reclaim(_root(args))
     model = create_model(_root(args), args.name, args.source, family=args.family, overwrite=args.overwrite,
                          allow_pickle=args.allow_pickle_weights)
     print(f"created {model.path}")
@@ -48,6 +58,7 @@ def cmd_create(args) -> int:
 def cmd_export(args) -> int:
     from .models import export_model
 
+    _reclaim(_root(args), args.name)
     path = export_model(_root(args), args.name, fmt=args.format, half=args.half, ema=args.ema,
                         out=Path(args.out) if args.out else None)
     print(f"wrote {path}")
@@ -57,6 +68,7 @@ def cmd_export(args) -> int:
 def cmd_extract_lora(args) -> int:
     from .lora.extract import extract_model_lora
 
+    _reclaim(_root(args), args.name)
     path, extraction = extract_model_lora(_root(args), args.name, args.rank, args.te_rank,
                                           out=Path(args.out) if args.out else None, half=not args.full_precision)
     print(extraction.report())

@@ -11,13 +11,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from .config import Config, ModelSettings, Parameters
 from .errors import UserError
 from .families import check_family_choice, family as family_facts
-from .store import DataRoot, ModelDir, current_umask
+from .store import DataRoot, ModelDir, temporary_folder
 
 # "owner/name" on the Hugging Face hub; anything else that does not exist is a missing file or folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -157,10 +156,7 @@ def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, force
     """Import into a temp folder beside the final one, then swap it in (the old model goes only once it is done)."""
     from .checkpoint.convert import import_single_file
 
-    name = model.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".creating", dir=root.dreambooth))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a model folder is an ordinary folder
-    try:
+    with temporary_folder(root.dreambooth, model.name) as tmp:
         working = tmp / "working"
         if path.is_file():
             info = import_single_file(path, working, forced)
@@ -170,7 +166,7 @@ def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, force
                         parameters=Parameters(resolution=family_facts(info["family"]).resolution))
         config.save(tmp / "config.json")
         if model.path.exists():  # --overwrite: swap in the complete new model, then drop the old one
-            old = model.path.with_name(f".{name}.old")
+            old = model.path.with_name(f".{model.name}.old")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(model.path, old)
@@ -178,9 +174,6 @@ def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, force
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, model.path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool = False, ema: bool = False,

@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +23,11 @@ ROOT_ENV = "DREAMBOOTH_ROOT"
 # Names Windows cannot create a file or folder with; refused everywhere so a model folder can be copied anywhere.
 RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
+
+
+TEMP_FILE = ".tmp"  # `.NAME.XXXXXXXX.tmp`: a file being written (atomic_path)
+TEMP_FOLDER = ".creating"  # `.NAME.XXXXXXXX.creating`: a model being created (temporary_folder)
+LEGACY_FOLDER_AGE = 3600.0
 
 
 class ModelNameError(UserError):
@@ -186,11 +193,21 @@ class ModelLock:
             self._fd = None
 
 
-def _lock_file(fd: int) -> None:
+# Windows locks byte ranges against every other handle: a temporary file is locked far past anything written to it.
+FAR_BYTE = 1 << 40
+
+
+def _lock_file(fd: int, far: bool = False) -> None:
+    """Lock an open file for this process (OSError if another live process holds it). The operating system drops the
+    lock when the holder dies, however it dies."""
     if os.name == "nt":
         import msvcrt
 
+        if far:
+            os.lseek(fd, FAR_BYTE, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        if far:
+            os.lseek(fd, 0, os.SEEK_SET)
     else:
         import fcntl
 
@@ -247,11 +264,11 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TEMP_FILE, dir=final.parent)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes it private; ours are ordinary files
     try:
+        _lock_file(fd, far=True)  # held while it is written: `reclaim` leaves it alone (see there)
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes it private; ours are ordinary files
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -259,6 +276,117 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def temporary_folder(parent: Path, name: str, suffix: str = TEMP_FOLDER) -> Iterator[Path]:
+    """A new hidden folder `.NAME.XXXXXXXX<suffix>` in `parent`, whose `.lock` this process holds until the block
+    ends; removed then unless the block renamed it into place."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=suffix, dir=parent))
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _lock_file(fd)
+        os.chmod(folder, 0o777 & ~current_umask())  # mkdtemp makes it private; it may become an ordinary folder
+        yield folder
+    finally:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """What `reclaim` removed: the paths and their size in bytes."""
+
+    paths: tuple = ()
+    size: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.paths)
+
+    def __add__(self, other: "Reclaimed") -> "Reclaimed":
+        return Reclaimed(self.paths + other.paths, self.size + other.size)
+
+    def sentence(self) -> str:
+        things = "1 temporary file or folder" if len(self.paths) == 1 else f"{len(self.paths)} temporary files or folders"
+        return f"Reclaimed {human_size(self.size)}: {things} left by an interrupted create, export or save."
+
+
+def reclaimed_in(printed: str) -> str:
+    """The `Reclaimed.sentence()` a CLI verb printed (the tab repeats it), or ''."""
+    return " ".join(line.strip() for line in printed.splitlines() if line.startswith("Reclaimed "))
+
+
+def human_size(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether a temporary file or folder belongs to no live process: nobody holds its lock (the file itself, or a
+    folder's .lock, exactly as a model's lock). A folder without a .lock (made by an older version) counts as
+    abandoned only once nothing in it has changed for an hour."""
+    lock = path / ".lock" if path.is_dir() else path
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return path.is_dir() and time.time() - _newest_change(path) > LEGACY_FOLDER_AGE
+    except OSError:
+        return False
+    try:
+        _lock_file(fd, far=not path.is_dir())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _newest_change(folder: Path) -> float:
+    times = [folder.lstat().st_mtime]
+    for dirpath, _, files in os.walk(folder):
+        times += [os.lstat(os.path.join(dirpath, f)).st_mtime for f in files]
+    return max(times)
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir():
+        return path.lstat().st_size
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
+
+
+def reclaim(folders, recursive=()) -> Reclaimed:
+    """Remove the temporary files (`.X.*.tmp`) and folders (`.X.*.creating`, `.X.old`) that processes killed while
+    writing them left in `folders` (and anywhere under the `recursive` ones). Only what no live process holds goes."""
+    candidates = []
+    for folder in folders:
+        if Path(folder).is_dir():
+            candidates += [p for p in Path(folder).iterdir() if p.name.startswith(".")]
+    for folder in recursive:
+        if Path(folder).is_dir():
+            candidates += [p for p in Path(folder).rglob(f".*{TEMP_FILE}") if p.is_file()]
+    removed = Reclaimed()
+    for path in candidates:
+        is_temp = (path.is_file() and not path.is_symlink() and path.name.endswith(TEMP_FILE)) or (
+            path.is_dir() and not path.is_symlink() and path.name.endswith((TEMP_FOLDER, ".old")))
+        if not is_temp or not _abandoned(path):
+            continue
+        try:
+            size = _size(path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: left for the next time
+        removed += Reclaimed((path,), size)
+    return removed
+
+
+def reclaim_leftovers(root: "DataRoot", model: ModelDir | None = None) -> Reclaimed:
+    """`reclaim` where the product writes: the models folder, the checkpoint and LoRA folders, and a model's folder."""
+    return reclaim([root.dreambooth, root.checkpoints, root.lora], [model.path] if model else [])
 
 
 def atomic_write(final: Path, write: Callable[[Path], None]) -> Path:

@@ -412,6 +412,13 @@ def start_over(root: DataRoot, name: str) -> str:
     if holder is not None:
         raise JobRunningError(f"model {name!r} is {holder.get('purpose') or 'in use'}; wait until it ends")
     kept = root.dreambooth / f".{name}.class_images.kept"
+    if kept.is_dir():  # an earlier start-over was killed while it held the class images: put them back first
+        if model.class_images.exists():
+            import shutil
+
+            shutil.rmtree(kept)
+        else:
+            os.replace(kept, model.class_images)
     if model.class_images.is_dir():
         os.replace(model.class_images, kept)
     try:

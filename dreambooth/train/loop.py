@@ -29,7 +29,7 @@ from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error,
                       Sample, Start, Step)
 from ..lora.training import LoraRun
 from ..models import load_config
-from ..store import DataRoot, ModelDir, atomic_write_text
+from ..store import DataRoot, ModelDir, atomic_write_text, reclaim_leftovers
 from . import pipeline as gen
 from . import precision
 from .components import Components, compile_unet, eager, load_components
@@ -38,7 +38,7 @@ from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler
 from .requests import Requests
 from .schedule import Schedule
 from .saves import keep_save, link_tree, mark_checkpoint_written, read_trainer_info, recover_folder, swap_folder
-from .state import disk_full, load_state, remove_leftovers, save_state, write_failed
+from .state import disk_full, load_state, save_state, write_failed
 from .step import Batch, TrainStep, encode_prompt
 
 log = logging.getLogger("dreambooth")
@@ -258,8 +258,9 @@ class Trainer:
         """Images, models (from the last save when resuming), class images, data order, schedule, optimizer, EMA."""
         acc, p = self.accelerator, self.p
         if self.main:
-            remove_leftovers(self.model.path, self.root.checkpoints, self.model.name)
-            remove_leftovers(self.model.path, self.root.lora, self.model.name)
+            reclaimed = reclaim_leftovers(self.root, self.model)
+            if reclaimed:
+                log.info(reclaimed.sentence())
             recover_folder(self.model.state)  # a save killed mid-swap
         acc.wait_for_everyone()
         instances = collect_instances(self.config)  # bad images are reported before the models load

@@ -134,19 +134,3 @@ def write_failed(error: BaseException) -> bool:
     """Whether an exception raised while writing files is the write failing (not a bug in the writer)."""
     return any(isinstance(e, (OSError, SafetensorError)) for e in _chain(error)) or (
         isinstance(error, RuntimeError) and "inline_container" in str(error))
-
-
-def remove_leftovers(model_folder: Path, checkpoints: Path, name: str) -> list[Path]:
-    """Remove the temporary files a killed save or export left: `.X.*.tmp` (store.atomic_path) anywhere in the model's
-    folder, and those of this model's checkpoint files (NAME_<step>.*) in the checkpoints folder."""
-    removed = []
-    candidates = list(Path(model_folder).rglob(".*.tmp")) if Path(model_folder).is_dir() else []
-    mine = re.compile(rf"^\.{re.escape(name)}_\d+\.(safetensors|ckpt|yaml)\..+\.tmp$")
-    if Path(checkpoints).is_dir():
-        candidates += [p for p in Path(checkpoints).iterdir() if mine.match(p.name)]
-    for path in candidates:
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-            log.info("removed %s, left by an interrupted save", path)
-    return removed

@@ -20,6 +20,7 @@ from ..config import (CONCEPT_SETTINGS, FAMILIES, GROUPS, MIN_CONCEPTS, MODEL_SE
                       Setting, validate_for_training)
 from ..errors import UserError
 from ..models import read_training_summary, save_config
+from ..store import reclaimed_in
 from ..host import Host
 from . import compat, views
 from .concepts_files import concepts_folder, load_concepts, save_concepts
@@ -443,9 +444,9 @@ def build(host: Host) -> gr.Blocks:
                 if out.exists() and not replace:
                     raise UserError(f"{out.name} exists in {out.parent}: tick 'Overwrite an existing file' to "
                                     "replace it, or enter another file name")
-                worker.export(root, name, params.checkpoint_format, params.save_half,
-                              params.use_ema and params.save_ema_weights, host, out)
-                return _info(f"Exported {out}."), panel(name)["checkpoints"]
+                said = worker.export(root, name, params.checkpoint_format, params.save_half,
+                                     params.use_ema and params.save_ema_weights, host, out)
+                return _info(f"Exported {out}. {reclaimed_in(said)}".strip()), panel(name)["checkpoints"]
             except UserError as e:
                 return _error(e), compat.unchanged()
 
@@ -478,7 +479,7 @@ def build(host: Host) -> gr.Blocks:
                 if root.model(name).path.exists() and not replace:
                     raise UserError(f"a model named {name!r} exists: tick 'Overwrite' to replace it, or choose "
                                     "another name")
-                worker.create(root, name, source, family_choice, overwrite=bool(replace))
+                said = worker.create(root, name, source, family_choice, overwrite=bool(replace))
                 model = root.model(name)
                 config = Config.load(model.config_path)
                 note = ""
@@ -487,7 +488,7 @@ def build(host: Host) -> gr.Blocks:
                     note = (" Settings for a first run of about a minute on a CPU are filled in (resolution 64, "
                             "6 epochs, the demo images as concept 1): press Train.")
                 return [model_choices(model.name)] + Fields.values(config) + [
-                    _info(f"Created {model.name} ({config.model.family}) from {source}.{note}")]
+                    _info(f"Created {model.name} ({config.model.family}) from {source}.{note} {reclaimed_in(said)}".strip())]
             except UserError as e:
                 return [compat.unchanged()] + [compat.unchanged()] * len(settings) + [_error(e)]
 

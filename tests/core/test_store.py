@@ -93,3 +93,61 @@ def test_written_files_have_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+HOLD = ("import sys, time\n"
+        "from pathlib import Path\n"
+        "from dreambooth.store import atomic_path, temporary_folder\n"
+        "with atomic_path(Path(sys.argv[1]) / 'big.safetensors') as tmp, temporary_folder(Path(sys.argv[1]), 'm') as f:\n"
+        "    tmp.write_bytes(b'x' * 5000)\n"
+        "    (f / 'weights.bin').write_bytes(b'y' * 7000)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n")
+
+
+def test_reclaim_removes_what_dead_writers_left_and_nothing_a_live_one_holds(tmp_path):
+    from dreambooth.store import reclaim
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    dead = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "writing" and dead.stdout.readline().strip() == "writing"
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        (folder / "m.safetensors").write_text("a user's file")
+        (folder / ".hidden.txt").write_text("a user's hidden file")
+        before = sorted(p.name for p in folder.iterdir())
+        assert len(before) == 6  # two temporary files, two temporary folders, the user's two
+        reclaimed = reclaim([folder])
+        assert len(reclaimed.paths) == 2 and reclaimed.size == 5000 + 7000
+        assert "Reclaimed 12.0 KB" in reclaimed.sentence()
+        left = sorted(p.name for p in folder.iterdir())
+        assert len(left) == 4 and "m.safetensors" in left and ".hidden.txt" in left
+        assert not reclaim([folder])  # the live writer's are kept
+    finally:
+        live.kill()
+        live.wait()
+    assert reclaim([folder]).size == 5000 + 7000
+
+
+def test_reclaim_in_this_process_keeps_what_it_writes(tmp_path):
+    from dreambooth.store import reclaim, temporary_folder
+
+    with atomic_path(tmp_path / "x.bin") as tmp, temporary_folder(tmp_path, "m") as folder:
+        tmp.write_bytes(b"x")
+        assert not reclaim([tmp_path]) and tmp.exists() and folder.exists()
+
+
+def test_a_temporary_folder_of_an_older_version_goes_once_untouched_for_an_hour(tmp_path):
+    from dreambooth.store import reclaim
+
+    old = tmp_path / ".m.abcd1234.creating"
+    (old / "working").mkdir(parents=True)
+    (old / "working" / "w.bin").write_bytes(b"z" * 10)
+    assert not reclaim([tmp_path])
+    hour_ago = os.stat(old).st_mtime - 3700
+    for path in (old, old / "working", old / "working" / "w.bin"):
+        os.utime(path, (hour_ago, hour_ago))
+    assert reclaim([tmp_path]).paths == (old,)

@@ -18,7 +18,7 @@ from dreambooth.data.dataset import Example, Item, TrainingData
 from dreambooth.errors import UserError
 from dreambooth.train.loop import StopTraining, read_item, writing
 from dreambooth.train.saves import go_back, keep_save, kept_saves, mark_checkpoint_written, read_trainer_info
-from dreambooth.train.state import disk_full, load_state, remove_leftovers, save_state, write_failed
+from dreambooth.train.state import disk_full, load_state, save_state, write_failed
 
 CPU = SimpleNamespace(is_main_process=True, device="cpu")
 
@@ -254,17 +254,23 @@ def test_a_real_full_disk_while_saving(tmp_path):
 
 
 def test_leftovers_of_a_killed_save_are_removed(tmp_path):
-    model, checkpoints = tmp_path / "models" / "dreambooth" / "m", tmp_path / "models" / "Stable-diffusion"
-    for folder in (model / "working", model / "samples", checkpoints):
+    """What a killed save or export left goes; what a live writer (another model's export) is writing stays."""
+    from dreambooth.store import DataRoot, atomic_path, reclaim_leftovers
+
+    root = DataRoot(tmp_path).ensure()
+    model, checkpoints = root.model("m"), root.checkpoints
+    for folder in (model.working, model.samples):
         folder.mkdir(parents=True)
-    left = [model / "working" / ".training.json.k2j4h1x9.tmp", model / "samples" / ".4-0-0.png.a8b7c6d5.tmp",
-            checkpoints / ".m_4.safetensors.0a1b2c3d.tmp", checkpoints / ".m_12.yaml.zz9_y8x7.tmp"]
-    kept = [model / "working" / "training.json", checkpoints / "m_4.safetensors",
-            checkpoints / ".m2_4.safetensors.0a1b2c3d.tmp",  # another model's export, maybe running now
-            checkpoints / ".m_4_7.safetensors.0a1b2c3d.tmp"]  # the model "m_4"'s
+    left = [model.working / ".training.json.k2j4h1x9.tmp", model.samples / ".4-0-0.png.a8b7c6d5.tmp",
+            checkpoints / ".m_4.safetensors.0a1b2c3d.tmp", checkpoints / ".m_12.yaml.zz9_y8x7.tmp",
+            root.lora / ".m2_4.safetensors.0a1b2c3d.tmp"]
+    kept = [model.working / "training.json", checkpoints / "m_4.safetensors", checkpoints / ".hidden"]
     for path in left + kept:
         path.write_text("x")
-    assert sorted(remove_leftovers(model, checkpoints, "m")) == sorted(left)
+    with atomic_path(checkpoints / "m2_4.safetensors") as running:
+        running.write_text("being written")
+        assert sorted(reclaim_leftovers(root, model).paths) == sorted(left)
+        assert running.exists()
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
 
 

@@ -1,0 +1,84 @@
+"""A create or an export killed (SIGKILL) while its temporary folder or file holds weights leaves nothing behind once
+the next operation on that data root runs, and that operation says how much it reclaimed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dreambooth import worker
+
+pytestmark = pytest.mark.slow  # real create and export processes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(root, *args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "dreambooth", "--root", str(root.root), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(proc: subprocess.Popen, written) -> bool:
+    """SIGKILL `proc` as soon as `written()` finds its temporary weights; False if it finished first."""
+    while proc.poll() is None:
+        if written():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.is_dir() else []
+
+
+def temp_weights(folder: Path, pattern: str) -> bool:
+    return any(p.stat().st_size > 0 for p in folder.glob(pattern) if p.is_file())
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    from dreambooth.checkpoint.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint("v1", tmp_path / "tiny.safetensors", seed=0)
+
+
+def test_a_killed_create_leaves_nothing_once_the_next_create_runs(data_root, tiny):
+    for _ in range(5):
+        proc = cli(data_root, "create", "dog", "--source", str(tiny))
+        if kill_when(proc, lambda: temp_weights(data_root.dreambooth, ".dog.*.creating/working/*/*")):
+            break
+        worker.delete_model(data_root, "dog")
+    else:
+        pytest.fail("create finished every time before it could be killed")
+    left = [p for p in data_root.dreambooth.glob(".dog.*.creating")]
+    assert left and not data_root.model("dog").exists()
+    size = sum(f.stat().st_size for p in left for f in p.rglob("*") if f.is_file())
+
+    said = worker.create(data_root, "dog", str(tiny))  # as the tab does it
+    assert "Reclaimed" in said and hidden(data_root.dreambooth) == [], said
+    assert data_root.model("dog").exists()
+    assert f"{size / 1e3:.1f} KB" in said or f"{size / 1e6:.1f} MB" in said, (said, size)
+
+
+def test_a_killed_export_leaves_nothing_once_the_next_export_runs(data_root, tiny):
+    worker.create(data_root, "dog", str(tiny))
+    out = data_root.checkpoints
+    for _ in range(5):
+        proc = cli(data_root, "export", "dog")
+        if kill_when(proc, lambda: temp_weights(out, ".dog_0.safetensors.*.tmp")):
+            break
+        (out / "dog_0.safetensors").unlink()
+    else:
+        pytest.fail("export finished every time before it could be killed")
+    assert hidden(out) and not (out / "dog_0.safetensors").exists()
+
+    proc = cli(data_root, "export", "dog")
+    printed, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Reclaimed" in printed.splitlines()[0], printed
+    assert hidden(out) == [] and (out / "dog_0.safetensors").is_file()
