@@ -60,7 +60,7 @@ def cmd_export(args) -> int:
 
     _reclaim(_root(args), args.name)
     path = export_model(_root(args), args.name, fmt=args.format, half=args.half, ema=args.ema,
-                        out=Path(args.out) if args.out else None)
+                        out=Path(args.out) if args.out else None, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -70,7 +70,8 @@ def cmd_extract_lora(args) -> int:
 
     _reclaim(_root(args), args.name)
     path, extraction = extract_model_lora(_root(args), args.name, args.rank, args.te_rank,
-                                          out=Path(args.out) if args.out else None, half=not args.full_precision)
+                                          out=Path(args.out) if args.out else None, half=not args.full_precision,
+                                          overwrite=args.overwrite)
     print(extraction.report())
     print(f"wrote {path}")
     return 0
@@ -167,14 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", choices=("safetensors", "ckpt"))
     p.add_argument("--half", action="store_true", help="write fp16 weights")
     p.add_argument("--ema", action="store_true", help="export the EMA UNet weights")
-    p.add_argument("--out", help="output path (default: <root>/models/Stable-diffusion/NAME_<step>.<format>)")
+    p.add_argument("--out", help="output path (default: <root>/models/Stable-diffusion/NAME_<step>.<format>, or "
+                                 "the next free NAME_<step>-N when that name is taken)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
     p.set_defaults(run=cmd_export)
 
     p = verbs.add_parser("extract-lora", help="extract a LoRA from a trained model (low-rank SVD of trained - base)")
     p.add_argument("name")
     p.add_argument("--rank", type=int, required=True, help="UNet rank (capped per layer at the layer's width)")
     p.add_argument("--te-rank", type=int, default=None, help="text-encoder rank (default: --rank)")
-    p.add_argument("--out", help="output path (default: <root>/models/Lora/NAME_<step>_extract_r<R>.safetensors)")
+    p.add_argument("--out", help="output path (default: <root>/models/Lora/NAME_<step>_extract_r<R>.safetensors, or "
+                                 "the next free name when that one is taken)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
     p.add_argument("--full-precision", action="store_true", help="write fp32 weights (default fp16)")
     p.set_defaults(run=cmd_extract_lora)
 

@@ -177,7 +177,10 @@ def _build_model(root: DataRoot, model: ModelDir, path: Path, source: str, force
 
 
 def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool = False, ema: bool = False,
-                 out: Path | None = None) -> Path:
+                 out: Path | None = None, overwrite: bool = False) -> Path:
+    """Write the working model as one checkpoint file: `out` (replacing a file there only with `overwrite`), else
+    NAME_<step>.<fmt> in the checkpoints folder, or the next free name when that one is taken (dreambooth.outputs)."""
+    from . import outputs
     from .checkpoint.export import FORMATS, write_single_file
 
     model = root.model(name)
@@ -190,7 +193,10 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
             raise UserError(f"model {name!r}: its working model is missing (re-create the model)")
         training = read_training_summary(model)
         step = int(training.get("step", 0)) if training else 0
-        out = Path(out).expanduser() if out else root.checkpoints / f"{name}_{step}.{fmt}"
+        if out:
+            out = outputs.chosen(model, Path(out).expanduser(), overwrite)
+        else:
+            out = outputs.automatic(model, outputs.checkpoint_file(root.checkpoints, name, step, fmt))
         state_dicts = None
         if ema:
             if not (model.ema_unet / "config.json").is_file():
@@ -203,9 +209,7 @@ def export_model(root: DataRoot, name: str, fmt: str = "safetensors", half: bool
                 state_dicts["unet"].update({k: source.get(k) for k in source.keys()})
         path = write_single_file(model.working, out, fmt=fmt, half=half, state_dicts=state_dicts,
                                  metadata={"dreambooth.ema": str(ema).lower()}, training=training)
-        model.logs.mkdir(parents=True, exist_ok=True)
-        with open(model.exports, "a", encoding="utf-8") as record:  # so the tab lists it whatever its name
-            record.write(f"{Path(path).resolve()}\n")
+        outputs.record(model, path)  # so the model's list shows it whatever its name
         return path
 
 

@@ -15,7 +15,6 @@ export) also runs as a child process: the host process (the webui) never loads t
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -332,16 +331,12 @@ def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def model_checkpoints(root: DataRoot, name: str, written: list | None = None, also: str = "") -> list[Path]:
-    """Every checkpoint file of a model that is still there, oldest first: NAME_* in models/Stable-diffusion and
-    models/Lora (and ALSO_*: the model's custom checkpoint name), the files this run wrote and the files `export`
-    wrote (which may carry any name)."""
-    exported = root.model(name).exports
-    listed = exported.read_text(encoding="utf-8").splitlines() if exported.is_file() else []
-    found = {Path(p).resolve() for p in [*(written or []), *listed] if p and Path(p).is_file()}
-    for folder in (root.checkpoints, root.lora):
-        for stem in {name, also.strip()} - {""}:
-            found.update(p.resolve() for p in folder.glob(f"{glob.escape(stem)}_*") if p.suffix in (".safetensors", ".ckpt"))
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+    """Every checkpoint and LoRA file of a model that is still there, oldest first (dreambooth.outputs): the files
+    it recorded writing, those this run wrote, and NAME_<step> files (and ALSO_<step>: its custom checkpoint name)
+    in models/Stable-diffusion and models/Lora."""
+    from .outputs import model_outputs
+
+    return model_outputs(root.model(name), [root.checkpoints, root.lora], [name, also], written or [])
 
 
 def status(root: DataRoot, name: str) -> Status:
@@ -382,12 +377,13 @@ def create(root: DataRoot, name: str, source: str, family: str = "auto", overwri
 
 
 def export(root: DataRoot, name: str, fmt: str, half: bool, ema: bool, host: Host | None = None,
-           out: Path | None = None) -> str:
-    """Export the working model as one checkpoint file (child process), then refresh the host's list."""
+           out: Path | None = None, overwrite: bool = False) -> str:
+    """Export the working model as one checkpoint file (child process), then refresh the host's list. What the
+    export printed comes back (`wrote PATH`, and what it reclaimed)."""
     if not root.model(name).exists():
         raise UserError(f"model {name!r}: not found")
     out = run_cli(root, "export", name, "--format", fmt, *(["--half"] if half else []), *(["--ema"] if ema else []),
-                  *(["--out", str(out)] if out else []))
+                  *(["--out", str(out)] if out else []), *(["--overwrite"] if overwrite else []))
     if host is not None:
         host.checkpoints_changed()
     return out

@@ -162,12 +162,13 @@ def base_sources(source: str, family_name: str, configs: dict) -> dict:
 
 
 def extract_model_lora(root, name: str, rank: int, te_rank: int | None = None, out: Path | None = None,
-                       half: bool = True) -> tuple[Path, Extraction]:
+                       half: bool = True, overwrite: bool = False) -> tuple[Path, Extraction]:
     """Extract a LoRA from the DreamBooth model `name` (trained working weights vs its source checkpoint)."""
     from ..checkpoint.convert import component_source, read_configs
     from ..families import family_from_folder
     from ..models import load_config, read_training_summary
-    from .files import lora_path, save_lora
+    from .. import outputs
+    from .files import save_lora
 
     model = root.model(name)
     if not model.exists():
@@ -184,10 +185,15 @@ def extract_model_lora(root, name: str, rank: int, te_rank: int | None = None, o
         extraction = extract_lora(trained, base, rank, te_rank)
         training = read_training_summary(model) or {"step": 0, "epoch": 0}
     suffix = f"_extract_r{rank}" + (f"_te{te_rank}" if te_rank is not None and te_rank != rank else "")
-    out = Path(out).expanduser() if out else lora_path(root.lora, name, training.get("step", 0), suffix)
+    if out:
+        out = outputs.chosen(model, Path(out).expanduser(), overwrite, with_yaml=False)
+    else:
+        out = outputs.automatic(model, outputs.lora_file(root.lora, name, training.get("step", 0), suffix),
+                                with_yaml=False)
     extra = {"dreambooth.extraction": {"ranks": extraction.ranks, "relative_error": extraction.errors,
                                        "unchanged": extraction.unchanged, "base": str(config.model.source)}}
     path = save_lora(out, family_name, configs["unet"], extraction.weights, half=half,
                      resolution=config.parameters.resolution, training=training, layers=EXTRACT_LAYERS, extra=extra)
+    outputs.record(model, path)
     log.info("extracted %s\n%s", path, extraction.report())
     return path, extraction

@@ -151,10 +151,6 @@ def save_lora(out: Path, family_name: str, unet_config: dict, weights: LoraWeigh
     return write_lora_file(out, tensors, meta)
 
 
-def lora_path(lora_folder: Path, model_name: str, step: int, suffix: str = "") -> Path:
-    return Path(lora_folder) / f"{model_name}_{int(step)}{suffix}.safetensors"
-
-
 def prompt_tag(path: Path, weight: float = 1.0) -> str:
     """The tag that applies the LoRA in a webui prompt."""
     return f"<lora:{Path(path).stem}:{_number(weight)}>"
@@ -168,17 +164,3 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise UserError(f"{path}: no such LoRA file")
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-
-def lora_exports(lora_folder: Path, model_name: str) -> list[tuple[Path, str]]:
-    """(file, prompt tag) of a model's LoRA files in `lora_folder` (NAME_<step>*.safetensors), oldest step first."""
-    import re
-
-    pattern = re.compile(rf"^{re.escape(model_name)}_(\d+)(_.*)?\.safetensors$")
-    found = []
-    for path in Path(lora_folder).glob("*.safetensors") if Path(lora_folder).is_dir() else ():
-        match = pattern.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path.name, path))
-    return [(path, prompt_tag(path)) for _, _, path in sorted(found)]

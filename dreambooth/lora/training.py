@@ -173,18 +173,14 @@ class LoraRun:
                 "learning_rate": p.lora_unet_learning_rate,
                 "text_encoder_learning_rate": p.lora_text_encoder_learning_rate}
 
-    def export(self, lora_folder: Path, checkpoints: Path, working: Path, name: str, step: int,
-               summary: dict) -> list[Path]:
-        """The LoRA file (and the merged full checkpoint when lora_export_merged is on); their paths."""
+    def export(self, lora_out: Path, merged_out: Path | None, working: Path, summary: dict) -> list[Path]:
+        """The LoRA file (and the merged full checkpoint at `merged_out`, when given); their paths."""
         from ..checkpoint.export import write_single_file
-        from .files import lora_path
 
         p = self.params
-        paths = [export_lora(lora_path(lora_folder, name, step), self.parts, self.family, self.unet_config, p,
-                             summary)]
-        if p.lora_export_merged:
-            out = Path(checkpoints) / f"{name}_{step}.{p.checkpoint_format}"
-            paths.append(write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
+        paths = [export_lora(lora_out, self.parts, self.family, self.unet_config, p, summary)]
+        if merged_out is not None:
+            paths.append(write_single_file(working, merged_out, fmt=p.checkpoint_format, half=p.save_half,
                                            state_dicts=merged_state_dicts(self.parts), training=summary,
                                            metadata={"dreambooth.training": json.dumps(summary)}))
         return paths

@@ -29,6 +29,8 @@ from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error,
                       Sample, Start, Step)
 from ..lora.training import LoraRun
 from ..models import load_config
+from .. import outputs
+from ..outputs import checkpoint_file, lora_file
 from ..store import DataRoot, ModelDir, atomic_write_text, reclaim_leftovers
 from . import pipeline as gen
 from . import precision
@@ -598,11 +600,13 @@ class Trainer:
             atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
         from ..checkpoint.export import write_single_file
 
-        out = self.root.checkpoints / f"{checkpoint_stem(p, self.model.name)}_{step}.{p.checkpoint_format}"
+        wanted = checkpoint_file(self.root.checkpoints, checkpoint_stem(p, self.model.name), step, p.checkpoint_format)
+        out = outputs.automatic(self.model, wanted, own_allowed=True)
         with writing(out, s.last_save_step):
             path = write_single_file(working, out, fmt=p.checkpoint_format, half=p.save_half,
                                      state_dicts=state_dicts, metadata={"dreambooth.training": json.dumps(summary)},
                                      training=summary)
+            outputs.record(self.model, path)
             mark_checkpoint_written(self.model.state)
         s.checkpoints.append(Path(path))
         self.emit(Checkpoint(step, str(path)))
@@ -615,10 +619,16 @@ class Trainer:
                    **s.lora.summary(), "text_encoder_steps": s.schedule.text_encoder_steps,
                    "instance_images": len(s.data.instances),
                    "prompts": sorted({e.prompt for e in s.data.instances})[:8]}
+        stem = checkpoint_stem(self.p, self.model.name)
+        lora_out = outputs.automatic(self.model, lora_file(self.root.lora, stem, step), with_yaml=False,
+                                     own_allowed=True)
+        merged_out = outputs.automatic(
+            self.model, checkpoint_file(self.root.checkpoints, stem, step, self.p.checkpoint_format),
+            own_allowed=True) if self.p.lora_export_merged else None
         with writing(self.root.lora, s.last_save_step):
-            paths = s.lora.export(self.root.lora, self.root.checkpoints, self.model.working,
-                                  checkpoint_stem(self.p, self.model.name), step,
-                                  summary)
+            paths = s.lora.export(lora_out, merged_out, self.model.working, summary)
+            for path in paths:
+                outputs.record(self.model, path)
             mark_checkpoint_written(self.model.state)
         for path in paths:
             s.checkpoints.append(Path(path))

@@ -19,7 +19,7 @@ from ..access import Access, request_headers
 from ..config import (CONCEPT_SETTINGS, FAMILIES, GROUPS, MIN_CONCEPTS, MODEL_SETTINGS, PARAMETER_SETTINGS, Config,
                       Setting, validate_for_training)
 from ..errors import UserError
-from ..models import read_training_summary, save_config
+from ..models import save_config
 from ..store import reclaimed_in
 from ..host import Host
 from . import compat, views
@@ -86,7 +86,9 @@ class Fields:
         return self.model + [c for concept in self.concepts for c in concept] + [
             self.parameters[s.name] for s in PARAMETER_SETTINGS]
 
-    def to_config(self, values) -> Config:
+    def to_config(self, values, saved: Config | None = None) -> Config:
+        """The config the widgets show. The tab shows MIN_CONCEPTS concept slots: the concepts of a `saved` config
+        beyond those (a config may hold up to 100) are kept after the shown ones."""
         values = list(values)
         n_model, n_concept = len(MODEL_SETTINGS), len(CONCEPT_SETTINGS)
         model = {s.name: _coerce(s, v) for s, v in zip(MODEL_SETTINGS, values[:n_model])}
@@ -97,6 +99,7 @@ class Fields:
             concept = {s.name: _coerce(s, v) for s, v in zip(CONCEPT_SETTINGS, chunk)}
             if any(concept[s.name] != s.default for s in CONCEPT_SETTINGS):  # untouched slots are not saved
                 concepts.append(concept)
+        concepts += [asdict(c) for c in (saved.concepts[MIN_CONCEPTS:] if saved else ())]
         params_values = rest[MIN_CONCEPTS * n_concept:]
         parameters = {s.name: _coerce(s, v) for s, v in zip(PARAMETER_SETTINGS, params_values)}
         return Config.from_dict({"model": model, "concepts": concepts, "parameters": parameters})
@@ -343,7 +346,13 @@ def build(host: Host) -> gr.Blocks:
             model = root.model(name)
             if not model.exists():
                 raise UserError(f"model {name!r}: not found")
-            return save_config(model, fields.to_config(values))
+            return save_config(model, fields.to_config(values, saved_config(model)))
+
+        def saved_config(model) -> Config | None:
+            try:
+                return Config.load(model.config_path)
+            except UserError:
+                return None
 
         def on_save(name, *values):
             try:
@@ -398,10 +407,10 @@ def build(host: Host) -> gr.Blocks:
                 job = worker.running_job(root)
                 if job:
                     raise worker.JobRunningError(f"{job['name']} is training; cancel it or wait until it ends")
-                config = fields.to_config(values)
+                model = root.model(name)
+                config = fields.to_config(values, saved_config(model))
                 validate_for_training(config)  # refused before anything is written
                 earlier_save = views.chosen_save(resume)
-                model = root.model(name)
                 if start == START_FROM[1]:
                     worker.start_over(root, name)
                 elif earlier_save is not None:
@@ -437,16 +446,12 @@ def build(host: Host) -> gr.Blocks:
                     stem = stem.rsplit(".", 1)[0]
                 if stem and not EXPORT_NAME.match(stem):
                     raise UserError(f"file name {stem!r}: use letters, digits, spaces and _ - . ( )")
-                if not stem:
-                    summary = read_training_summary(root.model(name))
-                    stem = f"{name}_{summary.get('step', 0) if summary else 0}"
-                out = root.checkpoints / f"{stem}.{params.checkpoint_format}"
-                if out.exists() and not replace:
-                    raise UserError(f"{out.name} exists in {out.parent}: tick 'Overwrite an existing file' to "
-                                    "replace it, or enter another file name")
+                out = root.checkpoints / f"{stem}.{params.checkpoint_format}" if stem else None  # None: NAME_<step>
                 said = worker.export(root, name, params.checkpoint_format, params.save_half,
-                                     params.use_ema and params.save_ema_weights, host, out)
-                return _info(f"Exported {out}. {reclaimed_in(said)}".strip()), panel(name)["checkpoints"]
+                                     params.use_ema and params.save_ema_weights, host, out, overwrite=bool(replace))
+                written = [line[len("wrote "):] for line in said.splitlines() if line.startswith("wrote ")]
+                return (_info(f"Exported {written[-1] if written else out}. {reclaimed_in(said)}".strip()),
+                        panel(name)["checkpoints"])
             except UserError as e:
                 return _error(e), compat.unchanged()
 
