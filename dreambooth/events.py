@@ -119,15 +119,38 @@ def to_json(event: Event) -> dict:
     return {"time": event.time, "kind": event.kind, **{k: v for k, v in asdict(event).items() if k != "time"}}
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each field's declared type accepts from a log line (a hand-edited or foreign log may hold anything).
+_ACCEPTS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 62,
+    "float": _number,
+    "str": lambda v: isinstance(v, str),
+    "tuple": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+}
+
+
+def _accepts(declared: str, value) -> bool:
+    kinds = [k.strip() for k in declared.split("|")]
+    return (value is None and "None" in kinds) or any(_ACCEPTS[k](value) for k in kinds if k in _ACCEPTS)
+
+
 def from_json(data: object) -> Event | None:
-    """The record of one logged object; None for anything that is not one (a foreign or damaged line)."""
+    """The record of one logged object; None for anything that is not one (a foreign or damaged line, a field of
+    the wrong type)."""
     if not isinstance(data, dict) or data.get("kind") not in RECORDS:
         return None
     cls = RECORDS[data["kind"]]
-    names = {f.name for f in fields(cls)}
-    values = {k: v for k, v in data.items() if k in names}
+    declared = {f.name: f.type for f in fields(cls)}
+    values = {k: v for k, v in data.items() if k in declared}
+    if not all(_accepts(declared[k], v) for k, v in values.items()):
+        return None
     if "paths" in values:
-        values["paths"] = tuple(values["paths"]) if isinstance(values["paths"], list) else ()
+        values["paths"] = tuple(values["paths"])
+    if isinstance(values.get("time"), int):
+        values["time"] = float(values["time"])
     try:
         return cls(**values)
     except TypeError:  # a required field is missing
@@ -154,11 +177,12 @@ class EventLog:
         return stamped
 
     def read(self, offset: int = 0) -> tuple[list[Event], int]:
-        """Events from byte `offset` on, and the offset to continue from. A partial last line is left for later."""
+        """Events from byte `offset` on, and the offset to continue from. A partial last line is left for later.
+        A log that is not a regular file (a folder, a FIFO) is a UserError naming it."""
+        from .store import read_bytes
+
         try:
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
+            data = read_bytes(self.path, offset=offset)
         except FileNotFoundError:
             return [], 0
         end = data.rfind(b"\n") + 1
@@ -231,8 +255,54 @@ class RunStatus:
 
 
 def fold(events: Iterable[Event]) -> RunStatus:
-    st = RunStatus()
-    losses = []
+    return Fold().feed(events).status()
+
+
+class Fold:
+    """The fold of a run's events, fed as they arrive (so a long run's status costs what was appended since)."""
+
+    def __init__(self):
+        self._st, self._losses, self.count = RunStatus(), [], 0
+
+    def feed(self, events: Iterable[Event]) -> "Fold":
+        events = list(events)
+        _fold_into(self._st, self._losses, events)
+        self.count += len(events)
+        return self
+
+    def status(self) -> RunStatus:
+        st = RunStatus(**{**vars(self._st), "samples": list(self._st.samples),
+                          "checkpoints": list(self._st.checkpoints)})
+        stride = max(1, len(self._losses) // MAX_CHART_POINTS)
+        st.losses = self._losses[::stride]
+        return st
+
+
+class Follower:
+    """Follows event logs: each `status(path)` parses only the lines appended since the last call. A log that was
+    replaced (a new run) or shortened is read again from its start."""
+
+    def __init__(self):
+        self._logs: dict[str, tuple] = {}  # path -> (file identity, offset, Fold)
+
+    def status(self, path: Path) -> tuple[RunStatus, bool]:
+        """(the fold of the log at `path`, whether it holds any event)."""
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            self._logs.pop(str(path), None)
+            return RunStatus(), False
+        identity = (info.st_dev, info.st_ino)
+        known, offset, folded = self._logs.get(str(path), (None, 0, None))
+        if known != identity or info.st_size < offset or folded is None:
+            offset, folded = 0, Fold()
+        events, offset = EventLog(path).read(offset)
+        folded.feed(events)
+        self._logs[str(path)] = (identity, offset, folded)
+        return folded.status(), folded.count > 0
+
+
+def _fold_into(st: RunStatus, losses: list, events: Iterable[Event]) -> None:
     for e in events:
         if isinstance(e, Start):
             st.total_steps, st.epochs, st.step, st.start_step = e.total_steps, e.epochs, e.step, e.step
@@ -257,6 +327,3 @@ def fold(events: Iterable[Event]) -> RunStatus:
             st.state = e.kind
             st.step = e.step if e.step is not None else st.step
             st.message = e.message
-    stride = max(1, len(losses) // MAX_CHART_POINTS)
-    st.losses = losses[::stride]
-    return st

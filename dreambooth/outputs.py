@@ -73,6 +73,12 @@ def _taken(path: Path, with_yaml: bool) -> list[Path]:
     return [p for p in ([path, path.with_suffix(".yaml")] if with_yaml else [path]) if p.exists() or p.is_symlink()]
 
 
+def _yaml_is_models(model: ModelDir, yaml: Path) -> bool:
+    """A .yaml belongs to the checkpoints of its name beside it: the model's when they all are."""
+    siblings = [yaml.with_suffix(s) for s in CHECKPOINT_SUFFIXES if yaml.with_suffix(s).exists()]
+    return bool(siblings) and all(is_models(model, s) for s in siblings)
+
+
 def _source(model: ModelDir) -> Path | None:
     """The checkpoint file the model was created from, where it is a file here."""
     from .models import load_config
@@ -100,8 +106,8 @@ def _next_free(path: Path, with_yaml: bool) -> Path:
 def automatic(model: ModelDir, wanted: Path, with_yaml: bool = True, own_allowed: bool = False) -> Path:
     """Where a file with an automatic name goes: `wanted`, unless something else holds that name (the trainer's own
     file of the same step may be replaced where `own_allowed`); then the next free name, said in the log."""
-    taken = _taken(wanted, with_yaml)
-    ours = own_allowed and all(is_models(model, p) or p.suffix == ".yaml" for p in taken)
+    taken = [p for p in _taken(wanted, with_yaml) if not (p.suffix == ".yaml" and _yaml_is_models(model, p))]
+    ours = own_allowed and all(is_models(model, p) for p in taken)
     if not taken or (ours and not any(_is_source(model, p) for p in taken)):
         return wanted
     free = _next_free(wanted, with_yaml)
@@ -112,7 +118,7 @@ def automatic(model: ModelDir, wanted: Path, with_yaml: bool = True, own_allowed
 def chosen(model: ModelDir, wanted: Path, overwrite: bool, with_yaml: bool = True) -> Path:
     """Where a file the user named goes: `wanted`; an existing file there (or its .yaml) is replaced only with
     `overwrite`, and never the model's own source checkpoint."""
-    taken = _taken(wanted, with_yaml)
+    taken = [p for p in _taken(wanted, with_yaml) if not (p.suffix == ".yaml" and _yaml_is_models(model, p))]
     if any(_is_source(model, p) for p in taken):
         raise UserError(f"{wanted.name} is the checkpoint model {model.name!r} was created from: choose another "
                         "file name")

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -254,6 +255,37 @@ class DataRoot:
         for folder in (self.dreambooth, self.checkpoints, self.lora):
             folder.mkdir(parents=True, exist_ok=True)
         return self
+
+
+def read_bytes(path: Path, limit: int | None = None, offset: int = 0) -> bytes:
+    """The bytes of a regular file from `offset` on (at most `limit`). It never waits on a FIFO or a device and never
+    takes a folder: anything but a regular file is a UserError naming it, as is a file that cannot be read.
+    FileNotFoundError when there is nothing there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise UserError(f"{path}: is {kind}; expected a file (move it away)")
+        os.lseek(fd, offset, os.SEEK_SET)
+        size = max(0, info.st_size - offset) if limit is None else min(limit, max(0, info.st_size - offset))
+        chunks, left = [], size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from .config import validate_for_training
 from .errors import UserError
-from .events import Checkpoint, Controls, Done, Error, EventLog, RunStatus, fold
+from .events import Checkpoint, Controls, Done, Error, EventLog, Follower, RunStatus
 from .host import Host
 from .models import load_config
-from .store import DataRoot, ModelBusyError, atomic_write_text
+from .store import DataRoot, ModelBusyError, atomic_write_text, check_model_name, read_bytes
 
 JOB_FILE = ".job.json"
 LOG_TAIL_LINES = 25
@@ -120,14 +120,21 @@ def _job_path(root: DataRoot) -> Path:
 
 
 def _read_job(root: DataRoot) -> dict | None:
-    """The job file, None when there is none; a damaged one reads as {"damaged": True} (never as free)."""
+    """The job file, None when there is none; a damaged one (not JSON, wrong types, a name that is no model's name,
+    a folder or a FIFO in its place) reads as {"damaged": True} (never as free)."""
     try:
-        job = json.loads(_job_path(root).read_text(encoding="utf-8"))
+        job = json.loads(read_bytes(_job_path(root), limit=64 * 1024).decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (UserError, ValueError):
         return {"damaged": True}
-    return job if isinstance(job, dict) else {"damaged": True}
+    if not isinstance(job, dict) or not isinstance(job.get("pid"), int) or isinstance(job.get("pid"), bool):
+        return {"damaged": True}
+    try:
+        check_model_name(job.get("name"))
+    except UserError:
+        return {"damaged": True}
+    return job
 
 
 def _job_alive(job: dict | None) -> bool:
@@ -184,6 +191,8 @@ def _claim(root: DataRoot, name: str) -> None:
             elif _job_alive(job):
                 raise JobRunningError(f"a training is already running: {job.get('name')!r} (pid {job.get('pid')}); "
                                       "cancel it or wait until it ends") from None
+            if path.is_dir() and not path.is_symlink():
+                raise UserError(f"{path}: is a folder where the job file belongs; move it away") from None
             path.unlink(missing_ok=True)  # stale or damaged, and no model is training
             continue
         # Until the child exists the claim is held by this (live) process.
@@ -320,11 +329,12 @@ def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
     """The end of the trainer's own output (logs/train.log), without progress-bar redraws."""
     path = root.model(name).train_log
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
+        size = path.stat().st_size
+        text = read_bytes(path, offset=max(0, size - 64 * 1024)).decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
+    except UserError as e:  # a folder or a FIFO where the log belongs: said instead of read
+        return str(e)
     # tqdm redraws its bar with \r (a line of its own here); what another writer printed after a bar stays
     kept = [TQDM_BAR.sub("", ANSI.sub("", line)).rstrip() for line in text.splitlines()]
     return "\n".join([line for line in kept if line.strip()][-lines:])
@@ -339,11 +349,16 @@ def model_checkpoints(root: DataRoot, name: str, written: list | None = None, al
     return model_outputs(root.model(name), [root.checkpoints, root.lora], [name, also], written or [])
 
 
-def status(root: DataRoot, name: str) -> Status:
-    """What the UI shows for model `name`: its events folded, checked against its process."""
+def status(root: DataRoot, name: str, follower: Follower | None = None) -> Status:
+    """What the UI shows for model `name`: its events folded, checked against its process. A `follower` kept between
+    calls (the tab's, the routes') reads only what the log gained since the last call."""
     model = root.model(name)
-    events, _ = EventLog(model.events).read(0)
-    st = Status(**vars(fold(events)), name=name)
+    try:
+        folded, logged = (follower or Follower()).status(model.events)
+    except UserError as e:  # a damaged log: the run's state cannot be told; say why in one line
+        folded, logged = RunStatus(state="error", message=str(e)), True
+    st = Status(**vars(folded), name=name)
+    events = logged
     job = _read_job(root)
     is_job = bool(job) and job.get("name") == name
     st.running = is_job and _job_alive(job)
@@ -359,8 +374,10 @@ def status(root: DataRoot, name: str) -> Status:
         st.message = "the last training stopped without finishing"
     st.log_tail = log_tail(root, name)
     if st.ended and not st.losses:  # a run that trained nothing ("nothing to do"): the last run's chart stays
-        previous, _ = EventLog(model.events.with_suffix(".jsonl.1")).read(0)
-        st.losses = fold(previous).losses
+        try:
+            st.losses = (follower or Follower()).status(model.events.with_suffix(".jsonl.1"))[0].losses
+        except UserError:
+            pass
     return st
 
 

