@@ -6,6 +6,7 @@ Slider, Checkbox, Dropdown, Button, Markdown, HTML, Gallery, `gr.update`, `info=
 from __future__ import annotations
 
 import inspect
+import time
 
 import gradio as gr
 
@@ -13,16 +14,30 @@ VERSION = tuple(int(p) for p in gr.__version__.split(".")[:2] if p.isdigit())
 
 
 def every(blocks: gr.Blocks, seconds: float, fn, state, outputs) -> None:
-    """Call `fn(last) -> [outputs..., now]` every `seconds` while the page is open; `state` holds `now` so `fn`
-    can send only what changed.
+    """Call `fn(request, last) -> [outputs..., now]` every `seconds` while the page is open; `state` holds `now` so
+    `fn` can send only what changed.
 
-    gradio >= 4.40 has gr.Timer. gradio 3 polls with `load(every=...)` (it needs the queue), which repeats the
-    inputs of the first call: there `last` stays empty and everything is sent each time.
+    gradio >= 4.40 has gr.Timer. gradio 3 polls with `load(every=...)` (it needs the queue; such an event runs beside
+    the queue's workers, never taking one), which repeats the inputs of the first call: there `last` stays empty and
+    everything is sent each time. Its repeating wrapper hides the request from `fn`, so the registered function is
+    replaced by a generator of the same behaviour that takes the request.
     """
     if hasattr(gr, "Timer"):
         gr.Timer(seconds).tick(fn, [state], outputs, show_progress="hidden")
-    else:
-        blocks.load(fn, [state], outputs, every=seconds, show_progress="hidden")
+        return
+
+    def poll_forever(request, last):
+        while True:
+            yield fn(request, last)
+            time.sleep(seconds)
+
+    poll_forever.__annotations__ = {"request": gr.Request}
+    poll_forever.__dict__.update(fn.__dict__)  # what marks it (the access check)
+    blocks.load(fn, [state], outputs, every=seconds, show_progress="hidden")
+    registered = blocks.fns[-1]
+    if getattr(registered.fn, "__name__", "") != "continuous_fn":
+        raise RuntimeError("gradio 3: the polling event was not registered as expected")
+    registered.fn = poll_forever
 
 
 def blocks(**kwargs) -> gr.Blocks:

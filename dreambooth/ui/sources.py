@@ -12,17 +12,17 @@ DEMO_IMAGES = "demo-images"
 
 
 def detect_source_family(source: str) -> str:
-    """A Markdown line naming the detected family of a source, read cheaply (file header or folder configs)."""
+    """A line of text naming the detected family of a source, read cheaply (file header or folder configs)."""
     from ..families import detect
 
     path = Path(source).expanduser()
     try:
         if path.is_dir() or (path.suffix.lower() == ".safetensors" and path.is_file()):
-            return f"Detected family: **{detect(path).family}**"
+            return f"Detected family: {detect(path).family}"
         if path.is_file():
             return "The family of a .ckpt file is detected when the model is created."
         if path.suffix:
-            return f"`{source}`: no such file."
+            return f"{source}: no such file."
         return "A hub id: the family is detected when the model is created."
     except (UserError, OSError, ValueError) as e:
         return f"Cannot detect the family: {e}"

@@ -206,7 +206,7 @@ def build(host: Host) -> gr.Blocks:
                                 family = gr.Dropdown(label="Model family", choices=["auto", *FAMILIES], value="auto",
                                                      elem_id="db_family",
                                                      info="auto: detected from the checkpoint. Override it for a 768 v-prediction v2 model without a yaml.")
-                                detected = gr.Markdown(elem_id="db_detected")
+                                detected = gr.HTML(elem_id="db_detected")
                             overwrite = gr.Checkbox(label="Overwrite", value=False, info="Replace a model of the same name.",
                                                     elem_id="db_overwrite")
                             with gr.Row():
@@ -254,7 +254,7 @@ def build(host: Host) -> gr.Blocks:
                                     if s.group == group:
                                         fields.parameters[s.name] = widget(s, f"db_p_{s.name}")
             with gr.Column(scale=2, elem_id="db_output_panel"):
-                status_md = gr.Markdown(views.status_line(None), elem_id="db_status")
+                status_md = gr.HTML(views.status_line(None), elem_id="db_status")
                 progress = gr.HTML(views.progress_bar(None), elem_id="db_progress_box")
                 with gr.Row(elem_id="db_run_row"):
                     train_btn = gr.Button("Train", variant="primary", elem_id="db_train", min_width=80)
@@ -475,7 +475,7 @@ def build(host: Host) -> gr.Blocks:
 
         def on_source(checkpoint_title, text):
             source = (text or "").strip() or host.checkpoints().get(checkpoint_title or "", "")
-            return detect_source_family(source) if source else ""
+            return _message(detect_source_family(source), "db-detected") if source else ""
 
         def on_create(name, checkpoint_title, text, family_choice, replace):
             try:

@@ -1,4 +1,6 @@
-"""What the output panel shows, as plain HTML/Markdown strings built from a worker.Status (no gradio here)."""
+"""What the output panel shows, as HTML strings built from a worker.Status (no gradio here). Everything that comes
+from disk or from a training (names, messages, paths, states) is escaped: it reaches the page as text, never as
+markup or Markdown."""
 from __future__ import annotations
 
 import html
@@ -19,9 +21,10 @@ def _duration(seconds) -> str:
 
 
 def status_line(st: Status | None) -> str:
+    """The status line as HTML: the model's name in bold, then its state and progress, as text."""
     if st is None:
-        return "No model selected. Create one in the Model panel, or select an existing one."
-    parts = [f"**{html.escape(st.name)}**: {st.state}"]
+        return '<div class="db-status-line">No model selected. Create one in the Model panel, or select an existing one.</div>'
+    parts = [f"{st.state}"]
     active = st.state in ("running", "starting", "paused")
     if st.class_images and active and st.step == st.start_step:
         done, total = st.class_images
@@ -48,8 +51,9 @@ def status_line(st: Status | None) -> str:
         parts.append(f"already trained to step {st.step}: nothing to do. To train on, raise Training epochs (or "
                      "Max training steps) and press Train, or choose Start over")
     elif st.message:
-        parts.append(html.escape(st.message))
-    return " · ".join(parts)
+        parts.append(st.message)
+    return (f'<div class="db-status-line"><strong>{html.escape(st.name)}</strong>: '
+            f'{" · ".join(html.escape(str(p)) for p in parts)}</div>')
 
 
 def nothing_to_do(st: Status) -> bool:
@@ -67,8 +71,8 @@ def progress_bar(st: Status | None) -> str:
         eta = st.state
     label = f"{fraction * 100:.0f}% {eta}".strip()
     state = st.state if st else "none"
-    return (f'<div class="db-progress" id="db_progress" data-step="{st.step if st else 0}" data-total="{total}" '
-            f'data-state="{state}"><div class="db-progress-fill" style="width:{fraction * 100:.1f}%"></div>'
+    return (f'<div class="db-progress" id="db_progress" data-step="{int(st.step) if st else 0}" '
+            f'data-total="{int(total)}" data-state="{html.escape(str(state))}"><div class="db-progress-fill" style="width:{fraction * 100:.1f}%"></div>'
             f'<span class="db-progress-label">{html.escape(label)}</span></div>')
 
 
