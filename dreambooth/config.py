@@ -55,10 +55,14 @@ class Problem:
 class ConfigError(UserError):
     """A config that cannot be used; the message names every bad field, `problems` lists them one by one."""
 
+    SHOWN = 12  # a config with thousands of bad keys gets a message of a dozen, not megabytes
+
     def __init__(self, problems):
         self.problems = [p if isinstance(p, Problem) else Problem((), str(p)) for p in
                          (problems if isinstance(problems, (list, tuple)) else [problems])]
-        super().__init__("; ".join(map(str, self.problems)))
+        shown = "; ".join(map(str, self.problems[:self.SHOWN]))
+        more = len(self.problems) - self.SHOWN
+        super().__init__(shown + (f"; and {more} more problems" if more > 0 else ""))
 
 
 def _short(value: Any) -> str:
@@ -111,6 +115,8 @@ class Setting:
                 return value, f"too long ({len(value)} characters; at most {limit})"
             if "\x00" in value:
                 return value, "must not contain NUL characters"
+            if any("\ud800" <= ch <= "\udfff" for ch in value):  # a lone surrogate: no file can hold it as UTF-8
+                return value, "holds a broken character (a lone surrogate); type the text again"
         if self.choices and value not in self.choices:
             return value, f"{_short(value)} is not one of {', '.join(map(str, self.choices))}"
         if self.min is not None and value < self.min:

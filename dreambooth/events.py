@@ -207,10 +207,13 @@ class Controls:
         self.folder = Path(folder)
 
     def request(self, name: str) -> None:
+        from .store import writing_to
+
         if name not in REQUESTS:
             raise ValueError(f"unknown control request {name!r}; expected one of {', '.join(REQUESTS)}")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / name).touch()
+        with writing_to(self.folder / name):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / name).touch()
 
     def withdraw(self, name: str) -> None:
         (self.folder / name).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config, ModelSettings, Parameters
 from .errors import UserError
 from .families import check_family_choice, family as family_facts
-from .store import DataRoot, ModelDir, temporary_folder
+from .store import DataRoot, ModelDir, temporary_folder, writing_to
 
 # "owner/name" on the Hugging Face hub; anything else that does not exist is a missing file or folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -146,8 +146,10 @@ def create_model(root: DataRoot, name: str, source: str, family: str = "auto", o
         path = Path(source).expanduser()
         if not path.exists() and (not HUB_ID.match(source) or path.suffix.lower() in CHECKPOINT_SUFFIXES):
             raise UserError(f"source {source!r}: no such file or folder")
-        root.dreambooth.mkdir(parents=True, exist_ok=True)
-        _build_model(root, model, path, source, family, allow_pickle)
+        kept = "the previous model is intact" if model.path.exists() else "nothing was left behind"
+        with writing_to(model.path, kept):
+            root.dreambooth.mkdir(parents=True, exist_ok=True)
+            _build_model(root, model, path, source, family, allow_pickle)
     return model
 
 
@@ -255,10 +257,12 @@ def load_config(model: ModelDir) -> Config:
     return config
 
 
-def save_config(model: ModelDir, data: dict | Config) -> Config:
+def save_config(model: ModelDir, data: dict | Config, paths_fixed: bool = False) -> Config:
     """Store edited settings (a Config, or its JSON form where a missing `model` section means the current one).
-    The `model` section stays what `create` made: a different one is refused."""
-    from .config import ConfigError, Problem
+    The `model` section stays what `create` made: a different one is refused. With `paths_fixed` (the REST routes),
+    the concepts' folders and files stay as they are: a route cannot make the trainer read a file (and echo its text
+    in a preview) that the user did not choose in the tab or the CLI."""
+    from .config import CONCEPT_SETTINGS, ConfigError, Problem
 
     current = Config.load(model.config_path)
     if isinstance(data, dict):
@@ -267,5 +271,13 @@ def save_config(model: ModelDir, data: dict | Config) -> Config:
         changed = [k for k, v in vars(data.model).items() if getattr(current.model, k) != v]
         raise ConfigError([Problem(("model", k), "is set when the model is created and cannot be changed; create "
                                    "a new model instead") for k in changed])
+    if paths_fixed:
+        paths = [s.name for s in CONCEPT_SETTINGS if s.kind == "path"]
+        moved = [Problem(("concepts", i, name), "folders and files are chosen in the tab or with the CLI; the REST "
+                         "routes keep them as they are")
+                 for i, concept in enumerate(data.concepts) for name in paths
+                 if getattr(concept, name) != (getattr(current.concepts[i], name) if i < len(current.concepts) else "")]
+        if moved:
+            raise ConfigError(moved)
     data.save(model.config_path)
     return data

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
-from .store import ModelDir
+from .store import ModelDir, writing_to
 
 log = logging.getLogger("dreambooth")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -60,9 +60,10 @@ def recorded(model: ModelDir) -> list[Path]:
 
 def record(model: ModelDir, path: Path) -> None:
     """Note that the model wrote `path` (so its list shows it, whatever its name)."""
-    model.logs.mkdir(parents=True, exist_ok=True)
-    with open(model.exports, "a", encoding="utf-8") as out:
-        out.write(f"{Path(path).resolve()}\n")
+    with writing_to(model.exports):
+        model.logs.mkdir(parents=True, exist_ok=True)
+        with open(model.exports, "a", encoding="utf-8") as out:
+            out.write(f"{Path(path).resolve()}\n")
 
 
 def is_models(model: ModelDir, path: Path) -> bool:

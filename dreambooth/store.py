@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import UserError
+from .errors import UserError, WriteError
 
 ROOT_ENV = "DREAMBOOTH_ROOT"
 # Names Windows cannot create a file or folder with; refused everywhere so a model folder can be copied anywhere.
@@ -252,8 +252,12 @@ class DataRoot:
         return sorted(p.name for p in self.dreambooth.iterdir() if (p / "config.json").is_file())
 
     def ensure(self) -> "DataRoot":
-        for folder in (self.dreambooth, self.checkpoints, self.lora):
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.models, self.dreambooth, self.checkpoints, self.lora):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"data folder {folder}: is a file, not a folder")
+        with writing_to(self.dreambooth):
+            for folder in (self.dreambooth, self.checkpoints, self.lora):
+                folder.mkdir(parents=True, exist_ok=True)
         return self
 
 
@@ -292,19 +296,24 @@ def read_bytes(path: Path, limit: int | None = None, offset: int = 0) -> bytes:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
 
-    An error or a kill never leaves a partial file under the final name, and the previous file stays intact.
+    An error or a kill never leaves a partial file under the final name, and the previous file stays intact. A write
+    that fails (disk full, read-only, no permission) is a WriteError naming `final` and saying so.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TEMP_FILE, dir=final.parent)
+    kept = "the previous file is intact" if final.exists() else "no partial file was left"
+    with _as_write_error(final, kept):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TEMP_FILE, dir=final.parent)
     tmp_path = Path(tmp)
     try:
-        _lock_file(fd, far=True)  # held while it is written: `reclaim` leaves it alone (see there)
-        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes it private; ours are ordinary files
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, final)
+        with _as_write_error(final, kept):
+            _lock_file(fd, far=True)  # held while it is written: `reclaim` leaves it alone (see there)
+            os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes it private; ours are ordinary files
+        with _as_write_error(final, kept):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -419,6 +428,21 @@ def reclaim(folders, recursive=()) -> Reclaimed:
 def reclaim_leftovers(root: "DataRoot", model: ModelDir | None = None) -> Reclaimed:
     """`reclaim` where the product writes: the models folder, the checkpoint and LoRA folders, and a model's folder."""
     return reclaim([root.dreambooth, root.checkpoints, root.lora], [model.path] if model else [])
+
+
+@contextlib.contextmanager
+def _as_write_error(path: Path, kept: str = "") -> Iterator[None]:
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError.of(path, e, kept) from e
+
+
+def writing_to(path: Path, kept: str = ""):
+    """A block that writes `path` (not through atomic_path): a failed write is a WriteError naming it."""
+    return _as_write_error(Path(path), kept)
 
 
 def atomic_write(final: Path, write: Callable[[Path], None]) -> Path:

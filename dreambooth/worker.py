@@ -30,7 +30,7 @@ from .errors import UserError
 from .events import Checkpoint, Controls, Done, Error, EventLog, Follower, RunStatus
 from .host import Host
 from .models import load_config
-from .store import DataRoot, ModelBusyError, atomic_write_text, check_model_name, read_bytes
+from .store import DataRoot, ModelBusyError, atomic_write_text, check_model_name, read_bytes, writing_to
 
 JOB_FILE = ".job.json"
 LOG_TAIL_LINES = 25
@@ -176,11 +176,12 @@ def recently_active(root: DataRoot, name: str, seconds: float = 5.0) -> bool:
 
 def _claim(root: DataRoot, name: str) -> None:
     """Create the job file exclusively, replacing a stale one; refuse if a live job holds it."""
-    root.dreambooth.mkdir(parents=True, exist_ok=True)
     path = _job_path(root)
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with writing_to(path):
+                root.dreambooth.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             job = _read_job(root)
             if job and job.get("damaged"):
@@ -219,16 +220,17 @@ def start(root: DataRoot, name: str, host: Host | None = None) -> dict:
         raise JobRunningError(f"a training is already running: {busy[0]['name']!r}; cancel it or wait until it ends")
     _claim(root, name)
     try:
-        EventLog(model.events).clear()
-        Controls(model.control).clear_all()
-        model.logs.mkdir(parents=True, exist_ok=True)
-        log_path = model.train_log
-        if log_path.exists():
-            os.replace(log_path, log_path.with_suffix(".log.1"))
+        with writing_to(model.logs):
+            EventLog(model.events).clear()
+            Controls(model.control).clear_all()
+            model.logs.mkdir(parents=True, exist_ok=True)
+            log_path = model.train_log
+            if log_path.exists() or log_path.is_symlink():
+                os.replace(log_path, log_path.with_suffix(".log.1"))
         if host is not None:
             host.before_training()
         popen_kw = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
-        with open(log_path, "wb") as log:
+        with writing_to(log_path), open(log_path, "wb") as log:
             proc = subprocess.Popen(trainer_command(root, name), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=_child_env(), **popen_kw)
         job = {"name": name, "pid": proc.pid, "started": time.time()}

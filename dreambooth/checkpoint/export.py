@@ -6,12 +6,11 @@ yaml beside it when a host could not guess the config. The file is written to a 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import os
 from pathlib import Path
 
-from ..errors import UserError, WriteError
+from ..errors import UserError
 from ..families import family, family_from_folder
 from ..store import atomic_path, current_umask
 from .convert import (EXTRAS_FILE, canonical_source, components_of, component_source, plan_export, read_configs)
@@ -19,7 +18,6 @@ from .layout import render_yaml
 from .tensorio import Entry, SafetensorsSource, write_ckpt, write_safetensors
 
 FORMATS = ("safetensors", "ckpt")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def modelspec(family_name: str, title: str, training: dict | None = None) -> dict[str, str]:
@@ -64,16 +62,9 @@ def write_entries(out: Path, entries: list[Entry], fmt: str, metadata: dict | No
 def _write_file(path: Path, write) -> None:
     """Write `path` through a temp file beside it; a failed write (disk full, no permission) is one line, and what
     was there before stays as it was."""
-    existed = path.exists()
-    kept = "the previous file is intact" if existed else "no partial file was left"
-    try:
-        with atomic_path(path) as tmp:
-            write(tmp)
-            _readable(tmp)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise WriteError(f"disk full while writing {path}; {kept}") from e
-        raise WriteError(f"cannot write {path} ({e.strerror or type(e).__name__}); {kept}") from e
+    with atomic_path(path) as tmp:
+        write(tmp)
+        _readable(tmp)
 
 
 def _readable(path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 
-from ..checkpoint.export import DISK_FULL
+from ..errors import DISK_FULL
 from ..errors import UserError
 from .saves import TRAINER_FILE, damaged, saved_step, swap_folder
 

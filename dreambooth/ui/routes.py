@@ -2,7 +2,8 @@
 
 GET  /dreambooth/models              {"models": [names], "running": job or null}
 GET  /dreambooth/config/{name}       the model's config.json
-POST /dreambooth/config/{name}       replace it (validated; 400 names every bad field)
+POST /dreambooth/config/{name}       replace it (validated; 400 names every bad field); the concepts' folders and
+                                     files stay as chosen in the tab or the CLI
 POST /dreambooth/start/{name}        start training (409 while another runs)
 GET  /dreambooth/status[/{name}]     status of the running job, or of a model
 POST /dreambooth/cancel              cancel the running job
@@ -15,18 +16,19 @@ browser cannot start, cancel or reconfigure a training. Bodies are at most MAX_B
 config files are (config.parse_json: depth, no NaN/Infinity).
 
 Bad input answers 400 with {"detail": one line}; a body that is not JSON 415; one too large 413; an unknown model 404;
-a second training 409; a refused caller 403.
+a second training 409; a refused caller 403; a write that fails 507 (disk full) or 500, the detail naming the file.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 from hmac import compare_digest
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from .. import worker
 from ..config import MAX_CONFIG_BYTES, Config, parse_json
-from ..errors import UserError
+from ..errors import UserError, WriteError
 from ..host import Host
 from ..models import save_config
 
@@ -56,13 +58,32 @@ def basic_auth(credentials) -> list:
     pairs = parse_credentials(credentials) if isinstance(credentials, str) else list(credentials)
     users = {user: password for user, password in pairs}
 
-    def auth(given: HTTPBasicCredentials = Depends(HTTPBasic())):
-        if given.username in users and compare_digest(given.password.encode(), users[given.username].encode()):
+    def auth(request: Request):
+        given = basic_credentials(request.headers.get("authorization", ""))
+        if given and given[0] in users and compare_digest(given[1].encode(), users[given[0]].encode()):
             return True
         raise HTTPException(status_code=401, detail="Incorrect username or password",
-                            headers={"WWW-Authenticate": "Basic"})
+                            headers={"WWW-Authenticate": 'Basic charset="UTF-8"'})
 
     return [Depends(auth)]
+
+
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """(user, password) of an `Authorization: Basic ...` header, UTF-8 as RFC 7617 says (Latin-1 where it is not
+    UTF-8); None when there is none or it is malformed."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    user, colon, password = text.partition(":")
+    return (user, password) if colon else None
 
 
 async def json_body(request: Request):
@@ -100,6 +121,9 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
     body = Depends(json_body)
 
     def bad(e: UserError) -> HTTPException:
+        """400 for bad input; a failed write is the server's: 507 when the disk is full, else 500."""
+        if isinstance(e, WriteError):
+            return HTTPException(status_code=507 if e.disk_full else 500, detail=str(e))
         return HTTPException(status_code=400, detail=str(e))
 
     def model(name: str):
@@ -127,7 +151,7 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
         if not isinstance(data, dict):
             raise HTTPException(status_code=400, detail="request body: expected the config as a JSON object")
         try:
-            return save_config(model(name), data).to_dict()
+            return save_config(model(name), data, paths_fixed=True).to_dict()
         except UserError as e:
             raise bad(e) from None
 

@@ -52,11 +52,16 @@ def widget(setting: Setting, elem_id: str):
 
 
 def _shown(setting: Setting, value):
-    """A setting's value as its widget shows it: a "scientific" number as 2e-06 or 2.5e-06."""
+    """A setting's value as its widget shows it: a "scientific" number as 2e-06 or 1.23456789e-06, with the fewest
+    digits that read back as the same number (saving untouched settings never rounds them)."""
     if setting.kind != "scientific" or not isinstance(value, (int, float)) or value == 0:
         return value
-    mantissa, exponent = f"{value:.6e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+    for digits in range(17):
+        text = f"{value:.{digits}e}"
+        if float(text) == value:
+            break
+    mantissa, exponent = text.split("e")
+    return f"{mantissa.rstrip('0').rstrip('.') if '.' in mantissa else mantissa}e{exponent}"
 
 
 def _coerce(setting: Setting, value):

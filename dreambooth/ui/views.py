@@ -196,7 +196,7 @@ def explain(error: Exception) -> tuple[str, list]:
                 "parameters": ({s.name: s for s in PARAMETER_SETTINGS}, "db_p_{}"),
                 "concepts": ({s.name: s for s in CONCEPT_SETTINGS}, "db_c{}_{}")}
     lines, fields = [], []
-    for problem in error.problems:
+    for problem in error.problems[:ConfigError.SHOWN]:
         where = list(problem.where)
         names, elem = sections.get(where[0], ({}, "")) if where else ({}, "")
         index = where[1] if len(where) > 2 and isinstance(where[1], int) else None
@@ -210,6 +210,8 @@ def explain(error: Exception) -> tuple[str, list]:
         elif where and where[-1] not in ("concepts",) and not isinstance(where[-1], int):
             parts.append(str(where[-1]))
         lines.append(f"{' › '.join(parts)}: {problem.message}" if parts else problem.message)
+    if len(error.problems) > ConfigError.SHOWN:
+        lines.append(f"and {len(error.problems) - ConfigError.SHOWN} more problems")
     return "\n".join(lines), fields
 
 

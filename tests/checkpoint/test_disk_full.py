@@ -3,6 +3,7 @@ a non-zero exit, the previous file byte for byte, no temporary file left behind.
 with ENOSPC; slow tier: a real tmpfs that is too small (mounted by the test when it runs as root)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -127,10 +128,12 @@ def test_the_yaml_beside_it_fails_alone(tmp_path, monkeypatch):
     real = export.atomic_path
     out = tmp_path / "m.safetensors"
 
+    @contextlib.contextmanager
     def full_for_yaml(path):
-        if Path(path).suffix == ".yaml":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path)
+        with real(path) as tmp:
+            if Path(path).suffix == ".yaml":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield tmp
 
     monkeypatch.setattr(export, "atomic_path", full_for_yaml)
     with pytest.raises(WriteError, match="disk full while writing .*m.yaml; no partial file was left"):
@@ -158,7 +161,7 @@ def test_real_full_disk_on_a_small_tmpfs(model, fmt, size, capsys):
     try:
         out = folder / f"m.{fmt}"
         out.write_bytes(b"previous")
-        code = cli.main(["--root", str(model.root), "export", "m", "--format", fmt, "--out", str(out)])
+        code = cli.main(["--root", str(model.root), "export", "m", "--format", fmt, "--out", str(out), "--overwrite"])
         err = capsys.readouterr().err
         assert code == 2 and err == f"error: disk full while writing {out}; the previous file is intact\n", err
         assert out.read_bytes() == b"previous" and sorted(p.name for p in folder.iterdir()) == [out.name]
