@@ -462,13 +462,15 @@ class Config:
 
     @staticmethod
     def load(path: Path) -> "Config":
+        from .store import read_bytes
+
         path = Path(path)
         try:
-            data = path.read_bytes() if path.stat().st_size <= MAX_CONFIG_BYTES else b" " * (MAX_CONFIG_BYTES + 1)
+            data = read_bytes(path, limit=MAX_CONFIG_BYTES + 1)  # never waits on a FIFO, never reads a folder
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from e
+        except UserError as e:
+            raise ConfigError(str(e)) from e
         return Config.from_dict(parse_json(data, str(path)))
 
     def save(self, path: Path) -> None:

@@ -112,18 +112,58 @@ def reference_yaml(name: str) -> dict:
     return yaml.safe_load((RESOURCES / "ldm" / family(name).yaml_name).read_text(encoding="utf-8"))
 
 
+MAX_YAML_BYTES = 1 << 20  # an inference yaml is a few KB
+MAX_YAML_DEPTH = 32
+
+
+class _ModelYamlLoader(yaml.SafeLoader):
+    """yaml's safe loader without aliases (a "billion laughs" file expands nothing) and at most MAX_YAML_DEPTH deep."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not used in model yamls")
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def read_model_yaml(path: Path) -> dict:
+    """A model's inference yaml (the `.yaml` beside a checkpoint), read with bounds: at most 1 MiB, no aliases, at
+    most 32 levels; a mapping with a `model:` mapping, else a UserError naming the file."""
+    from .store import read_bytes
+
+    try:
+        raw = read_bytes(Path(path), limit=MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise UserError(f"{path}: larger than {MAX_YAML_BYTES // 1024} KiB, not a model yaml")
+        data = yaml.load(raw.decode("utf-8"), Loader=_ModelYamlLoader)  # noqa: S506 (a safe loader)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable model yaml ({reason[:200]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise UserError(f"{path}: not a model yaml (no `model:` section)")
+    return data
+
+
 def family_from_yaml(path: Path) -> str:
     """The family a (LDM/SGM) inference yaml describes."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        model = data["model"]
-        target = str(model.get("target", ""))
-        params = model.get("params") or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: not a readable model yaml ({type(e).__name__})") from e
+    model = read_model_yaml(path)["model"]
+    target = str(model.get("target", ""))
+    params = model.get("params") or {}
+    cond_stage = params.get("cond_stage_config") if isinstance(params, dict) else None
+    if not isinstance(params, dict) or not isinstance(cond_stage or {}, dict):
+        raise UserError(f"{path}: not a model yaml (model.params and its cond_stage_config should be mappings)")
     if target.startswith("sgm.") or "conditioner_config" in params:
         return "sdxl"
-    cond = str((params.get("cond_stage_config") or {}).get("target", ""))
+    cond = str((cond_stage or {}).get("target", ""))
     if "OpenCLIP" in cond:
         return "v2-v" if params.get("parameterization") == "v" else "v2"
     if "CLIP" in cond:

@@ -191,14 +191,8 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
     source = open_checkpoint(path)
     yaml_path = path.with_suffix(".yaml")
     yaml_data = None
-    if yaml_path.is_file():
-        import yaml
-        try:
-            yaml_data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"{yaml_path}: not a readable model yaml ({str(e).splitlines()[0]})") from e
-        if not isinstance(yaml_data, dict) or not isinstance(yaml_data.get("model"), dict):
-            raise UserError(f"{yaml_path}: not a model yaml (no `model:` section)")
+    if yaml_path.exists():
+        yaml_data = families.read_model_yaml(yaml_path)
     if family_from_keys(source.keys()) is None and any(k.startswith(EMA_PREFIX) for k in source.keys()):
         raise UserError(f"{path}: holds only EMA weights (model_ema.*, names without dots), which cannot be "
                         "mapped back; use a file with model.diffusion_model.* weights")
@@ -209,7 +203,7 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
         plans, extras = plan_import(source, name, configs)
     except UserError as e:
         raise UserError(f"{path}: {e}") from e
-    except (KeyError, IndexError, ValueError, TypeError) as e:  # a tensor the layout needs is missing or odd
+    except (KeyError, IndexError, ValueError, TypeError, ArithmeticError, AttributeError) as e:  # missing or odd
         raise UserError(f"{path}: unknown checkpoint layout ({type(e).__name__}: {e})") from e
     working.mkdir(parents=True, exist_ok=True)
     for component, entries in plans.items():

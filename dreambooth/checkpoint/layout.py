@@ -24,11 +24,30 @@ def _indices(keys, pattern: str) -> set[int]:
     return {int(m.group(1)) for k in keys if (m := rx.match(k))}
 
 
+def _section(data, *keys) -> dict:
+    """data[key][key]... of a model yaml where each level is a mapping; {} where a level is absent or empty; a
+    UserError naming the place where something else stands."""
+    for depth, key in enumerate(keys):
+        data = data.get(key) if isinstance(data, dict) else None
+        if data in (None, "", []):
+            return {}
+        if not isinstance(data, dict):
+            raise UserError(f"model yaml: {'.'.join(keys[:depth + 1])} should be a mapping, not {type(data).__name__}")
+    return data
+
+
+def _yaml_count(value, what: str) -> int:
+    if type(value) is not int or value < 1:
+        raise UserError(f"model yaml: {what} should be a whole number of at least 1, not {str(value)[:20]}")
+    return value
+
+
 def _yaml_unet_params(data: dict | None) -> dict:
     if not data:
         return {}
-    params = data.get("model", {}).get("params", {})
-    return (params.get("unet_config") or params.get("network_config") or {}).get("params", {}) or {}
+    params = _section(data, "model", "params")
+    unet = "unet_config" if params.get("unet_config") else "network_config"
+    return _section(params, unet, "params")
 
 
 def unet_config(source: TensorSource, prefix: str, family_name: str, yaml_data: dict | None,
@@ -65,9 +84,9 @@ def unet_config(source: TensorSource, prefix: str, family_name: str, yaml_data: 
 
     params = _yaml_unet_params(yaml_data)
     if params.get("num_head_channels", -1) not in (-1, None):
-        heads = [max(1, c // int(params["num_head_channels"])) for c in channels]
+        heads = [max(1, c // _yaml_count(params["num_head_channels"], "num_head_channels")) for c in channels]
     elif params.get("num_heads", -1) not in (-1, None):
-        heads = [int(params["num_heads"])] * levels
+        heads = [_yaml_count(params["num_heads"], "num_heads")] * levels
     elif family_name == "v1":
         heads = [V1_HEADS] * levels
     else:
@@ -109,7 +128,10 @@ def vae_config(source: TensorSource, prefix: str, family_name: str, yaml_data: d
     channels = [shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
     scale = fam.scaling_factor
     if yaml_data:
-        scale = float(yaml_data.get("model", {}).get("params", {}).get("scale_factor", scale))
+        scale = _section(yaml_data, "model", "params").get("scale_factor", scale)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < 1e3:
+            raise UserError(f"model yaml: scale_factor should be a positive number, not {str(scale)[:20]}")
+        scale = float(scale)
     return {
         "_class_name": "AutoencoderKL",
         "in_channels": shape("encoder.conv_in.weight")[1],

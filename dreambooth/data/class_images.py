@@ -11,8 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from ..errors import UserError
+from ..store import read_bytes
 from . import captions
 from .images import find_images, readable_images
+
+MAX_PROMPT_BYTES = 100_000  # a class image's prompt is a line
 
 
 def class_folder(base: Path, concept) -> Path:
@@ -46,7 +50,11 @@ def existing_class_images(folder: Path) -> list[tuple[Path, str]]:
         for path in readable_images(find_images(folder)):
             txt = path.with_suffix(".txt")
             if txt.is_file():
-                pairs.append((path, txt.read_text(encoding="utf-8").strip()))
+                try:
+                    prompt = read_bytes(txt, limit=MAX_PROMPT_BYTES).decode("utf-8", errors="replace").strip()
+                except UserError:
+                    continue  # an unreadable prompt file: the image is made again
+                pairs.append((path, prompt))
     return pairs
 
 

@@ -17,6 +17,10 @@ MAX_SIDE = 4096
 # message instead of being walked (a training set is tens to thousands of images).
 MAX_DEPTH = 4
 MAX_ENTRIES = 10_000
+# Images this long and thin, or this large, are refused (named): a 1x20000 strip costs seconds and hundreds of MB a
+# step for nothing a model can learn; a 100-megapixel file takes most of a gigabyte to decode.
+MAX_ASPECT = 8.0
+MAX_PIXELS = 100_000_000
 
 
 class ImageWarning(UserWarning):
@@ -28,10 +32,18 @@ def find_images(folder: Path, max_depth: int = MAX_DEPTH, max_entries: int = MAX
 
     Only reads the folder. UserError when it holds more than `max_entries` files and folders (or cannot be listed)."""
     folder = Path(folder).expanduser()
-    found, visited = [], 0
+    found, visited, seen = [], 0, set()
     todo = [(folder, 0)]
     while todo:
         current, depth = todo.pop()
+        try:
+            identity = (os.stat(current).st_dev, os.stat(current).st_ino)
+        except OSError:
+            identity = None
+        if identity is not None:
+            if identity in seen:  # a linked folder seen before (a link loop): its images are already found
+                continue
+            seen.add(identity)
         try:
             with os.scandir(current) as entries:
                 for entry in entries:
@@ -54,7 +66,13 @@ def find_images(folder: Path, max_depth: int = MAX_DEPTH, max_entries: int = MAX
                 raise UserError(f"{str(folder)!r}: cannot be read ({e.strerror or type(e).__name__})") from e
             warnings.warn(f"skipping folder {current}: cannot be read ({e.strerror or type(e).__name__})",
                           ImageWarning, stacklevel=2)
-    return sorted(found)
+    unique = {}
+    for path in found:  # the same file reached through links counts once
+        try:
+            unique.setdefault(os.path.realpath(path), path)
+        except (OSError, ValueError):
+            continue
+    return sorted(unique.values())
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -98,8 +116,15 @@ def readable_images(paths: list[Path], max_side: int = MAX_SIDE) -> list[Path]:
             if path.stat().st_size == 0:
                 raise OSError("empty file")
             with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise ValueError(f"{width}x{height} pixels, more than {MAX_PIXELS // 1_000_000} megapixels; "
+                                     "shrink it")
+                if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                    raise ValueError(f"{width}x{height} pixels: one side more than {MAX_ASPECT:g} times the other; "
+                                     "crop it")
                 img.load()  # decodes everything: truncated files fail here
             good.append(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            warnings.warn(f"skipping {path}: not a readable image ({e})", ImageWarning, stacklevel=2)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping {path}: not a usable image ({e})", ImageWarning, stacklevel=2)
     return good

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from ..store import atomic_write_text
+from ..store import atomic_write_text, read_bytes
 
 log = logging.getLogger("dreambooth")
 TRAINER_FILE = "trainer.json"
@@ -98,15 +98,20 @@ def read_trainer_info(folder: Path) -> dict | None:
         return None
     path = folder / TRAINER_FILE
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(read_bytes(path, limit=1 << 20).decode("utf-8"))
     except FileNotFoundError as e:
         raise damaged(path, "the file is missing") from e
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (UserError, UnicodeDecodeError, ValueError) as e:
         raise damaged(path, "not readable as JSON") from e
     step = info.get("step") if isinstance(info, dict) else None
     if type(step) is not int or step < 0:
         raise damaged(path, f"no valid step count in it: {str(step)[:20]}")
-    return {"total_steps": None, "checkpoint_written": True, **info}
+    info = {"total_steps": None, "checkpoint_written": True, **info}
+    number = (int, float)
+    if not (info["total_steps"] is None or type(info["total_steps"]) is int) or not isinstance(
+            info["checkpoint_written"], bool) or not isinstance(info.get("saved_at", 0.0), number):
+        raise damaged(path, "a value of the wrong type in it")
+    return info
 
 
 def saved_step(folder: Path) -> int | None:

@@ -164,8 +164,9 @@ def preview_caption(path) -> str:
     try:
         with Image.open(path) as image:
             text = image.info.get("parameters", "") if hasattr(image, "info") else ""
-    except OSError:
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # a damaged or odd PNG
         text = ""
+    text = text[:2000] if isinstance(text, str) else ""
     lines = text.splitlines()
     prompt = lines[0] if lines else ""
     settings = dict(part.split(": ", 1) for part in (lines[-1] if len(lines) > 1 else "").split(", ") if ": " in part)
