@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import validate_for_training
-from .errors import UserError
+from .errors import UserError, WriteError
 from .events import Checkpoint, Controls, Done, Error, EventLog, Follower, RunStatus
 from .host import Host
 from .models import load_config
@@ -181,7 +181,7 @@ def _claim(root: DataRoot, name: str) -> None:
         try:
             with writing_to(path):
                 root.dreambooth.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             job = _read_job(root)
             if job and job.get("damaged"):
@@ -196,6 +196,8 @@ def _claim(root: DataRoot, name: str) -> None:
                 raise UserError(f"{path}: is a folder where the job file belongs; move it away") from None
             path.unlink(missing_ok=True)  # stale or damaged, and no model is training
             continue
+        except OSError as e:
+            raise WriteError.of(path, e) from e
         # Until the child exists the claim is held by this (live) process.
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"name": name, "pid": os.getpid(), "started": time.time(), "claiming": True}, f)

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..families import MODEL_INFO_FILE, detect_keys, family, family_from_keys
 from . import keymap
 from .keymap import CONV1X1, QKV, TRANSPOSE
-from .layout import text_config, unet_config, vae_config
+from .layout import YAML_PROBLEM, text_config, unet_config, vae_config
 from .tensorio import DictSource, Entry, RenamedSource, SafetensorsSource, TensorSource, open_checkpoint, write_safetensors
 
 EXTRAS_FILE = "ldm_extras.safetensors"
@@ -201,8 +201,9 @@ def import_single_file(path: Path, working: Path, forced: str = "auto") -> dict:
     try:
         configs = configs_from_single_file(source, name, yaml_data)
         plans, extras = plan_import(source, name, configs)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from e
+    except UserError as e:  # named after the file it is about: the checkpoint, or the yaml beside it
+        about_yaml = str(e).startswith(YAML_PROBLEM)
+        raise UserError(f"{yaml_path if about_yaml else path}: {str(e).removeprefix(YAML_PROBLEM)}") from e
     except (KeyError, IndexError, ValueError, TypeError, ArithmeticError, AttributeError) as e:  # missing or odd
         raise UserError(f"{path}: unknown checkpoint layout ({type(e).__name__}: {e})") from e
     working.mkdir(parents=True, exist_ok=True)

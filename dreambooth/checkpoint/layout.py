@@ -17,6 +17,7 @@ from .tensorio import TensorSource
 
 V1_HEADS = 8
 HEAD_CHANNELS = 64
+YAML_PROBLEM = "model yaml: "  # how a problem with the yaml beside a checkpoint starts (the importer names the yaml)
 
 
 def _indices(keys, pattern: str) -> set[int]:
@@ -32,13 +33,13 @@ def _section(data, *keys) -> dict:
         if data in (None, "", []):
             return {}
         if not isinstance(data, dict):
-            raise UserError(f"model yaml: {'.'.join(keys[:depth + 1])} should be a mapping, not {type(data).__name__}")
+            raise UserError(f"{YAML_PROBLEM}{'.'.join(keys[:depth + 1])} should be a mapping, not {type(data).__name__}")
     return data
 
 
 def _yaml_count(value, what: str) -> int:
     if type(value) is not int or value < 1:
-        raise UserError(f"model yaml: {what} should be a whole number of at least 1, not {str(value)[:20]}")
+        raise UserError(f"{YAML_PROBLEM}{what} should be a whole number of at least 1, not {str(value)[:20]}")
     return value
 
 
@@ -130,7 +131,7 @@ def vae_config(source: TensorSource, prefix: str, family_name: str, yaml_data: d
     if yaml_data:
         scale = _section(yaml_data, "model", "params").get("scale_factor", scale)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < 1e3:
-            raise UserError(f"model yaml: scale_factor should be a positive number, not {str(scale)[:20]}")
+            raise UserError(f"{YAML_PROBLEM}scale_factor should be a positive number, not {str(scale)[:20]}")
         scale = float(scale)
     return {
         "_class_name": "AutoencoderKL",

@@ -82,3 +82,16 @@ def test_a_killed_export_leaves_nothing_once_the_next_export_runs(data_root, tin
     printed, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "Reclaimed" in printed.splitlines()[0], printed
     assert hidden(out) == [] and (out / "dog_0.safetensors").is_file()
+
+
+def test_start_over_after_a_killed_start_over_keeps_the_class_images(data_root, tiny):
+    """A start-over killed while it held the class images aside leaves them in models/dreambooth/.NAME...kept; the
+    next one puts them back instead of failing."""
+    worker.create(data_root, "dog", str(tiny))
+    model = data_root.model("dog")
+    kept = data_root.dreambooth / ".dog.class_images.kept"
+    (kept / "a_dog-1234").mkdir(parents=True)
+    (kept / "a_dog-1234" / "00000.png").write_bytes(b"a class image")
+    said = worker.start_over(data_root, "dog")
+    assert "step 0" in said and not kept.exists()
+    assert (model.class_images / "a_dog-1234" / "00000.png").read_bytes() == b"a class image"

@@ -134,16 +134,19 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     bad = client.post("/dreambooth/config/dog", auth=auth, json={"parameters": {"learning_rate": "fast"}})
     assert bad.status_code == 400 and "learning_rate" in bad.json()["detail"]
     assert client.get("/dreambooth/config/dog", auth=auth).json() == Config().to_dict()
-    missing = client.post("/dreambooth/config/dog", auth=auth,
-                          json={"concepts": [{"instance_data_dir": str(home / "no such folder")}]})
-    assert missing.status_code == 200
+    # folders are chosen in the tab or the CLI: a route cannot point the trainer at other files
+    moved = client.post("/dreambooth/config/dog", auth=auth,
+                        json={"concepts": [{"instance_data_dir": str(home / "no such folder")}]})
+    assert moved.status_code == 400 and "REST routes keep them" in moved.json()["detail"]
+    Config(concepts=(Concept(instance_data_dir=str(home / "no such folder")),)).save(model.config_path)  # the tab
     refused = client.post("/dreambooth/start/dog", auth=auth, json={})
     assert refused.status_code == 400 and "no such folder" in refused.json()["detail"]
     assert "unload" not in sd_models.calls
 
     images = home / "images"
     images.mkdir()
-    config = Config(concepts=(Concept(instance_data_dir=str(images)),)).to_dict()
+    Config(concepts=(Concept(instance_data_dir=str(images)),)).save(model.config_path)
+    config = Config(concepts=(Concept(instance_data_dir=str(images), instance_token="zwx"),)).to_dict()
     assert client.post("/dreambooth/config/dog", auth=auth, json=config).json() == config
 
     # start over HTTP; the trainer is a stand-in here (the browser test runs the real one)
