@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -287,9 +288,14 @@ class Follower:
 
     def __init__(self):
         self._logs: dict[str, tuple] = {}  # path -> (file identity, offset, Fold)
+        self._lock = threading.Lock()  # the UI polls from several threads
 
     def status(self, path: Path) -> tuple[RunStatus, bool]:
         """(the fold of the log at `path`, whether it holds any event)."""
+        with self._lock:
+            return self._status(path)
+
+    def _status(self, path: Path) -> tuple[RunStatus, bool]:
         try:
             info = os.stat(path)
         except FileNotFoundError:

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from .. import worker
 from ..config import MAX_CONFIG_BYTES, Config, parse_json
+from ..events import Follower
 from ..errors import UserError, WriteError
 from ..host import Host
 from ..models import save_config
@@ -111,6 +112,7 @@ async def json_body(request: Request):
 
 def add_routes(app, host: Host, dependencies: list = ()) -> None:
     root = host.root
+    follower = Follower()  # the status routes read only what a run's log gained since the last call
 
     def allowed(request: Request):
         refusal = host.access.refusal(request.headers)
@@ -168,11 +170,11 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
     @router.get("/status")
     def running_status():
         job = worker.running_job(root)
-        return worker.status(root, job["name"]).to_dict() if job else {"state": "idle", "running": False}
+        return worker.status(root, job["name"], follower).to_dict() if job else {"state": "idle", "running": False}
 
     @router.get("/status/{name}")
     def model_status(name: str):
-        return worker.status(root, model(name).name).to_dict()
+        return worker.status(root, model(name).name, follower).to_dict()
 
     @router.post("/cancel", dependencies=[body])
     def cancel():

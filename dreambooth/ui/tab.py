@@ -19,6 +19,7 @@ from ..access import Access, request_headers
 from ..config import (CONCEPT_SETTINGS, FAMILIES, GROUPS, MIN_CONCEPTS, MODEL_SETTINGS, PARAMETER_SETTINGS, Config,
                       Setting, validate_for_training)
 from ..errors import UserError
+from ..events import Follower
 from ..models import save_config
 from ..store import reclaimed_in
 from ..host import Host
@@ -183,6 +184,7 @@ JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "dreambooth.js
 def build(host: Host) -> gr.Blocks:
     root = host.root
     fields = Fields()
+    follower = Follower()  # each poll reads only what the run's log gained since the last one
 
     with compat.blocks(analytics_enabled=False, title="DreamBooth", elem_id="dreambooth_tab") as tab:
         with gr.Row(elem_id="db_layout", equal_height=False):
@@ -322,7 +324,7 @@ def build(host: Host) -> gr.Blocks:
             job = worker.running_job(root)
             name = job["name"] if job else name
             try:
-                return worker.status(root, name).state if name and root.model(name).path.is_dir() else "none"
+                return worker.status(root, name, follower).state if name and root.model(name).path.is_dir() else "none"
             except UserError:
                 return "none"
 
@@ -531,7 +533,7 @@ def build(host: Host) -> gr.Blocks:
 
         def panel(name) -> dict:
             """The output panel's content for a model (its running or last training)."""
-            st = worker.status(root, name) if name and root.model(name).path.is_dir() else None
+            st = worker.status(root, name, follower) if name and root.model(name).path.is_dir() else None
             try:
                 custom = Config.load(root.model(name).config_path).parameters.checkpoint_name if st else ""
             except UserError:
