@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .families import FAMILIES
+from .families import FAMILIES, family
 
 CONFIG_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything near this is not one
@@ -27,6 +27,8 @@ MAX_JSON_DEPTH = 8  # config.json nests three levels deep
 # Longest accepted text per widget kind: prompts are cut at 77 tokens by CLIP anyway; paths by the OS.
 MAX_TEXT = {"prompt": 2000, "path": 4096, "": 200}
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
+LOSS_TYPES = ("mse", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "snr")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers", "default")
@@ -236,6 +238,14 @@ class Parameters:
     prior_loss_weight_min: float = setting(0.1, 'Minimum prior loss weight', 'With prior loss scaling on, the prior loss weight falls to this value and then stays there.', group='loss', min=0, max=100, step=0.05)
     prior_loss_scale_epochs: int = setting(0, 'Prior loss scaling epochs', 'Lower the prior loss weight linearly from the prior loss weight to the minimum over this many epochs, then keep the minimum. 0: off (the weight stays as set).', group='loss', min=0, max=100000)
     min_snr_gamma: float = setting(0.0, 'Min-SNR gamma', "Min-SNR loss weighting (5 is typical); 0 uses the paper's plain MSE.", group='loss', min=0, max=100, step=0.5)
+    loss_type: str = setting('mse', 'Loss', 'mse: the paper\'s squared error; huber / smooth_l1: pseudo-Huber losses, less swayed by outliers (odd images, bad captions).', group='loss', choices=LOSS_TYPES)
+    huber_delta: float = setting(0.1, 'Huber delta', 'Where the Huber and smooth-L1 losses turn from squared to linear (the pseudo-Huber c).', group='loss', min=0.0001, max=10, step=0.0001)
+    huber_schedule: str = setting('snr', 'Huber delta schedule', 'constant: the delta at every timestep; snr: the delta grows toward 1 at low-noise timesteps (Khrapov et al. 2024).', group='loss', choices=HUBER_SCHEDULES)
+    debiased_estimation: bool = setting(False, 'Debiased estimation', 'Weight each timestep by 1/sqrt(SNR) (Yu et al. 2024): less weight on nearly clean images.', group='loss')
+    zero_terminal_snr: bool = setting(False, 'Zero terminal SNR', 'Rescale the noise schedule so the last timestep is pure noise (Lin et al. 2023): true blacks and whites. v-prediction models only.', group='loss')
+    input_perturbation: float = setting(0.0, 'Input perturbation', 'Perturb the noise the image is noised with, not the target (Ning et al. 2023); 0.1 typical, 0 off.', group='loss', min=0, max=1, step=0.01)
+    multires_noise_iterations: int = setting(0, 'Multi-resolution noise levels', 'Add noise drawn at 1/2, 1/4, ... of the latent size (pyramid noise, Whitaker 2023); 6 typical, 0 off.', group='loss', min=0, max=10)
+    multires_noise_discount: float = setting(0.3, 'Multi-resolution noise discount', 'Weight of each coarser level relative to the one above it.', group='loss', min=0, max=1, step=0.01)
     # image processing
     resolution: int = setting(512, 'Resolution', "Training resolution (the family's native one by default).", group='image processing', min=64, max=4096, step=64)
     aspect_ratio_bucketing: bool = setting(True, 'Aspect-ratio bucketing', 'Group images by aspect ratio instead of cropping them all square.', group='image processing')
@@ -483,6 +493,10 @@ def validate_for_training(config: Config) -> None:
     """Checks that only matter when training starts (a config being edited may be incomplete)."""
     problems = [] if config.active_concepts else [Problem(("concepts",), "no concept has an instance images folder")]
     problems += config.problems(training=True)
+    if config.parameters.zero_terminal_snr and family(config.model.family).prediction_type != "v_prediction":
+        problems.append(Problem(("parameters", "zero_terminal_snr"), (
+            f"needs a v-prediction model; this {config.model.family} model predicts noise (epsilon), whose last "
+            "timestep would then carry no signal to predict")))
     if problems:
         raise ConfigError(problems)
 

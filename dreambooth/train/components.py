@@ -80,6 +80,15 @@ def eager(module):
         module._compiled_call_impl = compiled
 
 
+def training_scheduler(scheduler, params):
+    """The noise schedule training draws from: the model's own, or with zero_terminal_snr its betas rescaled so the
+    last timestep is pure noise (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Algorithm 1; diffusers' rescale_betas_zero_snr). Previews sample with the same schedule."""
+    if not params.zero_terminal_snr:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+
+
 def load_components(working: Path, family: str, device, params, dtypes: DtypePlan,
                     resume_from: Path | None = None) -> Components:
     """The model's parts from working/; trained parts from `resume_from` (a saved state folder) where it has them."""
@@ -110,7 +119,7 @@ def load_components(working: Path, family: str, device, params, dtypes: DtypePla
     if sdxl:
         encoders.append(trained(CLIPTextModelWithProjection, "text_encoder_2"))
         tokenizers.append(CLIPTokenizer.from_pretrained(working, subfolder="tokenizer_2"))
-    noise_scheduler = DDPMScheduler.from_pretrained(working, subfolder="scheduler")
+    noise_scheduler = training_scheduler(DDPMScheduler.from_pretrained(working, subfolder="scheduler"), params)
 
     if torch.device(device).type == "cpu":  # (moving to a GPU gives new memory anyway)
         for module in (unet, vae, *encoders):

@@ -20,14 +20,26 @@ The trainer (train/loop.py) runs exactly this; the benchmarks time exactly this.
   is_prior       (B,) bool, True for class (prior-preservation) examples; None = all instance examples. Best kept
                  on the CPU (the trainer does): the step counts it there, without waiting for the GPU
 
-The loss (DreamBooth paper, Ruiz et al. 2022, with the usual extras):
+The loss (DreamBooth paper, Ruiz et al. 2022, with the usual extras; SNR_t = abar_t / (1 - abar_t)):
   noise   = N(0, 1) (+ offset_noise * N(0, 1) per sample and channel, broadcast over h, w)
-  x_t     = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, t ~ U{0, T-1}
+            (then, with multires_noise_iterations = n: pyramid_noise(noise, n, discount), below)
+  x_t     = sqrt(abar_t) x_0 + sqrt(1 - abar_t) (noise + input_perturbation * N(0, 1)), t ~ U{0, T-1}
+            (input perturbation, Ning et al. 2023: the input is noised with perturbed noise, the target is not)
   target  = noise (epsilon models) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (v-prediction models)
-  err_i   = mean over (c, h, w) of (unet(x_t, t, text) - target)^2 for each example i
-  w_i     = min(SNR_t, gamma) / SNR_t (epsilon) or min(SNR_t, gamma) / (SNR_t + 1) (v) when min_snr_gamma > 0, else 1
+  e       = unet(x_t, t, text) - target
+  err_i   = mean over (c, h, w) of, by loss_type:
+              mse        e^2
+              huber      2 c (sqrt(e^2 + c^2) - c)        (pseudo-Huber; Charbonnier 1994, Song & Dhariwal 2023)
+              smooth_l1  2 (sqrt(e^2 + c^2) - c)
+            c = huber_delta (constant), or with huber_schedule "snr" (Khrapov et al. 2024):
+            c_t = (1 - huber_delta) / (1 + sigma_t)^2 + huber_delta, sigma_t = sqrt((1 - abar_t) / abar_t)
+  w_i     = product of the weights that are on, each written on the epsilon loss and carried to a v loss, whose
+            epsilon loss is SNR_t / (SNR_t + 1) times the v loss:
+              min_snr_gamma > 0 (Hang et al. 2023)       min(SNR_t, gamma) / SNR_t  (v: min(SNR_t, gamma) / (SNR_t + 1))
+              debiased_estimation (Yu et al. 2024)      1 / sqrt(SNR_t)            (v: sqrt(SNR_t) / (SNR_t + 1))
   loss    = mean_{instance}(w_i err_i) + prior_loss_weight * mean_{class}(w_i err_i)   (the step's weight)
-(A batch without class examples is just the instance mean.)
+(A batch without class examples is just the instance mean.) With zero_terminal_snr the noise scheduler's betas are
+rescaled first (components.training_scheduler).
 """
 from __future__ import annotations
 
@@ -98,6 +110,30 @@ def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1 - alphas_cumprod)
 
 
+def pyramid_noise(noise: torch.Tensor, levels: int, discount: float) -> torch.Tensor:
+    """Multi-resolution noise (Whitaker 2023, "Multi-resolution noise for diffusion model training"): noise plus
+    discount^i times N(0, 1) drawn at 1/2^i of the size and upsampled (bilinear), for i = 1..levels or until a side is
+    1; rescaled to unit standard deviation per example."""
+    b, c, h, w = noise.shape
+    out = noise.float()
+    for i in range(1, levels + 1):
+        low_h, low_w = max(1, h >> i), max(1, w >> i)
+        low = torch.randn(b, c, low_h, low_w, device=noise.device, dtype=torch.float32)
+        out = out + discount ** i * F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+        if low_h == 1 or low_w == 1:
+            break
+    return (out / out.std(dim=(1, 2, 3), keepdim=True)).to(noise.dtype)
+
+
+def element_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, delta) -> torch.Tensor:
+    """The per-element loss of the step's docstring (`delta`: a number or a (B, 1, 1, 1) tensor)."""
+    error = pred.float() - target.float()
+    if loss_type == "mse":
+        return error ** 2
+    soft = torch.sqrt(error ** 2 + delta ** 2) - delta
+    return 2 * delta * soft if loss_type == "huber" else 2 * soft
+
+
 def _accumulate(accelerator, models):
     """accelerator.accumulate over all trained models (a no-op context without an accelerator)."""
     if accelerator is None:
@@ -153,6 +189,8 @@ class TrainStep:
             # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
             noise = noise + self.params.offset_noise * torch.randn(
                 latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+        if self.params.multires_noise_iterations > 0:
+            noise = pyramid_noise(noise, self.params.multires_noise_iterations, self.params.multires_noise_discount)
         return noise
 
     def draw_timesteps(self, latents: torch.Tensor) -> torch.Tensor:
@@ -161,13 +199,18 @@ class TrainStep:
 
     # -- the loss --------------------------------------------------------------------------------------------
     def compute_loss(self, batch: Batch, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                     prior_loss_weight: float = 1.0) -> LossOutput:
+                     prior_loss_weight: float = 1.0, perturbation: torch.Tensor | None = None) -> LossOutput:
+        p = self.params
         latents = self.latents_of(batch)
         if noise is None:
             noise = self.draw_noise(latents)
         if timesteps is None:
             timesteps = self.draw_timesteps(latents)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noised_with = noise
+        if p.input_perturbation > 0:
+            perturbation = torch.randn_like(noise) if perturbation is None else perturbation
+            noised_with = noise + p.input_perturbation * perturbation
+        noisy = self.noise_scheduler.add_noise(latents, noised_with, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
         else:
@@ -179,11 +222,8 @@ class TrainStep:
             extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch.add_time_ids}
         pred = self.unet(noisy, timesteps, hidden, **extra).sample
 
-        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.params.min_snr_gamma > 0:
-            s = snr(self.noise_scheduler, timesteps)
-            clipped = torch.clamp(s, max=self.params.min_snr_gamma)
-            per_example = per_example * (clipped / (s + 1) if self.prediction_type == "v_prediction" else clipped / s)
+        per_example = element_loss(pred, target, p.loss_type, self.huber_delta(timesteps)).mean(dim=(1, 2, 3))
+        per_example = per_example * self.timestep_weight(timesteps)
 
         is_prior = batch.is_prior
         priors = 0 if is_prior is None else int(is_prior.sum())
@@ -198,6 +238,29 @@ class TrainStep:
         prior = torch.where(mask, per_example, zero).sum() / priors
         loss = instance + prior_loss_weight * prior
         return LossOutput(loss, instance.detach(), prior.detach())
+
+    def huber_delta(self, timesteps: torch.Tensor):
+        """The pseudo-Huber c: the setting, or with the "snr" schedule per example (see the module's doc)."""
+        p = self.params
+        if p.loss_type == "mse" or p.huber_schedule == "constant":
+            return p.huber_delta
+        sigma = snr(self.noise_scheduler, timesteps).clamp(min=1e-12).rsqrt()
+        return ((1 - p.huber_delta) / (1 + sigma) ** 2 + p.huber_delta).view(-1, 1, 1, 1)
+
+    def timestep_weight(self, timesteps: torch.Tensor):
+        """w_t of the module's doc: min-SNR and debiased estimation, as set (1 when neither is on)."""
+        p = self.params
+        if p.min_snr_gamma <= 0 and not p.debiased_estimation:
+            return 1.0
+        s = snr(self.noise_scheduler, timesteps)
+        v = self.prediction_type == "v_prediction"
+        weight = torch.ones_like(s)
+        if p.min_snr_gamma > 0:
+            clipped = torch.clamp(s, max=p.min_snr_gamma)
+            weight = weight * (clipped / (s + 1) if v else clipped / s)
+        if p.debiased_estimation:
+            weight = weight * (s.sqrt() / (s + 1) if v else s.clamp(min=1e-12).rsqrt())
+        return weight
 
     # -- the whole step --------------------------------------------------------------------------------------
     def __call__(self, batch: Batch, train_text_encoder: bool = True, prior_loss_weight: float = 1.0) -> LossOutput:

@@ -147,3 +147,117 @@ def test_the_step_draws_offset_noise_and_timesteps():
         assert (noise - noise.mean(dim=(2, 3), keepdim=True)).std().item() == pytest.approx(1.0, rel=0.02)
     t = step.draw_timesteps(torch.zeros(4000, 4, 1, 1))
     assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999 and len(t.unique()) > 950
+
+
+# ---------------------------------------------------------------- the newer losses, weights and noise
+
+
+def reference_newer_loss(unet, te, scheduler, latents, ids, prediction, noise, t, *, loss="mse", delta=0.1,
+                         schedule="constant", debiased=False, gamma=0.0, perturbation=None, strength=0.0):
+    """Written from the papers: pseudo-Huber (Charbonnier; Song & Dhariwal 2023) with the SNR-scheduled delta of
+    Khrapov et al. 2024, debiased estimation (Yu et al. 2024: 1/sqrt(SNR) on the epsilon loss), min-SNR, and input
+    perturbation (Ning et al. 2023: x_t from eps + strength * xi, the target from eps)."""
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noised_with = noise + strength * perturbation if strength else noise
+    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noised_with
+    target = noise if prediction == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    pred = unet(x_t, t, encoder_hidden_states=te(ids[0]).last_hidden_state).sample
+    e = pred - target
+    if schedule == "snr":
+        sigma = ((1 - abar) / abar).sqrt()
+        delta = (1 - delta) / (1 + sigma) ** 2 + delta
+    if loss == "mse":
+        per = e ** 2
+    elif loss == "huber":
+        per = 2 * delta * ((e ** 2 + delta ** 2).sqrt() - delta)
+    else:
+        per = 2 * ((e ** 2 + delta ** 2).sqrt() - delta)
+    err = per.mean(dim=(1, 2, 3))
+    snr = (abar / (1 - abar)).flatten()
+    # each weight on the epsilon loss; a v loss is (SNR + 1) / SNR times the epsilon loss of the same prediction
+    to_v = snr / (snr + 1) if prediction == "v_prediction" else torch.ones_like(snr)
+    if gamma:
+        err = err * torch.minimum(snr, torch.full_like(snr, gamma)) / snr * to_v
+    if debiased:
+        err = err / snr.sqrt() * to_v
+    return err.mean()
+
+
+NEWER = {
+    "huber-constant": dict(loss_type="huber", huber_delta=0.3, huber_schedule="constant"),
+    "huber-snr": dict(loss_type="huber", huber_delta=0.1, huber_schedule="snr"),
+    "smooth_l1-snr": dict(loss_type="smooth_l1", huber_delta=0.2, huber_schedule="snr"),
+    "debiased": dict(debiased_estimation=True),
+    "debiased+minsnr": dict(debiased_estimation=True, min_snr_gamma=5.0),
+    "input-perturbation": dict(input_perturbation=0.1),
+}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("case", list(NEWER))
+def test_newer_losses_and_weights_match_their_papers(case, prediction):
+    from diffusers import DDPMScheduler
+
+    settings = NEWER[case]
+    unet, te = tiny_unet(), tiny_text_encoder()
+    ref_unet, ref_te = copy.deepcopy(unet), copy.deepcopy(te)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction)
+    g = torch.Generator().manual_seed(11)
+    latents = torch.randn(3, 4, 8, 8, generator=g)
+    ids = (torch.randint(0, 1000, (3, 77), generator=g),)
+    noise, t = draws(g, latents)
+    xi = torch.randn(latents.shape, generator=g)
+
+    step = TrainStep(unet, (te,), scheduler, Parameters(**settings), sdxl=False)
+    out = step.compute_loss(Batch(latents=latents, input_ids=ids), noise=noise, timesteps=t, perturbation=xi)
+    out.loss.backward()
+    ref = reference_newer_loss(
+        ref_unet, ref_te, scheduler, latents, ids, prediction, noise, t, loss=settings.get("loss_type", "mse"),
+        delta=settings.get("huber_delta", 0.1), schedule=settings.get("huber_schedule", "constant"),
+        debiased=settings.get("debiased_estimation", False), gamma=settings.get("min_snr_gamma", 0.0),
+        perturbation=xi, strength=settings.get("input_perturbation", 0.0))
+    ref.backward()
+    assert_close(out.loss, ref)
+    assert_same_gradients([unet, te], [ref_unet, ref_te])
+
+
+def test_multi_resolution_noise_is_the_pyramid_of_its_paper():
+    """Whitaker 2023: noise + sum_i discount^i * upsample(N(0, 1) at 1/2^i of the size), unit std per example; the
+    same draws in the same order give the same noise."""
+    from diffusers import DDPMScheduler
+
+    latents = torch.zeros(2, 4, 16, 12)
+    step = TrainStep(tiny_unet(), (tiny_text_encoder(),), DDPMScheduler(num_train_timesteps=1000),
+                     Parameters(multires_noise_iterations=6, multires_noise_discount=0.4), sdxl=False)
+    torch.manual_seed(7)
+    ours = step.draw_noise(latents)
+    torch.manual_seed(7)
+    noise = torch.randn_like(latents)
+    for i, size in enumerate([(8, 6), (4, 3), (2, 1)], start=1):  # 12 -> 6 -> 3 -> 1: the third level is the last
+        noise = noise + 0.4 ** i * torch.nn.functional.interpolate(torch.randn(2, 4, *size), size=(16, 12),
+                                                                   mode="bilinear", align_corners=False)
+    reference = noise / noise.std(dim=(1, 2, 3), keepdim=True)
+    assert_close(ours, reference)
+    assert ours.std(dim=(1, 2, 3)).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_zero_terminal_snr_rescales_as_algorithm_1_and_only_for_v_prediction():
+    """Lin et al. 2023, Algorithm 1: shift sqrt(abar) so the last is 0, scale so the first is kept."""
+    from diffusers import DDPMScheduler
+
+    from dreambooth.config import Config, ConfigError, validate_for_training
+    from dreambooth.train.components import training_scheduler
+
+    base = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="v_prediction")
+    ours = training_scheduler(base, Parameters(zero_terminal_snr=True)).alphas_cumprod
+    root = torch.cumprod(1 - base.betas.double(), 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    torch.testing.assert_close(ours.double(), root ** 2, rtol=1e-5, atol=1e-9)
+    assert ours[-1] == 0 and training_scheduler(base, Parameters()) is base
+
+    data = {"concepts": [{"instance_data_dir": "."}], "parameters": {"zero_terminal_snr": True}}
+    with pytest.raises(ConfigError, match="zero_terminal_snr: needs a v-prediction model; this v1 model"):
+        validate_for_training(Config.from_dict({**data, "model": {"family": "v1"}}))
+    validate_for_training(Config.from_dict({**data, "model": {"family": "v2-v"}}))

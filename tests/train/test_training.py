@@ -558,3 +558,22 @@ def test_previews_render_every_prompt_of_the_sample_prompt_file(tmp_path, tiny_s
     monkeypatch.setattr(loop, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(UserError, match=r"^concepts\[0\]\.sample_prompt_file: '.*previews\.txt': no such file$"):
         train_model(root, "m")
+
+
+def test_a_run_with_the_newer_losses_and_noise_on_a_v_prediction_model(tmp_path):
+    """Zero terminal SNR (the v2-v model), the scheduled pseudo-Huber loss, debiased weighting, input perturbation
+    and pyramid noise together: a whole run with class images and previews trains, and its loss is finite."""
+    from dreambooth.checkpoint.tiny import write_tiny_checkpoint
+
+    source = write_tiny_checkpoint("v2-v", tmp_path / "v.safetensors", seed=0)
+    concepts = [concept(tmp_path, num_class_images_per_image=1, class_infer_steps=2, num_samples=1,
+                        sample_infer_steps=2)]
+    root, model = make_model(tmp_path / "root", source, concepts=concepts, family="v2-v", num_train_epochs=1,
+                             sample_every_n_epochs=1, zero_terminal_snr=True, loss_type="huber",
+                             huber_schedule="snr", debiased_estimation=True, input_perturbation=0.1,
+                             multires_noise_iterations=4)
+    result = train_model(root, "m")
+    assert result.ok and result.step == 2, result.summary()
+    losses = [e["loss"] for e in read_events(model) if e["kind"] == "step"]
+    assert len(losses) == 2 and all(0 < loss < 1e3 for loss in losses), losses
+    assert sorted(p.name for p in model.samples.iterdir()) == ["2-0-0.png"]
