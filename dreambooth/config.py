@@ -252,6 +252,11 @@ class Parameters:
     crop: str = setting('center', 'Crop', 'How an image is cropped to its bucket.', group='image processing', choices=('center', 'random'))
     hflip: bool = setting(False, 'Horizontal flip', 'Randomly mirror images (not for asymmetric subjects such as text or faces with a parting).', group='image processing')
     seed: int = setting(1234, 'Seed', 'Seed for noise, timesteps, shuffling and augmentation.', group='image processing', min=0, max=2**31 - 1)
+    # captions (instance prompts only; class prompts stay as the class images were made)
+    caption_dropout: float = setting(0.0, 'Caption dropout', 'Probability of training an instance image on the empty prompt, so the subject also comes without its words; 0.05 typical, 0 off.', group='captions', min=0, max=1, step=0.01)
+    shuffle_tags: bool = setting(False, 'Shuffle caption tags', 'Shuffle the comma-separated parts of each instance prompt, anew every epoch (for tag-style captions).', group='captions')
+    keep_tokens: int = setting(1, 'Tags kept in place', 'The first N comma-separated parts stay first and are never dropped (keep the identifier there).', group='captions', min=0, max=100)
+    tag_dropout: float = setting(0.0, 'Tag dropout', 'Probability of leaving out each comma-separated part after the kept ones; 0 off.', group='captions', min=0, max=1, step=0.01)
     # saving
     checkpoint_format: str = setting('safetensors', 'Checkpoint format', 'safetensors (safe, fast) or ckpt.', group='saving', choices=('safetensors', 'ckpt'))
     save_half: bool = setting(True, 'Save fp16 checkpoint', 'Write the checkpoint in half precision (half the size).', group='saving')
@@ -279,7 +284,8 @@ MODEL_SETTINGS = settings_of(ModelSettings)
 CONCEPT_SETTINGS = settings_of(Concept)
 PARAMETER_SETTINGS = settings_of(Parameters)
 # The Parameters panel's order: what users change most often first.
-GROUPS = ("intervals", "learning rate", "lora", "batch", "image processing", "loss", "saving", "performance", "memory")
+GROUPS = ("intervals", "learning rate", "lora", "batch", "image processing", "captions", "loss", "saving", "performance",
+          "memory")
 
 
 # ---------------------------------------------------------------- rules relating several settings

@@ -15,6 +15,28 @@ FILEWORDS = "[filewords]"
 MAX_CAPTION_BYTES = 100_000  # a caption is a line or two; more is not a caption
 
 
+def augmented(prompt: str, params, rng) -> str:
+    """An instance prompt as one step trains it: with probability caption_dropout the empty prompt; else its
+    comma-separated parts after the first keep_tokens each left out with probability tag_dropout, then shuffled when
+    shuffle_tags is on. `rng` (a random.Random seeded per image and epoch) makes it the same on a resumed run."""
+    if params.caption_dropout > 0 and rng.random() < params.caption_dropout:
+        return ""
+    if not params.shuffle_tags and params.tag_dropout <= 0:
+        return prompt
+    tags = [t.strip() for t in prompt.split(",")]
+    kept, rest = tags[:params.keep_tokens], tags[params.keep_tokens:]
+    if params.tag_dropout > 0:
+        rest = [t for t in rest if rng.random() >= params.tag_dropout]
+    if params.shuffle_tags:
+        rng.shuffle(rest)
+    return ", ".join(t for t in kept + rest if t)
+
+
+def varies(params) -> bool:
+    """Whether instance prompts change from step to step (then their text embeddings are not cached)."""
+    return params.caption_dropout > 0 or params.shuffle_tags or params.tag_dropout > 0
+
+
 class CaptionWarning(UserWarning):
     """A caption file that could not be used; the image's file name stands in. The message names the file."""
 

@@ -138,6 +138,14 @@ class TrainingData:
     def augmentation_rng(self, item: Item, epoch: int) -> random.Random:
         return random.Random(self.item_seed(item, epoch))
 
+    def prompt(self, item: Item, epoch: int) -> str:
+        """The prompt an item trains on in `epoch`: a class example's as it is, an instance example's with the
+        caption options applied (captions.augmented), seeded by the run's seed, the image and the epoch."""
+        if item.is_prior or not captions.varies(self.params):
+            return item.example.prompt
+        rng = random.Random(_stable_int(self.params.seed, "caption", str(item.example.path), epoch))
+        return captions.augmented(item.example.prompt, self.params, rng)
+
     def load_item(self, item: Item, epoch: int):
         """(pixels (3, H, W) in [-1, 1], SDXL time ids (6,))."""
         rng = self.augmentation_rng(item, epoch)

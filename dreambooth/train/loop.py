@@ -365,7 +365,7 @@ class Trainer:
                     s.latent_cache[key] = (latent, ids)
             latents.append(latent)
             time_ids.append(ids)
-        prompts = [item.example.prompt for item in items]
+        prompts = [s.data.prompt(item, epoch) for item in items]
         batch = Batch(
             latents=torch.stack(latents).float().to(device),
             add_time_ids=torch.stack(time_ids).to(device) if c.sdxl else None,
@@ -382,14 +382,16 @@ class Trainer:
         so each step skips their forward pass. One prompt at a time, so a value never depends on its batch."""
         c, device = s.parts, self.accelerator.device
         encoders = [self.accelerator.unwrap_model(te) for te in s.text_encoders]
+        # Prompts that change every step (caption options) would fill the cache with ones never seen again.
+        cache = s.embedding_cache if not captions.varies(self.p) else {}
         for prompt in dict.fromkeys(prompts):
-            if prompt not in s.embedding_cache:
+            if prompt not in cache:
                 ids = [i.to(device) for i in tokenize(c.tokenizers, [prompt])]
                 with torch.no_grad():
                     hidden, pooled = encode_prompt(encoders, ids, c.sdxl)
-                s.embedding_cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
-        hidden = torch.stack([s.embedding_cache[q][0] for q in prompts])
-        pooled = torch.stack([s.embedding_cache[q][1] for q in prompts]) if c.sdxl else None
+                cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
+        hidden = torch.stack([cache[q][0] for q in prompts])
+        pooled = torch.stack([cache[q][1] for q in prompts]) if c.sdxl else None
         return hidden, pooled
 
     def freeze_text_encoders(self, s: TrainingState) -> None:

@@ -150,3 +150,38 @@ def test_class_images_are_generated_in_batches_numbered_and_seeded_as_one_at_a_t
     generate_missing(tmp_path / "single", prompts[:2], lambda p, n: one_at_a_time.append(len(p)) or
                      [Image.new("RGB", (8, 8))] * len(p), lambda p, n: p, lambda d, t: None)
     assert one_at_a_time == [1, 1]  # the default batch size
+
+
+def test_caption_options_dropout_shuffle_and_kept_tags():
+    import random
+
+    from dreambooth.config import Parameters
+    from dreambooth.data.captions import augmented
+
+    prompt = "zwx dog, red collar, grass, sunny, photo"
+    tags = prompt.split(", ")
+    off = Parameters()
+    assert augmented(prompt, off, random.Random(0)) == prompt
+    shuffle = Parameters(shuffle_tags=True, keep_tokens=1)
+    seen = {augmented(prompt, shuffle, random.Random(seed)) for seed in range(40)}
+    assert len(seen) > 10 and all(s.startswith("zwx dog, ") and sorted(s.split(", ")) == sorted(tags) for s in seen)
+    assert augmented(prompt, shuffle, random.Random(5)) == augmented(prompt, shuffle, random.Random(5))  # seeded
+    drop = Parameters(tag_dropout=0.5, keep_tokens=2)
+    lengths = [len(augmented(prompt, drop, random.Random(seed)).split(", ")) for seed in range(200)]
+    assert min(lengths) == 2 and max(lengths) == 5 and 3.2 < sum(lengths) / len(lengths) < 3.8  # 2 + 3 x 0.5
+    assert all(augmented(prompt, drop, random.Random(s)).startswith("zwx dog, red collar") for s in range(50))
+    empty = [augmented(prompt, Parameters(caption_dropout=0.25), random.Random(seed)) for seed in range(400)]
+    assert 0.18 < empty.count("") / 400 < 0.32 and set(empty) == {"", prompt}
+
+
+def test_class_prompts_never_change_and_instance_prompts_follow_the_epoch(tmp_path):
+    from dreambooth.config import Parameters
+    from dreambooth.data.dataset import Example, Item, TrainingData
+
+    instance = Example(tmp_path / "a.png", "zwx dog, red, grass", 0, (64, 64))
+    klass = Example(tmp_path / "c.png", "dog, red, grass", 0, (64, 64))
+    data = TrainingData([[instance]], {0: [klass]}, Parameters(shuffle_tags=True, keep_tokens=0, resolution=64))
+    inst, prior = Item(instance, (64, 64), False), Item(klass, (64, 64), True)
+    assert {data.prompt(prior, epoch) for epoch in range(20)} == {"dog, red, grass"}
+    by_epoch = [data.prompt(inst, epoch) for epoch in range(20)]
+    assert len(set(by_epoch)) > 1 and by_epoch == [data.prompt(inst, epoch) for epoch in range(20)]

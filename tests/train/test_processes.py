@@ -21,10 +21,16 @@ def unet_weights(model) -> dict:
     return load_file(model.working / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path, tiny_source):
-    settings = dict(num_train_epochs=4, save_every_n_epochs=1, use_ema=True, lr_scheduler="linear", seed=3)
+CAPTION_OPTIONS = dict(caption_dropout=0.3, shuffle_tags=True, keep_tokens=1, tag_dropout=0.3,
+                       train_text_encoder_ratio=0.5)  # prompts that change every step, the text encoder frozen half way
+
+
+@pytest.mark.parametrize("options", [{}, CAPTION_OPTIONS], ids=["plain", "caption-options"])
+def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path, tiny_source, options):
+    settings = dict(num_train_epochs=4, save_every_n_epochs=1, use_ema=True, lr_scheduler="linear", seed=3, **options)
     concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "instance_token": "zwx",
-                 "class_token": "dog", "num_samples": 0}]
+                 "class_token": "dog", "num_samples": 0,
+                 "instance_prompt": "zwx dog, [filewords], a photo, outdoors" if options else "[filewords]"}]
     root, model = make_model(tmp_path / "a", tiny_source, concepts=concepts, **settings)
 
     saved = kill_after_checkpoint(root, model, 4)
