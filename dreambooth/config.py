@@ -238,6 +238,7 @@ class Parameters:
     prior_loss_weight_min: float = setting(0.1, 'Minimum prior loss weight', 'With prior loss scaling on, the prior loss weight falls to this value and then stays there.', group='loss', min=0, max=100, step=0.05)
     prior_loss_scale_epochs: int = setting(0, 'Prior loss scaling epochs', 'Lower the prior loss weight linearly from the prior loss weight to the minimum over this many epochs, then keep the minimum. 0: off (the weight stays as set).', group='loss', min=0, max=100000)
     min_snr_gamma: float = setting(0.0, 'Min-SNR gamma', "Min-SNR loss weighting (5 is typical); 0 uses the paper's plain MSE.", group='loss', min=0, max=100, step=0.5)
+    masked_loss: bool = setting(False, 'Masked loss', "Learn only where an instance image's mask is white: NAME.mask.png beside the image (never trained as an image itself), else its alpha channel; images without one are learnt whole.", group='loss')
     loss_type: str = setting('mse', 'Loss', 'mse: the paper\'s squared error; huber / smooth_l1: pseudo-Huber losses, less swayed by outliers (odd images, bad captions).', group='loss', choices=LOSS_TYPES)
     huber_delta: float = setting(0.1, 'Huber delta', 'Where the Huber and smooth-L1 losses turn from squared to linear (the pseudo-Huber c).', group='loss', min=0.0001, max=10, step=0.0001)
     huber_schedule: str = setting('snr', 'Huber delta schedule', 'constant: the delta at every timestep; snr: the delta grows toward 1 at low-noise timesteps (Khrapov et al. 2024).', group='loss', choices=HUBER_SCHEDULES)

@@ -59,6 +59,11 @@ def fit_to_bucket(img: Image.Image, bucket: tuple[int, int], crop: str, flip: bo
     return img, (top, left)
 
 
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """(1, H, W) float in [0, 1] (white = 1)."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).unsqueeze(0).contiguous()
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """(3, H, W) float in [-1, 1]."""
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 
 from ..config import Config
 from ..errors import UserError
 from . import captions
-from .buckets import fit_to_bucket, make_buckets, nearest_bucket, to_tensor
-from .images import find_images, load_image, readable_images
+from .buckets import fit_to_bucket, make_buckets, mask_to_tensor, nearest_bucket, to_tensor
+from .images import find_images, load_image, load_mask, readable_images
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def collect_instances(config: Config) -> list[list[Example]]:
             raise UserError(f"{label}: none of the images in {str(folder)!r} can be read (see the warnings above)")
         examples = []
         for path in paths:
+            if config.parameters.masked_loss:
+                load_mask(path)  # a bad mask is named before any model loads
             caption = captions.caption_of(path)
             prompt = captions.instance_prompt(concept.instance_prompt, caption, concept.instance_token, concept.class_token)
             examples.append(Example(path, prompt, index, _image_size(path)))
@@ -147,14 +150,21 @@ class TrainingData:
         return captions.augmented(item.example.prompt, self.params, rng)
 
     def load_item(self, item: Item, epoch: int):
-        """(pixels (3, H, W) in [-1, 1], SDXL time ids (6,))."""
+        """(pixels (3, H, W) in [-1, 1], SDXL time ids (6,), loss mask (1, H, W) in [0, 1] or None). The mask is
+        cropped and flipped exactly as its image (the same draws of the same seed)."""
         rng = self.augmentation_rng(item, epoch)
         img = load_image(item.example.path)
         flip = self.params.hflip and rng.random() < 0.5
         fitted, (top, left) = fit_to_bucket(img, item.bucket, self.params.crop, flip, rng)
         w, h = item.bucket
         time_ids = torch.tensor([img.height, img.width, top, left, h, w], dtype=torch.float32)
-        return to_tensor(fitted), time_ids
+        mask = load_mask(item.example.path) if self.params.masked_loss and not item.is_prior else None
+        if mask is not None:
+            again = self.augmentation_rng(item, epoch)
+            flip = self.params.hflip and again.random() < 0.5
+            mask = mask_to_tensor(fit_to_bucket(mask.resize(img.size, Image.BILINEAR), item.bucket,
+                                                self.params.crop, flip, again)[0])
+        return to_tensor(fitted), time_ids, mask
 
 
 def tokenize(tokenizers, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:

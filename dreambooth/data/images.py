@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from ..errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.jpg: the image's loss mask (white = learn), never an image
 # Larger images are shrunk on load: training never needs more than a few times the bucket size.
 MAX_SIDE = 4096
 # An images folder is searched this deep and this wide at most: a folder such as / or a home folder is refused with a
@@ -57,7 +58,8 @@ def find_images(folder: Path, max_depth: int = MAX_DEPTH, max_entries: int = MAX
                         if entry.is_dir():
                             if depth < max_depth:
                                 todo.append((Path(entry.path), depth + 1))
-                        elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                        elif (entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+                              and not entry.name.lower().endswith(MASK_SUFFIX)):
                             found.append(Path(entry.path))
                     except OSError:
                         continue  # a dangling link or an entry that vanished: not an image
@@ -106,6 +108,42 @@ def load_image(path: Path, max_side: int = MAX_SIDE) -> Image.Image:
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.LANCZOS)
     return img
+
+
+def mask_file(image: Path) -> Path:
+    return Path(image).with_name(Path(image).stem + MASK_SUFFIX)
+
+
+def load_mask(image: Path, max_side: int = MAX_SIDE) -> Image.Image | None:
+    """The loss mask of an image as 8-bit greyscale at the size `load_image` gives the image (white = learn): its
+    NAME.mask.png, else its alpha channel, else None. A mask that cannot be read, has another size than its image
+    or is all black is a UserError naming the file."""
+    image = Path(image)
+    with Image.open(image) as img:
+        upright = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
+        size = upright.size
+        has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+        alpha = upright.convert("RGBA").getchannel("A") if has_alpha and not mask_file(image).exists() else None
+    path = mask_file(image)
+    if path.exists():
+        try:
+            with Image.open(path) as m:
+                m.load()
+                mask = ImageOps.exif_transpose(m).convert("L")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise UserError(f"mask {path}: not a readable image ({e})") from None
+        if mask.size != size:
+            raise UserError(f"mask {path}: {mask.size[0]}x{mask.size[1]} pixels, but its image {image.name} is "
+                            f"{size[0]}x{size[1]}; make it the same size")
+    elif alpha is not None:
+        mask, path = alpha, image
+    else:
+        return None
+    if mask.getextrema()[1] == 0:
+        raise UserError(f"mask {path}: is all black (nothing to learn); paint white where the subject is")
+    if max(mask.size) > max_side:
+        mask.thumbnail((max_side, max_side), Image.BILINEAR)
+    return mask
 
 
 def readable_images(paths: list[Path], max_side: int = MAX_SIDE) -> list[Path]:

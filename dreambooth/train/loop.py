@@ -350,27 +350,33 @@ class Trainer:
     # -- pieces of the loop -------------------------------------------------------------------------------------
     def make_batch(self, s: TrainingState, items, epoch: int) -> Batch:
         c, p, device = s.parts, self.p, self.accelerator.device
-        latents, time_ids = [], []
+        latents, time_ids, masks = [], [], []
         for item in items:
             key = (item.example.path, item.bucket)
             if p.cache_latents and key in s.latent_cache:
-                latent, ids = s.latent_cache[key]
+                latent, ids, mask = s.latent_cache[key]
             else:
-                pixels, ids = read_item(s.data, item, epoch, s.last_save_step)
+                pixels, ids, mask = read_item(s.data, item, epoch, s.last_save_step)
                 with torch.no_grad():
                     pixels = pixels.unsqueeze(0).to(device, c.vae.dtype)
                     noise = torch.Generator(pixels.device).manual_seed(s.data.item_seed(item, epoch) % 2**63)
                     latent = c.vae.encode(pixels).latent_dist.sample(noise)[0] * c.vae.config.scaling_factor
+                if mask is not None:  # at latent resolution: the share of each latent pixel's area to learn
+                    mask = torch.nn.functional.interpolate(mask.unsqueeze(0), size=latent.shape[-2:], mode="area")[0]
                 if p.cache_latents:
-                    s.latent_cache[key] = (latent, ids)
+                    s.latent_cache[key] = (latent, ids, mask)
             latents.append(latent)
             time_ids.append(ids)
+            masks.append(mask)
         prompts = [s.data.prompt(item, epoch) for item in items]
         batch = Batch(
             latents=torch.stack(latents).float().to(device),
             add_time_ids=torch.stack(time_ids).to(device) if c.sdxl else None,
             is_prior=torch.tensor([item.is_prior for item in items]),  # on the CPU: the step counts it there
         )
+        if any(m is not None for m in masks):  # images without a mask (and class images) are learnt whole
+            whole = torch.ones(1, *latents[0].shape[-2:])
+            batch.loss_mask = torch.stack([whole if m is None else m.cpu() for m in masks]).to(device)
         if s.schedule.trains_text_encoder(s.step):
             batch.input_ids = tuple(i.to(device) for i in tokenize(c.tokenizers, prompts))
         else:

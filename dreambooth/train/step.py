@@ -19,6 +19,7 @@ The trainer (train/loop.py) runs exactly this; the benchmarks time exactly this.
   add_time_ids   (B, 6) SDXL size/crop conditioning: original (h, w), crop top-left (top, left), target (h, w)
   is_prior       (B,) bool, True for class (prior-preservation) examples; None = all instance examples. Best kept
                  on the CPU (the trainer does): the step counts it there, without waiting for the GPU
+  loss_mask      (B, 1, h, w) in [0, 1] at latent resolution, or None: where each example is learnt (masked_loss)
 
 The loss (DreamBooth paper, Ruiz et al. 2022, with the usual extras; SNR_t = abar_t / (1 - abar_t)):
   noise   = N(0, 1) (+ offset_noise * N(0, 1) per sample and channel, broadcast over h, w)
@@ -27,7 +28,8 @@ The loss (DreamBooth paper, Ruiz et al. 2022, with the usual extras; SNR_t = aba
             (input perturbation, Ning et al. 2023: the input is noised with perturbed noise, the target is not)
   target  = noise (epsilon models) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (v-prediction models)
   e       = unet(x_t, t, text) - target
-  err_i   = mean over (c, h, w) of, by loss_type:
+  err_i   = mean over (c, h, w) (with a loss mask m: sum(m l) / sum(m), the mean over what the mask keeps) of l =, by
+            loss_type:
               mse        e^2
               huber      2 c (sqrt(e^2 + c^2) - c)        (pseudo-Huber; Charbonnier 1994, Song & Dhariwal 2023)
               smooth_l1  2 (sqrt(e^2 + c^2) - c)
@@ -60,6 +62,7 @@ class Batch:
     pooled_embeds: torch.Tensor | None = None
     add_time_ids: torch.Tensor | None = None
     is_prior: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
 
     def to(self, device, dtype=None) -> "Batch":
         def move(t):
@@ -72,7 +75,7 @@ class Batch:
             latents=move(self.latents), pixels=move(self.pixels),
             input_ids=tuple(i.to(device) for i in self.input_ids),
             prompt_embeds=move(self.prompt_embeds), pooled_embeds=move(self.pooled_embeds),
-            add_time_ids=move(self.add_time_ids), is_prior=self.is_prior,
+            add_time_ids=move(self.add_time_ids), is_prior=self.is_prior, loss_mask=move(self.loss_mask),
         )
 
     def __len__(self) -> int:
@@ -222,7 +225,13 @@ class TrainStep:
             extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch.add_time_ids}
         pred = self.unet(noisy, timesteps, hidden, **extra).sample
 
-        per_example = element_loss(pred, target, p.loss_type, self.huber_delta(timesteps)).mean(dim=(1, 2, 3))
+        elements = element_loss(pred, target, p.loss_type, self.huber_delta(timesteps))
+        if batch.loss_mask is None:
+            per_example = elements.mean(dim=(1, 2, 3))
+        else:  # the mean over what the mask keeps: a masked image weighs as much as a whole one
+            mask = batch.loss_mask.float()
+            kept = (mask.sum(dim=(1, 2, 3)) * elements.shape[1]).clamp(min=1e-6)  # a crop may keep nothing: loss 0
+            per_example = (elements * mask).sum(dim=(1, 2, 3)) / kept
         per_example = per_example * self.timestep_weight(timesteps)
 
         is_prior = batch.is_prior
@@ -302,7 +311,7 @@ class TrainStep:
                     hidden, pooled = encode_prompt(self.text_encoders, batch.input_ids, self.sdxl)
                 batch = Batch(latents=batch.latents, pixels=batch.pixels, prompt_embeds=hidden.detach(),
                               pooled_embeds=None if pooled is None else pooled.detach(),
-                              add_time_ids=batch.add_time_ids, is_prior=batch.is_prior)
+                              add_time_ids=batch.add_time_ids, is_prior=batch.is_prior, loss_mask=batch.loss_mask)
             with self.autocast():
                 out = self.compute_loss(batch, prior_loss_weight=prior_loss_weight)
             if acc is not None:

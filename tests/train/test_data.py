@@ -185,3 +185,94 @@ def test_class_prompts_never_change_and_instance_prompts_follow_the_epoch(tmp_pa
     assert {data.prompt(prior, epoch) for epoch in range(20)} == {"dog, red, grass"}
     by_epoch = [data.prompt(inst, epoch) for epoch in range(20)]
     assert len(set(by_epoch)) > 1 and by_epoch == [data.prompt(inst, epoch) for epoch in range(20)]
+
+
+def _photo(path, size=(64, 48), alpha=None):
+    from PIL import Image
+
+    img = Image.new("RGB", size, (200, 30, 30))
+    for x in range(size[0] // 2, size[0]):  # the right half is blue
+        for y in range(size[1]):
+            img.putpixel((x, y), (30, 30, 200))
+    if alpha is not None:
+        img.putalpha(alpha)
+    img.save(path)
+    return path
+
+
+def test_a_mask_file_or_the_alpha_channel_is_the_loss_mask(tmp_path):
+    from PIL import Image
+
+    from dreambooth.data.images import find_images, load_mask
+
+    plain = _photo(tmp_path / "plain.png")
+    assert load_mask(plain) is None
+    masked = _photo(tmp_path / "masked.jpg")
+    Image.new("L", (64, 48), 255).save(tmp_path / "masked.mask.png")
+    assert load_mask(masked).getextrema() == (255, 255)
+    assert [p.name for p in find_images(tmp_path)] == ["masked.jpg", "plain.png"]  # a mask is never an image
+    alpha = Image.new("L", (64, 48), 0)
+    alpha.paste(255, (0, 0, 32, 48))
+    cut_out = _photo(tmp_path / "cut.png", alpha=alpha)
+    assert load_mask(cut_out).getpixel((5, 5)) == 255 and load_mask(cut_out).getpixel((60, 5)) == 0
+
+
+@pytest.mark.parametrize("mask, said", [("small", "8x8 pixels, but its image bad.png is 64x48"),
+                                        ("black", "is all black"), ("junk", "not a readable image")])
+def test_a_bad_mask_is_one_line_naming_it(tmp_path, mask, said):
+    from PIL import Image
+
+    from dreambooth.data.images import load_mask
+    from dreambooth.errors import UserError
+
+    image = _photo(tmp_path / "bad.png")
+    path = tmp_path / "bad.mask.png"
+    if mask == "junk":
+        path.write_bytes(b"not a png")
+    else:
+        Image.new("L", (8, 8) if mask == "small" else (64, 48), 255 if mask == "small" else 0).save(path)
+    with pytest.raises(UserError, match=said) as e:
+        load_mask(image)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_the_mask_is_cropped_and_flipped_with_its_image(tmp_path, crop):
+    """The left (red) half of the photo is masked in: after bucketing, random crops and flips, the mask is 1 exactly
+    where the pixels are red."""
+    from PIL import Image
+
+    from dreambooth.config import Parameters
+    from dreambooth.data.dataset import Example, Item, TrainingData
+
+    image = _photo(tmp_path / "p.png", size=(96, 40))
+    mask = Image.new("L", (96, 40), 0)
+    mask.paste(255, (0, 0, 48, 40))
+    mask.save(tmp_path / "p.mask.png")
+    params = Parameters(masked_loss=True, hflip=True, crop=crop, resolution=64, aspect_ratio_bucketing=False,
+                        cache_latents=False)  # a new crop and flip every epoch
+    data = TrainingData([[Example(image, "zwx", 0, (96, 40))]], {}, params)
+    flips = set()
+    for epoch in range(12):
+        pixels, _, m = data.load_item(Item(data.instances[0], (64, 64), False), epoch)
+        red = pixels[0] > pixels[2]
+        assert m.shape == (1, 64, 64)
+        agree = ((m[0] > 0.5) == red).float().mean().item()
+        assert agree > 0.95, (epoch, agree)
+        flips.add(bool(red[:, 0].all()))
+    assert flips == {True, False}  # both flipped and unflipped items were seen
+
+
+def test_class_items_and_unmasked_runs_have_no_mask(tmp_path):
+    from PIL import Image
+
+    from dreambooth.config import Parameters
+    from dreambooth.data.dataset import Example, Item, TrainingData
+
+    image = _photo(tmp_path / "p.png")
+    Image.new("L", (64, 48), 255).save(tmp_path / "p.mask.png")
+    example = Example(image, "zwx", 0, (64, 48))
+    off = TrainingData([[example]], {}, Parameters(resolution=64))
+    assert off.load_item(Item(example, (64, 64), False), 0)[2] is None
+    on = TrainingData([[example]], {}, Parameters(resolution=64, masked_loss=True))
+    assert on.load_item(Item(example, (64, 64), True), 0)[2] is None  # a class image is learnt whole

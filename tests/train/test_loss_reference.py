@@ -261,3 +261,33 @@ def test_zero_terminal_snr_rescales_as_algorithm_1_and_only_for_v_prediction():
     with pytest.raises(ConfigError, match="zero_terminal_snr: needs a v-prediction model; this v1 model"):
         validate_for_training(Config.from_dict({**data, "model": {"family": "v1"}}))
     validate_for_training(Config.from_dict({**data, "model": {"family": "v2-v"}}))
+
+
+def test_masked_loss_is_the_mean_over_what_the_mask_keeps():
+    """err_i = sum(m (pred - target)^2) / (C sum(m)); a mask of ones is the plain loss."""
+    from diffusers import DDPMScheduler
+
+    unet, te = tiny_unet(), tiny_text_encoder()
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    step = TrainStep(unet, (te,), scheduler, Parameters(masked_loss=True), sdxl=False)
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    ids = (torch.randint(0, 1000, (2, 77), generator=g),)
+    noise, t = draws(g, latents)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :, :4] = 1.0  # the first example learns its left half
+    mask[1] = 0.5  # the second everywhere, at half weight
+    with torch.no_grad():
+        out = step.compute_loss(Batch(latents=latents, input_ids=ids, loss_mask=mask), noise=noise, timesteps=t).loss
+        plain = step.compute_loss(Batch(latents=latents, input_ids=ids), noise=noise, timesteps=t).loss
+        ones = step.compute_loss(Batch(latents=latents, input_ids=ids, loss_mask=torch.ones(2, 1, 8, 8)),
+                                 noise=noise, timesteps=t).loss
+        abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        pred = unet(abar.sqrt() * latents + (1 - abar).sqrt() * noise, t,
+                    encoder_hidden_states=te(ids[0]).last_hidden_state).sample
+        squared = (pred - noise) ** 2
+        first = squared[0, :, :, :4].mean()
+        second = squared[1].mean()
+    assert_close(out, (first + second) / 2)
+    assert_close(ones, plain)
+    assert not torch.isclose(out, plain)

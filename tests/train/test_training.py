@@ -577,3 +577,25 @@ def test_a_run_with_the_newer_losses_and_noise_on_a_v_prediction_model(tmp_path)
     losses = [e["loss"] for e in read_events(model) if e["kind"] == "step"]
     assert len(losses) == 2 and all(0 < loss < 1e3 for loss in losses), losses
     assert sorted(p.name for p in model.samples.iterdir()) == ["2-0-0.png"]
+
+
+def test_masked_loss_trains_with_masks_and_cached_latents(tmp_path, tiny_source):
+    """masked_loss: a mask file for one image, an alpha channel for another, none for the third; with cached latents
+    and prior preservation the run trains, and a bad mask is named before any model loads."""
+    folder = draw_images(tmp_path / "instance", count=3)
+    images = sorted(p for p in folder.iterdir() if p.suffix == ".png")
+    Image.new("L", Image.open(images[0]).size, 255).save(images[0].with_name(images[0].stem + ".mask.png"))
+    with_alpha = Image.open(images[1]).convert("RGBA")
+    with_alpha.putalpha(Image.new("L", with_alpha.size, 200))
+    with_alpha.save(images[1])
+    concepts = [concept(tmp_path, instance_data_dir=str(folder), num_class_images_per_image=1, class_infer_steps=1)]
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=concepts, num_train_epochs=2,
+                             masked_loss=True, cache_latents=True, hflip=True)
+    result = train_model(root, "m")
+    assert result.ok and result.step == 6, result.summary()
+
+    Image.new("L", (5, 5), 255).save(images[2].with_name(images[2].stem + ".mask.png"))
+    from dreambooth.errors import UserError
+
+    with pytest.raises(UserError, match=r"mask .*\.mask\.png: 5x5 pixels, but its image"):
+        train_model(root, "m", max_steps=8)
