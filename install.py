@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NEVER_TOUCH = ("torch", "torchvision", "xformers")
-EXTRAS = ("bitsandbytes",)  # optional-dependency groups the webui install gets too
+EXTRAS = ("bitsandbytes", "optimizers")  # optional-dependency groups the webui install gets too
 PROVIDED_BY_THE_WEBUI = ("gradio",)  # the webui brings its own; we never replace it
 # Versions worth asking for first, and what an older one means. bitsandbytes runs its 8-bit AdamW on a CPU only from
 # 0.50 on (which needs torch 2.4): with an older torch pip settles for an older bitsandbytes, which is fine on a GPU.

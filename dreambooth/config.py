@@ -26,7 +26,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything near this is not on
 MAX_JSON_DEPTH = 8  # config.json nests three levels deep
 # Longest accepted text per widget kind: prompts are cut at 77 tokens by CLIP anyway; paths by the OS.
 MAX_TEXT = {"prompt": 2000, "path": 4096, "": 200}
-OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "prodigy", "lion", "schedulefree_adamw", "came")
 LOSS_TYPES = ("mse", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "snr")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -214,7 +214,7 @@ class Parameters:
     gradient_accumulation_steps: int = setting(1, 'Gradient accumulation steps', 'Micro-batches per optimizer step.', group='batch', min=1, max=1024)
     class_batch_size: int = setting(1, 'Class generation batch size', 'Class images generated at once before training; more is faster on a big GPU and needs more memory.', group='batch', min=1, max=64)
     # performance
-    optimizer: str = setting('adamw_8bit', 'Optimizer', 'AdamW, 8-bit AdamW (bitsandbytes; least memory) or Adafactor.', group='performance', choices=OPTIMIZERS)
+    optimizer: str = setting('adamw_8bit', 'Optimizer', 'AdamW, 8-bit AdamW (bitsandbytes; least memory), Adafactor, Prodigy (finds its own step size: the learning rates only say which parts train), Lion (a third to a tenth of the AdamW rate), schedule-free AdamW or CAME. Prodigy and schedule-free use a constant learning rate.', group='performance', choices=OPTIMIZERS)
     mixed_precision: str = setting('fp16', 'Mixed precision', 'fp16 for most cards, bf16 for RTX 30xx and newer; no for full fp32.', group='performance', choices=PRECISIONS)
     attention: str = setting('sdpa', 'Attention backend', 'PyTorch SDPA (default), xformers (when installed, GPU only) or the plain implementation.', group='performance', choices=ATTENTION)
     compile_unet: bool = setting(False, 'Compile the UNet', 'torch.compile the UNet for faster steps on a GPU. The first step of each image size (each aspect bucket) compiles first, a minute or more; needs PyTorch 2.2+ and a working compiler, else it trains as usual with a warning.', group='performance')

@@ -36,7 +36,8 @@ from . import pipeline as gen
 from . import precision
 from .components import Components, compile_unet, eager, load_components
 from .precision import DtypePlan, Hardware
-from .optim import check_optimizer_runs_here, make_fused_step, make_lr_scheduler, make_optimizer
+from .optim import (check_optimizer_runs_here, eval_weights, make_fused_step, make_lr_scheduler, make_optimizer,
+                    train_weights)
 from .requests import Requests
 from .schedule import Schedule
 from .saves import keep_save, link_tree, mark_checkpoint_written, read_trainer_info, recover_folder, swap_folder
@@ -284,6 +285,7 @@ class Trainer:
                               sample_files=sample_files)
 
         resumed = load_state(self.model.state, acc, state.optimizer, state.lr_scheduler, ema)
+        train_weights(state.optimizer)  # schedule-free: saved with its averaged weights, trains the others
         if resumed is None:
             torch.manual_seed(p.seed + acc.process_index)
         else:
@@ -293,7 +295,8 @@ class Trainer:
             if schedule.text_encoder_steps and not schedule.trains_text_encoder(resumed):
                 self.freeze_text_encoders(state)
             if not saved["checkpoint_written"]:  # the last save was killed before its checkpoint file was complete
-                self.publish(state)
+                with eval_weights(state.optimizer):
+                    self.publish(state)
         return state
 
     def train(self, s: TrainingState) -> TrainResult:
@@ -520,7 +523,8 @@ class Trainer:
                                      self.dtypes.autocast)
             res = self.p.resolution
             paths = []
-            with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()), eager(unet):
+            with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()), eager(unet), \
+                    eval_weights(s.optimizer):
                 for pos, concept, prompts in self.sample_prompts(s):
                     # Each prompt gets the same seeds, so its images compare with the other prompts' side by side.
                     for k, (prompt, i) in enumerate(itertools.product(prompts, range(concept.num_samples))):
@@ -556,11 +560,12 @@ class Trainer:
                 for name, module in trained.items():
                     module.save_pretrained(tmp / name, safe_serialization=True)
 
-            with writing(self.model.state, s.last_save_step):
-                save_state(self.model.state, s.step, s.schedule.total_steps, s.optimizer, s.lr_scheduler, s.ema,
-                           write_weights, device=self.accelerator.device)
-            s.last_save_step = s.step
-            self.publish(s)
+            with eval_weights(s.optimizer):  # schedule-free: its averaged weights are the ones saved
+                with writing(self.model.state, s.last_save_step):
+                    save_state(self.model.state, s.step, s.schedule.total_steps, s.optimizer, s.lr_scheduler, s.ema,
+                               write_weights, device=self.accelerator.device)
+                s.last_save_step = s.step
+                self.publish(s)
             keep_save(self.model.state, self.model.saves, self.p.keep_saves)
         s.last_save_step = s.step
         self.accelerator.wait_for_everyone()

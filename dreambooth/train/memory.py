@@ -422,6 +422,11 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
     return plan
 
 
+# Optimizer state per parameter, in fp32 copies of it: Prodigy (exp_avg, exp_avg_sq, s, p0), Lion (exp_avg),
+# schedule-free AdamW (z, exp_avg_sq).
+FULL_STATES = {"prodigy": 4, "lion": 1, "schedulefree_adamw": 2}
+
+
 def arithmetic_plan(arch: Architecture, params, n_images: int = 0, target: str = "cuda", note: str = "") -> MemoryPlan:
     """Weights, gradients, optimizer state, frozen parts and cache from parameter counts; activations unknown (0)."""
     rounding = CUDA_BLOCK if target == "cuda" else 1
@@ -445,13 +450,19 @@ def arithmetic_plan(arch: Architecture, params, n_images: int = 0, target: str =
             else:
                 blocks = -(-p.numel() // _Bnb8bitStandIn.BLOCK)
                 plan.optimizer += 2 * block_bytes(p.numel(), rounding) + 2 * block_bytes(blocks * 4, rounding)
-        else:  # Adafactor: second moments factored over the last two dimensions, full for vectors; an RMS scalar
-            shape = tuple(p.shape)
+        elif params.optimizer in FULL_STATES:  # fp32 tensors of the parameter's size each
+            plan.optimizer += FULL_STATES[params.optimizer] * block_bytes(p.numel() * 4, rounding)
+        else:  # Adafactor (CAME: twice, plus a first moment): second moments factored over the last two dimensions,
+            shape = tuple(p.shape)  # full for vectors; an RMS scalar
             if len(shape) >= 2:
                 parts = (math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1])
             else:
                 parts = (p.numel(),)
-            plan.optimizer += sum(block_bytes(n * 4, rounding) for n in parts) + block_bytes(4, rounding)
+            factored = sum(block_bytes(n * 4, rounding) for n in parts)
+            if params.optimizer == "came":
+                plan.optimizer += block_bytes(p.numel() * 4, rounding) + 2 * factored
+            else:
+                plan.optimizer += factored + block_bytes(4, rounding)
     if params.optimizer == "adamw_8bit" and any(p.numel() >= _Bnb8bitStandIn.MIN_8BIT for p in trained):
         plan.optimizer += 2 * block_bytes(256 * 4, rounding)  # the two quantisation maps, shared
     plan.frozen = sum(block_bytes(p.numel() * half, rounding) for p in frozen)

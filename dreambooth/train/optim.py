@@ -1,5 +1,17 @@
-"""Optimizer (separate UNet and text-encoder learning rates) and learning-rate schedule from the parameters."""
+"""Optimizer (separate UNet and text-encoder learning rates) and learning-rate schedule from the parameters.
+
+Beside torch's AdamW, bitsandbytes' 8-bit AdamW and transformers' Adafactor, four optimizers come from their authors'
+packages, imported when chosen: Prodigy (prodigyopt; Mishchenko & Defazio 2023), Lion (lion-pytorch; Chen et al.
+2023), schedule-free AdamW (schedulefree; Defazio et al. 2024) and CAME (came-pytorch; Luo et al. 2023).
+Prodigy and schedule-free adapt their own step size over the run: they get a constant learning-rate schedule, and as
+they take one step over all parameters at once they use the plain step, not the fused one. Schedule-free holds two
+weight sequences: the trained weights are its averaged ones (`eval_weights`) whenever a save or a preview reads them.
+"""
 from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
 
 import torch
 
@@ -18,8 +30,46 @@ def param_groups(params, unet, text_encoders) -> list[dict]:
     return groups
 
 
+# setting: (module, class, what to pip install)
+PACKAGED = {"prodigy": ("prodigyopt", "Prodigy", "prodigyopt"), "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+            "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+            "came": ("came_pytorch", "CAME", "came-pytorch")}
+CONSTANT_LR = ("prodigy", "schedulefree_adamw")  # they set their own step size: a schedule on top fights them
+WHOLE_STEP = ("prodigy", "schedulefree_adamw")  # state shared by all parameters: no step on a part of them
+
+
+def packaged_optimizer(name: str):
+    """The optimizer class of a packaged optimizer; a UserError naming the setting and the package if missing."""
+    module, cls, pip = PACKAGED[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError:
+        raise UserError(f"parameters.optimizer: {name} needs the {pip} package, which is not installed "
+                        f"(pip install {pip}, or choose adamw)") from None
+
+
 def make_optimizer(params, unet, text_encoders):
     groups = param_groups(params, unet, text_encoders)
+    betas = (params.adam_beta1, params.adam_beta2)
+    if params.optimizer == "prodigy":
+        # It finds one step size for all parameter groups (its lr multiplies it and must be the same in every group
+        # that trains): 1 where a rate is set, 0 where it is 0.
+        for g in groups:
+            g["lr"] = 1.0 if g["lr"] > 0 else 0.0
+        return packaged_optimizer("prodigy")(groups, lr=1.0, betas=betas, eps=params.adam_epsilon,
+                                             weight_decay=params.weight_decay, use_bias_correction=True,
+                                             safeguard_warmup=True)
+    if params.optimizer == "lion":
+        return packaged_optimizer("lion")(groups, betas=betas, weight_decay=params.weight_decay)
+    if params.optimizer == "schedulefree_adamw":
+        optimizer = packaged_optimizer("schedulefree_adamw")(
+            groups, betas=betas, eps=params.adam_epsilon, weight_decay=params.weight_decay,
+            warmup_steps=params.lr_warmup_steps)
+        optimizer.train()
+        return optimizer
+    if params.optimizer == "came":
+        return packaged_optimizer("came")(groups, lr=groups[0]["lr"], betas=(*betas, 0.9999),
+                                          weight_decay=params.weight_decay)
     if params.optimizer == "adamw":
         # On a GPU the fused kernel: one launch for all parameters, no temporaries.
         devices = {p.device for g in groups for p in g["params"]}
@@ -47,8 +97,12 @@ def check_optimizer_runs_here(params, device=None) -> None:
     """Before any model loads: can the chosen optimizer take a step on this machine? UserError naming the setting and
     the alternative if not.
 
-    bitsandbytes' 8-bit AdamW runs on CUDA GPUs; on a CPU only from bitsandbytes 0.50 on (0.42 asserts that torch has
-    CUDA, 0.45 - 0.49 ask for a GPU). One step on a small tensor on the training device tells."""
+    A packaged optimizer needs its package. bitsandbytes' 8-bit AdamW runs on CUDA GPUs; on a CPU only from
+    bitsandbytes 0.50 on (0.42 asserts that torch has CUDA, 0.45 - 0.49 ask for a GPU). One step on a small tensor
+    on the training device tells."""
+    if params.optimizer in PACKAGED:
+        packaged_optimizer(params.optimizer)
+        return
     if params.optimizer != "adamw_8bit":
         return
     try:
@@ -77,6 +131,10 @@ def check_optimizer_runs_here(params, device=None) -> None:
 def make_lr_scheduler(params, optimizer, total_steps: int):
     from diffusers.optimization import get_scheduler
 
+    if params.optimizer in CONSTANT_LR and params.lr_scheduler != "constant":
+        warnings.warn(f"lr_scheduler: {params.optimizer} finds its own step size over the run; using a constant "
+                      f"learning rate instead of {params.lr_scheduler}", stacklevel=2)
+        return get_scheduler("constant", optimizer)
     kwargs = {"num_warmup_steps": params.lr_warmup_steps, "num_training_steps": total_steps}
     if params.lr_scheduler == "cosine_with_restarts":
         kwargs["num_cycles"] = params.lr_cycles
@@ -236,9 +294,11 @@ class FusedBackwardStep:
 
 def make_fused_step(params, optimizer, trainable, accelerator=None):
     """The fused step when the settings ask for it and can have it, else None (the plain step)."""
-    import warnings
-
     if not params.fused_backward_step:
+        return None
+    if params.optimizer in WHOLE_STEP:
+        warnings.warn(f"fused_backward_step: {params.optimizer} takes one step over all parameters at once; using "
+                      "the plain optimizer step (gradients cost memory again)", stacklevel=2)
         return None
     if params.gradient_accumulation_steps > 1:
         warnings.warn("fused_backward_step: gradient accumulation needs every gradient kept until the last "
@@ -251,6 +311,32 @@ def make_fused_step(params, optimizer, trainable, accelerator=None):
     raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real optimizer
     scaler = getattr(accelerator, "scaler", None) if accelerator is not None else None
     return FusedBackwardStep(raw, trainable, params.max_grad_norm, scaler)
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer):
+    """The weights a save or a preview reads: schedule-free AdamW's averaged sequence while the block runs (then
+    back to the one it trains); any other optimizer's weights as they are."""
+    raw = getattr(optimizer, "optimizer", optimizer)
+    switches = _schedule_free(raw)
+    if switches:
+        raw.eval()
+    try:
+        yield
+    finally:
+        if switches:
+            raw.train()
+
+
+def train_weights(optimizer) -> None:
+    """Schedule-free AdamW after its state was loaded (saved with the averaged weights): back to training ones."""
+    raw = getattr(optimizer, "optimizer", optimizer)
+    if _schedule_free(raw):
+        raw.train()
+
+
+def _schedule_free(optimizer) -> bool:
+    return type(optimizer).__module__.split(".")[0] == "schedulefree"
 
 
 def plain_step_pure_bf16(optimizer, params) -> None:

@@ -252,13 +252,15 @@ def test_install_only_what_is_missing_and_never_torch(webui, tmp_path):
     installed = [line.split('"')[1] for line in first]
     # transformers 4.30.2 cannot import diffusers 0.31+ nor peft 0.14+: the versions that fit it are asked for
     assert sorted(installed) == sorted(["diffusers>=0.27,<0.31", "peft<0.14", "accelerate>=0.21", "pyyaml",
-                                        "tensorboard",
+                                        "tensorboard", "prodigyopt>=1.0", "lion-pytorch>=0.2", "schedulefree>=1.2",
+                                        "came-pytorch>=0.1.3",
                                         "bitsandbytes>=0.50"])  # the version whose 8-bit AdamW runs on a CPU too
     assert "settled" not in run_installer.output
     for line in first:  # torch & co are pinned to what is installed for every pip call
         constraints = line.split('-c "')[1].rstrip('"')
         assert not Path(constraints).exists()  # cleaned up after the run
-    assert not any(name in " ".join(installed) for name in ("torch", "xformers", "transformers", "gradio"))
+    names = {re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower() for req in installed}
+    assert not names & {"torch", "torchvision", "xformers", "transformers", "gradio"}
     assert run_installer(webui["ext"], site, log) == []  # the second start installs nothing
 
 
