@@ -198,6 +198,10 @@ class Parameters:
     # learning rate
     learning_rate: float = setting(2e-06, 'UNet learning rate', 'Learning rate of the UNet. 1e-6 to 5e-6 is usual for a full fine-tune.', group='learning rate', min=0, max=1, kind='scientific')
     text_encoder_learning_rate: float = setting(1e-06, 'Text encoder learning rate', 'Learning rate of the text encoder(s), applied as a separate parameter group.', group='learning rate', min=0, max=1, kind='scientific')
+    text_encoder_2_lr_scale: float = setting(1.0, 'Second text encoder rate multiplier', "SDXL: the second text encoder (OpenCLIP) learns at this multiple of the text encoder's rate; 0: it does not learn.", group='learning rate', min=0, max=10, step=0.05)
+    unet_down_lr_scale: float = setting(1.0, 'UNet down blocks rate multiplier', "The UNet's down blocks learn at this multiple of its rate (block-wise learning rates); 0 freezes them in effect.", group='learning rate', min=0, max=10, step=0.05)
+    unet_mid_lr_scale: float = setting(1.0, 'UNet mid block rate multiplier', "The UNet's middle block learns at this multiple of its rate.", group='learning rate', min=0, max=10, step=0.05)
+    unet_up_lr_scale: float = setting(1.0, 'UNet up blocks rate multiplier', "The UNet's up blocks learn at this multiple of its rate.", group='learning rate', min=0, max=10, step=0.05)
     lr_scheduler: str = setting('constant_with_warmup', 'Learning rate scheduler', 'How the learning rate changes over training.', group='learning rate', choices=SCHEDULERS)
     lr_warmup_steps: int = setting(0, 'Warmup steps', 'Steps over which the learning rate ramps up from 0.', group='learning rate', min=0, max=100000)
     lr_cycles: int = setting(1, 'Restart cycles', 'Number of hard restarts for cosine_with_restarts.', group='learning rate', min=1, max=100)

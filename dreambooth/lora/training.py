@@ -43,15 +43,6 @@ def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_
     return parts
 
 
-def param_groups(parts: dict, params) -> list[dict]:
-    """The adapters' parameters with the LoRA learning rates (UNet first, as the trainer's groups are)."""
-    groups = [{"params": lora_parameters(parts["unet"]), "lr": params.lora_unet_learning_rate}]
-    text = [p for part in TEXT_PARTS if part in parts for p in lora_parameters(parts[part])]
-    if text:
-        groups.append({"params": text, "lr": params.lora_text_encoder_learning_rate})
-    return groups
-
-
 def save_adapters(folder: Path, parts: dict) -> None:
     """The adapters of every part into `folder` (one safetensors file per part, module names as in the model)."""
     from safetensors.torch import save_file

@@ -311,7 +311,8 @@ class Trainer:
             if s.step >= schedule.total_steps:
                 raise StopTraining("done", "already trained to the last step; nothing to do")
             for epoch, items in micro_batches(s.data, s.step):
-                lrs = [g["lr"] for g in s.optimizer.param_groups]  # the rates this step applies (not the next)
+                lrs = {g.get("name", f"group_{i}"): g["lr"]  # the rates this step applies (not the next)
+                       for i, g in enumerate(s.optimizer.param_groups)}
                 out = s.train_step(self.make_batch(s, items, epoch),
                                    train_text_encoder=schedule.trains_text_encoder(s.step),
                                    prior_loss_weight=schedule.prior_loss_weight(s.step))
@@ -684,20 +685,22 @@ class Progress:
             self.bar = tqdm(total=total, initial=step, desc=f"training {trainer.model.name}", unit="step",
                             dynamic_ncols=True)
 
-    def update(self, step: int, epoch: int, loss: float, lrs: list[float]) -> None:
+    def update(self, step: int, epoch: int, loss: float, lrs: dict[str, float]) -> None:
+        """`lrs`: each parameter group's rate by name, the UNet's first."""
         if not self.trainer.main:
             return
         elapsed = time.time() - self.started
         it_per_s = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / it_per_s if it_per_s > 0 else None
         memory = precision.peak_memory_mb(self.trainer.accelerator.device)
-        self.trainer.emit(Step(step, epoch, loss, lrs[0], round(it_per_s, 4), None if eta is None else round(eta, 1),
+        unet_lr = next(iter(lrs.values()))
+        self.trainer.emit(Step(step, epoch, loss, unet_lr, round(it_per_s, 4), None if eta is None else round(eta, 1),
                                round(memory, 1)))
-        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
+        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{unet_lr:.2e}")
         self.bar.update(1)
         self.writer.add_scalar("loss", loss, step)
-        for i, lr in enumerate(lrs):
-            self.writer.add_scalar(f"lr/{['unet', 'text_encoder'][min(i, 1)]}", lr, step)
+        for name, lr in lrs.items():
+            self.writer.add_scalar(f"lr/{name}", lr, step)
 
     def close(self) -> None:
         for thing in (self.bar, self.writer):

@@ -19,14 +19,32 @@ from ..errors import UserError
 from . import precision
 
 
+UNET_BLOCKS = (("down", "down_blocks"), ("mid", "mid_block"), ("up", "up_blocks"))
+
+
 def param_groups(params, unet, text_encoders) -> list[dict]:
-    """What trains (with LoRA: only the adapters), UNet and text encoders as separate groups with their own rates."""
+    """What trains (with LoRA: only the adapters) as named parameter groups with their own rates: "unet", split into
+    "unet_down" / "unet_mid" / "unet_up" (the rest stays "unet") when a block multiplier is not 1; "text_encoder";
+    SDXL's second encoder its own "text_encoder_2" when its multiplier is not 1. With every multiplier 1 the groups
+    are the UNet's and the text encoders' (as saved runs hold them)."""
     unet_lr, te_lr = ((params.lora_unet_learning_rate, params.lora_text_encoder_learning_rate) if params.use_lora
                       else (params.learning_rate, params.text_encoder_learning_rate))
-    groups = [{"params": [q for q in unet.parameters() if q.requires_grad], "lr": unet_lr}]
-    te = [q for m in text_encoders for q in m.parameters() if q.requires_grad]
-    if te:
-        groups.append({"params": te, "lr": te_lr})
+    scales = {"down": params.unet_down_lr_scale, "mid": params.unet_mid_lr_scale, "up": params.unet_up_lr_scale}
+    named = {"unet": []} if all(s == 1 for s in scales.values()) else {"unet": [], "down": [], "mid": [], "up": []}
+    for name, q in unet.named_parameters():
+        if q.requires_grad:
+            parts = name.split(".")
+            block = next((b for b, prefix in UNET_BLOCKS if prefix in parts and b in named), "unet")
+            named[block].append(q)
+    groups = [{"name": "unet" if block == "unet" else f"unet_{block}", "params": qs,
+               "lr": unet_lr * scales.get(block, 1.0)} for block, qs in named.items() if qs or block == "unet"]
+    encoders = [[q for q in m.parameters() if q.requires_grad] for m in text_encoders]
+    second_apart = len(encoders) > 1 and params.text_encoder_2_lr_scale != 1
+    first = [q for qs in (encoders[:1] if second_apart else encoders) for q in qs]
+    if first:
+        groups.append({"name": "text_encoder", "params": first, "lr": te_lr})
+    if second_apart and encoders[1]:
+        groups.append({"name": "text_encoder_2", "params": encoders[1], "lr": te_lr * params.text_encoder_2_lr_scale})
     return groups
 
 

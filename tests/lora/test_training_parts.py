@@ -47,7 +47,10 @@ P = Parameters(lora_unet_rank=4, lora_unet_alpha=2.0, lora_text_encoder_rank=2, 
 
 
 def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op():
-    from dreambooth.lora.training import add_adapters, param_groups
+    from dreambooth.lora.training import add_adapters
+    from dreambooth.train.optim import param_groups
+
+    lora = Parameters(**{**vars(P), "use_lora": True})
 
     unet, te = _modules()
     before = _run(unet, te)
@@ -56,7 +59,7 @@ def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op():
     assert torch.equal(_run(unet, te), before)  # fresh adapters (up = 0) change nothing
     trainable = {n for m in (unet, te) for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    groups = param_groups(parts, P)
+    groups = param_groups(lora, unet, [te])
     assert [g["lr"] for g in groups] == [3e-4, 7e-5]
     assert sum(len(g["params"]) for g in groups) == len(trainable)
     assert all(p.dtype == torch.float32 for g in groups for p in g["params"])
@@ -64,7 +67,7 @@ def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op():
     unet2, te2 = _modules()
     parts2 = add_adapters(unet2, (te2,), P, train_text_encoders=False)
     assert list(parts2) == ["unet"] and not any(p.requires_grad for p in te2.parameters())
-    assert len(param_groups(parts2, P)) == 1
+    assert len(param_groups(lora, unet2, [te2])) == 1
 
 
 def test_frozen_weights_are_kept_in_the_training_precision():

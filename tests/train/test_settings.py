@@ -36,6 +36,29 @@ def test_separate_learning_rates_are_param_groups(modules):
     assert len(make_optimizer(Parameters(optimizer="adamw"), unet, ()).param_groups) == 1  # frozen encoder: no group
 
 
+def test_per_part_learning_rates_block_multipliers_and_the_second_text_encoder():
+    """SDXL's second text encoder and the UNet's down / mid / up blocks get their own named groups when their
+    multipliers are not 1 (LoRA adapters too); with every multiplier 1 the groups are the plain two."""
+    from dreambooth.train.optim import param_groups
+
+    unet, te1, te2 = tiny_unet(), tiny_text_encoder(seed=1), tiny_text_encoder(seed=2)
+    plain = param_groups(Parameters(learning_rate=2e-6, text_encoder_learning_rate=1e-6), unet, [te1, te2])
+    assert [(g["name"], g["lr"]) for g in plain] == [("unet", 2e-6), ("text_encoder", 1e-6)]
+    p = Parameters(learning_rate=2e-6, text_encoder_learning_rate=1e-6, text_encoder_2_lr_scale=0.5,
+                   unet_down_lr_scale=0.0, unet_mid_lr_scale=2.0, unet_up_lr_scale=1.5)
+    groups = param_groups(p, unet, [te1, te2])
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 2e-6), ("unet_down", 0.0), ("unet_mid", 4e-6),
+                                                     ("unet_up", 3e-6), ("text_encoder", 1e-6),
+                                                     ("text_encoder_2", 5e-7)]
+    where = {id(q): g["name"] for g in groups for q in g["params"]}
+    for name, q in unet.named_parameters():
+        expected = ("unet_down" if name.startswith("down_blocks.") else "unet_mid" if name.startswith("mid_block.")
+                    else "unet_up" if name.startswith("up_blocks.") else "unet")
+        assert where[id(q)] == expected, name
+    assert {where[id(q)] for q in te2.parameters()} == {"text_encoder_2"}
+    assert sum(len(g["params"]) for g in groups) == len(list(unet.parameters())) + 2 * len(list(te1.parameters()))
+
+
 def test_adam_settings_reach_the_optimizer(modules):
     unet, _ = modules
     opt = make_optimizer(Parameters(optimizer="adamw", adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,

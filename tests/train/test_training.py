@@ -599,3 +599,21 @@ def test_masked_loss_trains_with_masks_and_cached_latents(tmp_path, tiny_source)
 
     with pytest.raises(UserError, match=r"mask .*\.mask\.png: 5x5 pixels, but its image"):
         train_model(root, "m", max_steps=8)
+
+
+def test_block_multipliers_reach_the_trained_weights(tmp_path, tiny_source):
+    """unet_down_lr_scale 0: the down blocks stay as they were while the rest of the UNet learns; the rates are
+    logged per named group."""
+    root, model = make_model(tmp_path / "root", tiny_source, num_train_epochs=1, unet_down_lr_scale=0.0,
+                             unet_up_lr_scale=2.0, optimizer="adamw", weight_decay=0.0)
+    before = load_file(model.working / "unet" / "diffusion_pytorch_model.safetensors")
+    assert train_model(root, "m").ok
+    after = load_file(model.working / "unet" / "diffusion_pytorch_model.safetensors")
+    down = [k for k in before if k.startswith("down_blocks.")]
+    up = [k for k in before if k.startswith("up_blocks.")]
+    assert down and all(torch.equal(before[k], after[k]) for k in down)
+    assert any(not torch.equal(before[k], after[k]) for k in up)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(model.logs / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"lr/unet", "lr/unet_down", "lr/unet_mid", "lr/unet_up", "lr/text_encoder"} <= set(scalars)
