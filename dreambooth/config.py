@@ -173,6 +173,7 @@ class ModelSettings:
 class Concept:
     # instance
     instance_data_dir: str = setting('', 'Instance images folder', 'Folder with the 3-20 photos of your subject (png, jpg, webp; searched recursively).', group='instance', kind='path')
+    validation_data_dir: str = setting('', 'Validation images folder', 'Photos of the subject that are never trained on (captions as for instance images): their loss is measured every Validation interval steps. Empty: see Validation images held out.', group='instance', kind='path')
     instance_prompt: str = setting('[filewords]', 'Instance prompt', "Prompt for the instance images. [filewords] is replaced by each image's caption (.txt beside it, else its file name).", group='instance', kind='prompt')
     instance_token: str = setting('', 'Instance token', 'The rare identifier for your subject, e.g. zwx. Inserted into [filewords] captions before the class token.', group='instance')
     class_token: str = setting('', 'Class token', 'The class noun of your subject, e.g. dog.', group='instance')
@@ -212,6 +213,8 @@ class Parameters:
     save_every_n_epochs: int = setting(25, 'Save checkpoint every N epochs', '0: only at the end.', group='intervals', min=0, max=100000)
     sample_every_n_epochs: int = setting(25, 'Preview every N epochs', '0: no previews during training.', group='intervals', min=0, max=100000)
     pause_every_n_epochs: int = setting(0, 'Pause every N epochs', 'Rest (e.g. to let the GPU cool down) after every N epochs; 0: never.', group='intervals', min=0, max=100000)
+    validation_every_n_steps: int = setting(0, 'Validation interval (steps)', 'Measure the loss on held-out images every N steps, at fixed timesteps and noise so the curve compares across steps (charted beside the training loss); 0: off.', group='intervals', min=0, max=100000)
+    validation_holdout: int = setting(0, 'Validation images held out', "With validation on, keep this many of each concept's instance images out of training to measure on (when the concept has no validation folder). 0: the fixed-noise loss on the training images themselves.", group='intervals', min=0, max=100)
     pause_seconds: int = setting(60, 'Pause length (seconds)', 'How long each of those rests lasts; Cancel ends it at once.', group='intervals', min=0, max=86400)
     # batch
     train_batch_size: int = setting(1, 'Batch size', 'Instance images per step (class images are added alongside).', group='batch', min=1, max=256)

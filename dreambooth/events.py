@@ -65,6 +65,15 @@ class Step(Event):
 
 
 @dataclass(frozen=True)
+class Validation(Event):
+    """The loss on the held-out images at fixed timesteps and noise."""
+
+    kind: ClassVar[str] = "validation"
+    step: int
+    loss: float
+
+
+@dataclass(frozen=True)
 class Sample(Event):
     kind: ClassVar[str] = "sample"
     step: int
@@ -111,8 +120,8 @@ class Error(Event):
     step: int | None = None
 
 
-RECORDS = {cls.kind: cls for cls in (Start, ClassImages, Step, Sample, Checkpoint, Paused, Resumed, Done, Cancelled,
-                                     Error)}
+RECORDS = {cls.kind: cls for cls in (Start, ClassImages, Step, Validation, Sample, Checkpoint, Paused, Resumed, Done,
+                                     Cancelled, Error)}
 END_KINDS = ("done", "cancelled", "error")
 
 
@@ -249,6 +258,7 @@ class RunStatus:
     memory_mb: float | None = None
     class_images: tuple = ()  # (done, total) while generating class images
     losses: list = field(default_factory=list)  # [(step, loss)], thinned for the chart
+    validation: list = field(default_factory=list)  # [(step, validation loss)]
     samples: list = field(default_factory=list)  # newest last
     checkpoints: list = field(default_factory=list)
     message: str = ""
@@ -276,7 +286,7 @@ class Fold:
 
     def status(self) -> RunStatus:
         st = RunStatus(**{**vars(self._st), "samples": list(self._st.samples),
-                          "checkpoints": list(self._st.checkpoints)})
+                          "checkpoints": list(self._st.checkpoints), "validation": list(self._st.validation)})
         stride = max(1, len(self._losses) // MAX_CHART_POINTS)
         st.losses = self._losses[::stride]
         return st
@@ -324,6 +334,8 @@ def _fold_into(st: RunStatus, losses: list, events: Iterable[Event]) -> None:
             st.step, st.epoch, st.loss, st.lr = e.step, e.epoch, e.loss, e.lr
             st.it_per_s, st.eta_s, st.memory_mb = e.it_per_s, e.eta_s, e.memory_mb
             losses.append((e.step, e.loss))
+        elif isinstance(e, Validation):
+            st.validation.append((e.step, e.loss))
         elif isinstance(e, Sample):
             st.samples.extend(e.paths)
         elif isinstance(e, Checkpoint):

@@ -72,11 +72,57 @@ def collect_instances(config: Config) -> list[list[Example]]:
     return result
 
 
+def split_validation(config: Config, instances: list[list[Example]]) -> tuple[list[list[Example]], list[Example]]:
+    """(the instance examples to train on, the validation examples), when validation is on: each concept's
+    validation folder; else `validation_holdout` of its instance images, chosen by the run's seed (at least one stays
+    to train on); with neither, the training images themselves (their loss at fixed noise). Off: nothing held out."""
+    p = config.parameters
+    if p.validation_every_n_steps <= 0:
+        return instances, []
+    train, validation = [], []
+    for examples in instances:
+        concept = config.concepts[examples[0].concept]
+        folder = Path(concept.validation_data_dir).expanduser() if concept.validation_data_dir.strip() else None
+        if folder is not None:
+            label = f"concepts[{examples[0].concept}].validation_data_dir"
+            if not folder.is_dir():
+                raise UserError(f"{label}: {str(folder)!r} is not a folder")
+            paths = readable_images(find_images(folder))
+            if not paths:
+                raise UserError(f"{label}: {str(folder)!r} has no readable png, jpg or webp images")
+            validation += [Example(path, captions.instance_prompt(concept.instance_prompt, captions.caption_of(path),
+                                                                  concept.instance_token, concept.class_token),
+                                   examples[0].concept, _image_size(path)) for path in paths]
+            train.append(examples)
+        elif p.validation_holdout > 0:
+            if p.validation_holdout >= len(examples):
+                raise UserError(f"concepts[{examples[0].concept}]: validation_holdout {p.validation_holdout} keeps "
+                                f"out all its {len(examples)} instance images; hold out fewer")
+            rng = random.Random(stable_int(p.seed, "validation", examples[0].concept))
+            held = set(rng.sample(range(len(examples)), p.validation_holdout))
+            validation += [e for i, e in enumerate(examples) if i in held]
+            train.append([e for i, e in enumerate(examples) if i not in held])
+        else:
+            validation += examples
+            train.append(examples)
+    return train, validation
+
+
+def load_fixed(example: Example, bucket: tuple[int, int]):
+    """(pixels (3, H, W), SDXL time ids (6,)) of an image centre-cropped to its bucket, unflipped: as validation
+    sees it every time."""
+    img = load_image(example.path)
+    fitted, (top, left) = fit_to_bucket(img, bucket, "center", False, random.Random(0))
+    w, h = bucket
+    return to_tensor(fitted), torch.tensor([img.height, img.width, top, left, h, w], dtype=torch.float32)
+
+
 def class_examples_from(pairs: Sequence[tuple[Path, str]], concept: int) -> list[Example]:
     return [Example(Path(p), prompt, concept, _image_size(Path(p))) for p, prompt in pairs]
 
 
-def _stable_int(*parts) -> int:
+def stable_int(*parts) -> int:
+    """A seed from any values (the same in every process and on every run)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
@@ -110,7 +156,7 @@ class TrainingData:
 
     def epoch_batches(self, epoch: int) -> list[list[Item]]:
         """This process's micro-batches of `epoch`, in training order."""
-        rng = random.Random(_stable_int(self.params.seed, "order", epoch))
+        rng = random.Random(stable_int(self.params.seed, "order", epoch))
         bs = self.params.train_batch_size
         batches = []
         class_counter = {c: epoch * len(v) for c, v in self.classes.items()}
@@ -136,7 +182,7 @@ class TrainingData:
 
         With cached latents they are drawn once per image, so a cached latent stays valid."""
         key = (self.params.seed, str(item.example.path), item.bucket)
-        return _stable_int(*key) if self.params.cache_latents else _stable_int(*key, epoch)
+        return stable_int(*key) if self.params.cache_latents else stable_int(*key, epoch)
 
     def augmentation_rng(self, item: Item, epoch: int) -> random.Random:
         return random.Random(self.item_seed(item, epoch))
@@ -146,7 +192,7 @@ class TrainingData:
         caption options applied (captions.augmented), seeded by the run's seed, the image and the epoch."""
         if item.is_prior or not captions.varies(self.params):
             return item.example.prompt
-        rng = random.Random(_stable_int(self.params.seed, "caption", str(item.example.path), epoch))
+        rng = random.Random(stable_int(self.params.seed, "caption", str(item.example.path), epoch))
         return captions.augmented(item.example.prompt, self.params, rng)
 
     def load_item(self, item: Item, epoch: int):

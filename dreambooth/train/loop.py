@@ -23,10 +23,12 @@ import torch
 from ..config import Config, ConfigError, Problem, validate_for_training
 from ..data import captions
 from ..data import class_images as class_data
-from ..data.dataset import Example, TrainingData, class_examples_from, collect_instances, tokenize
+from ..data.buckets import nearest_bucket
+from ..data.dataset import (Example, TrainingData, class_examples_from, collect_instances, load_fixed,
+                            split_validation, stable_int, tokenize)
 from ..errors import UserError
 from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
-                      Sample, Start, Step)
+                      Sample, Start, Step, Validation)
 from ..lora.training import LoraRun
 from ..models import load_config
 from .. import outputs
@@ -206,6 +208,7 @@ class TrainingState:
     samples: list[Path] = field(default_factory=list)
     lora: LoraRun | None = None  # LoRA: the adapters the run trains (the model itself stays frozen)
     sample_files: dict = field(default_factory=dict)  # concept index -> its sample prompt file's prompts
+    validation: list = field(default_factory=list)  # [(latent, time_ids, prompt, noise, timesteps)]: fixed
 
 
 class Trainer:
@@ -266,7 +269,8 @@ class Trainer:
                 log.info(reclaimed.sentence())
             recover_folder(self.model.state)  # a save killed mid-swap
         acc.wait_for_everyone()
-        instances = collect_instances(self.config)  # bad images are reported before the models load
+        # bad images are reported before the models load
+        instances, validation = split_validation(self.config, collect_instances(self.config))
         sample_files = read_sample_prompt_files(self.config)  # read once, before the models load
         # A saved run's weights come from state/ (consistent with its optimizer), a new run's from working/.
         saved = read_trainer_info(self.model.state)
@@ -282,7 +286,7 @@ class Trainer:
         ema = make_ema(p, acc.unwrap_model(train_step.unet))
         state = TrainingState(parts, train_step.unet, list(train_step.text_encoders), train_step.optimizer,
                               train_step.lr_scheduler, ema, train_step, instances, data, schedule, lora=lora,
-                              sample_files=sample_files)
+                              sample_files=sample_files, validation=self.validation_set(parts, data, validation))
 
         resumed = load_state(self.model.state, acc, state.optimizer, state.lr_scheduler, ema)
         train_weights(state.optimizer)  # schedule-free: saved with its averaged weights, trains the others
@@ -331,6 +335,8 @@ class Trainer:
                     s.ema.step(acc.unwrap_model(s.unet).parameters())
                 progress.update(s.step, epoch, loss, lrs)
                 self.handle_requests(s)
+                if due.validate:
+                    progress.validation(s.step, self.validate(s))
                 if due.sample:
                     self.make_samples(s)
                 if due.save:
@@ -515,6 +521,57 @@ class Trainer:
                        for t in templates]
             yield pos, concept, prompts or [examples[0].prompt]
 
+    VALIDATION_TIMESTEPS = 4  # each image at T/8, 3T/8, 5T/8 and 7T/8: the curve covers noisy and nearly clean
+
+    def validation_set(self, parts: Components, data: TrainingData, examples: list) -> list:
+        """Each validation image as it is measured every time: its latent (the VAE's mean, centre crop, no flip),
+        time ids, prompt, and noise and timesteps drawn once from the run's seed."""
+        out, device = [], self.accelerator.device
+        if not examples or not self.main:
+            return out
+        total = parts.noise_scheduler.config.num_train_timesteps
+        k = self.VALIDATION_TIMESTEPS
+        timesteps = torch.tensor([total * (2 * i + 1) // (2 * k) for i in range(k)], device=device)
+        for example in examples:
+            pixels, time_ids = load_fixed(example, nearest_bucket(example.size, data.buckets))
+            with torch.no_grad():
+                latent = parts.vae.encode(pixels.unsqueeze(0).to(device, parts.vae.dtype)).latent_dist.mean
+                latent = (latent * parts.vae.config.scaling_factor).float()
+            generator = torch.Generator().manual_seed(stable_int(self.p.seed, "validation", str(example.path)) % 2**63)
+            noise = torch.randn((k, *latent.shape[1:]), generator=generator).to(device)
+            out.append((latent, time_ids, example.prompt, noise, timesteps))
+        return out
+
+    def validate(self, s: TrainingState) -> float | None:
+        """The mean loss over the validation set (the run's loss function, its models in eval mode, no dropout)."""
+        loss = None
+        if self.main and s.validation:
+            acc, c = self.accelerator, s.parts
+            unet = acc.unwrap_model(s.unet)
+            encoders = [acc.unwrap_model(te) for te in s.text_encoders]
+            modes = [(m, m.training) for m in (unet, *encoders)]
+            total = 0.0
+            try:
+                for m, _ in modes:
+                    m.eval()
+                with torch.no_grad(), eval_weights(s.optimizer), eager(unet), s.train_step.autocast():
+                    for latent, time_ids, prompt, noise, timesteps in s.validation:
+                        k = len(timesteps)
+                        ids = [i.to(acc.device) for i in tokenize(c.tokenizers, [prompt])]
+                        hidden, pooled = encode_prompt(encoders, ids, c.sdxl)
+                        batch = Batch(latents=latent.expand(k, -1, -1, -1), prompt_embeds=hidden.expand(k, -1, -1),
+                                      pooled_embeds=None if pooled is None else pooled.expand(k, -1),
+                                      add_time_ids=time_ids.to(acc.device).expand(k, -1) if c.sdxl else None)
+                        out = s.train_step.compute_loss(batch, noise=noise, timesteps=timesteps,
+                                                        perturbation=torch.zeros_like(noise))
+                        total += float(out.loss)
+            finally:
+                for m, was in modes:
+                    m.train(was)
+            loss = total / len(s.validation)
+        self.accelerator.wait_for_everyone()
+        return loss
+
     def make_samples(self, s: TrainingState) -> None:
         if self.main:
             acc, c, step = self.accelerator, s.parts, s.step
@@ -684,6 +741,12 @@ class Progress:
             self.writer = SummaryWriter(log_dir=str(trainer.model.tensorboard))
             self.bar = tqdm(total=total, initial=step, desc=f"training {trainer.model.name}", unit="step",
                             dynamic_ncols=True)
+
+    def validation(self, step: int, loss: float | None) -> None:
+        if loss is None or not self.trainer.main:
+            return
+        self.trainer.emit(Validation(step, loss))
+        self.writer.add_scalar("loss/validation", loss, step)
 
     def update(self, step: int, epoch: int, loss: float, lrs: dict[str, float]) -> None:
         """`lrs`: each parameter group's rate by name, the UNet's first."""

@@ -5,7 +5,7 @@ of steps done so far. The trainer asks, before each step, whether the text encod
 (`trains_text_encoder(step)`), and after it what is due (`after(step)`):
 
     schedule = Schedule.plan(params, steps_per_epoch=data.steps_per_epoch)
-    due = schedule.after(step)   # Due(freeze_text_encoder, sample, save, stop, pause)
+    due = schedule.after(step)   # Due(freeze_text_encoder, sample, save, stop, pause, validate)
     weight = schedule.prior_loss_weight(step)   # the class loss's weight in the step after `step`
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Due:
     save: bool = False
     stop: bool = False
     pause: bool = False  # rest for `pause_seconds` (the run's pause after every n-th epoch)
+    validate: bool = False  # measure the validation loss (every n-th step, and at the end when it is on)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Schedule:
     prior_loss_weight_start: float = 1.0
     prior_loss_weight_min: float = 1.0
     prior_loss_scale_epochs: int = 0  # 0: the weight stays at its start
+    validation_every_n_steps: int = 0  # 0: no validation loss
 
     @classmethod
     def plan(cls, params, steps_per_epoch: int, max_steps: int | None = None) -> "Schedule":
@@ -62,7 +64,8 @@ class Schedule:
         return cls(total, steps_per_epoch, text_encoder_steps(params.train_text_encoder_ratio, total),
                    params.sample_every_n_epochs, saves, params.save_on_end,
                    params.pause_every_n_epochs if params.pause_seconds > 0 else 0,
-                   params.prior_loss_weight, params.prior_loss_weight_min, params.prior_loss_scale_epochs)
+                   params.prior_loss_weight, params.prior_loss_weight_min, params.prior_loss_scale_epochs,
+                   params.validation_every_n_steps)
 
     @property
     def epochs(self) -> int:
@@ -90,11 +93,12 @@ class Schedule:
         epoch; the last step makes previews when they are on at all, and saves when save_on_end is on."""
         if step >= self.total_steps:
             return Due(freeze_text_encoder=step == self.text_encoder_steps, sample=self.sample_every_n_epochs > 0,
-                       save=self.save_on_end, stop=True)
+                       save=self.save_on_end, stop=True, validate=self.validation_every_n_steps > 0)
         epochs, into_epoch = divmod(step, self.steps_per_epoch)
 
         def every(n: int) -> bool:
             return n > 0 and into_epoch == 0 and epochs % n == 0
 
+        validate = self.validation_every_n_steps > 0 and step % self.validation_every_n_steps == 0
         return Due(freeze_text_encoder=step == self.text_encoder_steps, sample=every(self.sample_every_n_epochs),
-                   save=every(self.save_every_n_epochs), pause=every(self.pause_every_n_epochs))
+                   save=every(self.save_every_n_epochs), pause=every(self.pause_every_n_epochs), validate=validate)

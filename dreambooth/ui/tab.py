@@ -542,7 +542,7 @@ def build(host: Host) -> gr.Blocks:
             return {
                 "status": views.status_line(st),
                 "progress": views.progress_bar(st),
-                "chart": views.loss_chart(st.losses if st else []),
+                "chart": views.loss_chart(st.losses if st else [], st.validation if st else []),
                 "gallery": [list(item) for item in views.previews(root.model(name).samples)] if st else [],
                 "checkpoints": views.checkpoint_list(files, checkpoint_titles(), root.lora),
                 "log": st.log_tail if st else "",

@@ -89,15 +89,17 @@ def _ticks(low: float, high: float, count: int = 4) -> list:
     return [low + (high - low) * i / (count - 1) for i in range(count)]
 
 
-def loss_chart(losses: list, width: int = 480, height: int = 180) -> str:
-    """An inline SVG chart of (step, loss) with axes, the raw loss faint and a smoothed line on top: the same in every
-    gradio, no pandas or plotting library."""
+def loss_chart(losses: list, validation: list = (), width: int = 480, height: int = 180) -> str:
+    """An inline SVG chart of (step, loss) with axes, the raw loss faint and a smoothed line on top, and the
+    validation loss (held-out images, fixed noise) as a dashed line with its points: the same in every gradio, no
+    pandas or plotting library."""
     points = [(s, v) for s, v in losses if math.isfinite(v)]
+    held = [(s, v) for s, v in validation if math.isfinite(v)]
     if len(points) < 2:
         return '<div class="db-chart db-chart-empty" id="db_loss_chart">The loss chart appears after two steps.</div>'
     steps, values = [s for s, _ in points], [v for _, v in points]
-    x0, x1 = min(steps), max(steps)
-    y0, y1 = min(values), max(values)
+    x0, x1 = min(steps + [s for s, _ in held]), max(steps + [s for s, _ in held])
+    y0, y1 = min(values + [v for _, v in held]), max(values + [v for _, v in held])
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5, y1 + 0.5
     left, right, top, bottom = 48, 8, 8, 34  # room for the axis labels
@@ -108,8 +110,8 @@ def loss_chart(losses: list, width: int = 480, height: int = 180) -> str:
     def y(value):
         return top + (1 - (value - y0) / (y1 - y0)) * (height - top - bottom)
 
-    def line(vals, cls):
-        path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, vals))
+    def line(vals, cls, at=steps):
+        path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(at, vals))
         return f'<polyline class="{cls}" fill="none" stroke="currentColor" points="{path}"/>'
 
     axes = [f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="currentColor"/>',
@@ -124,10 +126,16 @@ def loss_chart(losses: list, width: int = 480, height: int = 180) -> str:
                 f'fill="currentColor">step</text>')
     axes.append(f'<text x="10" y="{(top + height - bottom) / 2:.0f}" text-anchor="middle" font-size="10" '
                 f'fill="currentColor" transform="rotate(-90 10 {(top + height - bottom) / 2:.0f})">loss</text>')
+    validation_svg, caption = "", "loss by step: raw (faint) and smoothed"
+    if held:
+        validation_svg = line([v for _, v in held], "db-loss-val", [s for s, _ in held]).replace(
+            "/>", ' stroke-dasharray="4 3"/>') + "".join(
+            f'<circle class="db-loss-val" cx="{x(s):.1f}" cy="{y(v):.1f}" r="2" fill="currentColor"/>' for s, v in held)
+        caption += f"; validation (dashed): {held[-1][1]:.4f} at step {held[-1][0]}"
     return (f'<div class="db-chart" id="db_loss_chart"><svg viewBox="0 0 {width} {height}" width="100%" '
             f'role="img" aria-label="loss by step, raw and smoothed">{"".join(axes)}'
-            f'{line(values, "db-loss-raw")}{line(smooth(values), "db-loss-smooth")}</svg>'
-            f'<div class="db-chart-caption">loss by step: raw (faint) and smoothed</div></div>')
+            f'{line(values, "db-loss-raw")}{line(smooth(values), "db-loss-smooth")}{validation_svg}</svg>'
+            f'<div class="db-chart-caption">{caption}</div></div>')
 
 
 def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None) -> str:

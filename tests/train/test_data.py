@@ -276,3 +276,34 @@ def test_class_items_and_unmasked_runs_have_no_mask(tmp_path):
     assert off.load_item(Item(example, (64, 64), False), 0)[2] is None
     on = TrainingData([[example]], {}, Parameters(resolution=64, masked_loss=True))
     assert on.load_item(Item(example, (64, 64), True), 0)[2] is None  # a class image is learnt whole
+
+
+def test_validation_images_held_out_from_a_folder_or_the_training_set(tmp_path):
+    from dreambooth.config import Config
+    from dreambooth.data.dataset import collect_instances, split_validation
+    from dreambooth.errors import UserError
+    from train_helpers import draw_images
+
+    folder = draw_images(tmp_path / "inst", count=4)
+    held_folder = draw_images(tmp_path / "val", count=2)
+
+    def config(**parameters):
+        concept = {"instance_data_dir": str(folder), "instance_token": "zwx", **parameters.pop("concept", {})}
+        return Config.from_dict({"concepts": [concept], "parameters": {"resolution": 64, **parameters}})
+
+    off = config()
+    train, validation = split_validation(off, collect_instances(off))
+    assert validation == [] and len(train[0]) == 4
+    two = config(validation_every_n_steps=5, validation_holdout=2)
+    train, validation = split_validation(two, collect_instances(two))
+    assert len(train[0]) == 2 and len(validation) == 2 and not set(train[0]) & set(validation)
+    assert split_validation(two, collect_instances(two))[1] == validation  # chosen by the seed, every time
+    own = config(validation_every_n_steps=5, validation_holdout=2, concept={"validation_data_dir": str(held_folder)})
+    train, validation = split_validation(own, collect_instances(own))
+    assert len(train[0]) == 4 and {e.path.parent for e in validation} == {held_folder}
+    same = config(validation_every_n_steps=5)
+    train, validation = split_validation(same, collect_instances(same))
+    assert validation == train[0]  # no held-out images: the training images at fixed noise
+    with pytest.raises(UserError, match="keeps out all its 4 instance images"):
+        every = config(validation_every_n_steps=5, validation_holdout=4)
+        split_validation(every, collect_instances(every))

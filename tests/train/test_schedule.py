@@ -158,3 +158,13 @@ def test_prior_loss_minimum_above_the_start_is_refused_in_the_users_words():
     Config.from_dict({"parameters": {"prior_loss_weight": 0.5, "prior_loss_weight_min": 0.8}})
     Config.from_dict({"parameters": {"prior_loss_weight": 0.5, "prior_loss_weight_min": 0.5,
                                      "prior_loss_scale_epochs": 3}})
+
+
+def test_validation_is_due_every_n_steps_and_at_the_end():
+    from dreambooth.config import Parameters
+    from dreambooth.train.schedule import Schedule
+
+    plan = Schedule.plan(Parameters(num_train_epochs=2, validation_every_n_steps=3), steps_per_epoch=4)
+    assert [s for s in range(1, 9) if plan.after(s).validate] == [3, 6, 8]
+    off = Schedule.plan(Parameters(num_train_epochs=2), steps_per_epoch=4)
+    assert not any(off.after(s).validate for s in range(1, 9))

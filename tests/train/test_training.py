@@ -617,3 +617,30 @@ def test_block_multipliers_reach_the_trained_weights(tmp_path, tiny_source):
 
     scalars = EventAccumulator(str(model.logs / "tensorboard")).Reload().Tags()["scalars"]
     assert {"lr/unet", "lr/unet_down", "lr/unet_mid", "lr/unet_up", "lr/text_encoder"} <= set(scalars)
+
+
+def test_validation_loss_at_fixed_noise_on_held_out_images(tmp_path, tiny_source):
+    """validation_every_n_steps 2 with one image held out: a Validation event every 2 steps and at the end, on the
+    chart. Measured with learning rate 0 it never moves (fixed timesteps and noise, the models in eval mode);
+    measured while training it does."""
+    folder = draw_images(tmp_path / "instance", count=3)
+
+    def run(name, **settings):
+        concepts = [concept(tmp_path, instance_data_dir=str(folder))]
+        root, model = make_model(tmp_path / name, tiny_source, concepts=concepts, num_train_epochs=3,
+                                 validation_every_n_steps=2, validation_holdout=1, **settings)
+        result = train_model(root, "m")
+        assert result.ok and result.step == 6, result.summary()  # 2 of the 3 images train: 2 steps an epoch
+        return model, [(e["step"], e["loss"]) for e in read_events(model) if e["kind"] == "validation"]
+
+    _, frozen = run("frozen", learning_rate=0.0, text_encoder_learning_rate=0.0, optimizer="adamw")
+    assert [s for s, _ in frozen] == [2, 4, 6] and len({v for _, v in frozen}) == 1
+    model, learning = run("learning", learning_rate=1e-3, optimizer="adamw")
+    assert [s for s, _ in learning] == [2, 4, 6] and len({v for _, v in learning}) == 3
+    from dreambooth import worker
+    from dreambooth.store import DataRoot
+    from dreambooth.ui import views
+
+    st = worker.status(DataRoot(tmp_path / "learning"), "m")
+    assert st.validation == learning
+    assert "db-loss-val" in views.loss_chart(st.losses, st.validation)
