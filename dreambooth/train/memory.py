@@ -459,8 +459,9 @@ def arithmetic_plan(arch: Architecture, params, n_images: int = 0, target: str =
             else:
                 parts = (p.numel(),)
             factored = sum(block_bytes(n * 4, rounding) for n in parts)
-            if params.optimizer == "came":
-                plan.optimizer += block_bytes(p.numel() * 4, rounding) + 2 * factored
+            if params.optimizer == "came":  # a first moment, the second moment and (factored) its residual, an RMS
+                second = 2 * factored if len(shape) >= 2 else factored
+                plan.optimizer += block_bytes(p.numel() * 4, rounding) + second + block_bytes(4, rounding)
             else:
                 plan.optimizer += factored + block_bytes(4, rounding)
     if params.optimizer == "adamw_8bit" and any(p.numel() >= _Bnb8bitStandIn.MIN_8BIT for p in trained):
