@@ -10,7 +10,6 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # no hub: everything must work offline
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside the tests (pytest runs in importlib mode)
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 FAMILIES = ("v1", "v2", "v2-v", "sdxl")
 
 

@@ -18,7 +18,7 @@ def test_facts():
 def test_detection_from_keys_and_yaml(tmp_path):
     from pathlib import Path
 
-    reference = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "ldm-configs"
+    reference = Path(__file__).resolve().parents[2] / "dreambooth" / "resources" / "ldm"  # the releases' own yamls
     assert detect_keys(["model.diffusion_model.x", "cond_stage_model.transformer.text_model.y"]).family == "v1"
     assert detect_keys(["model.diffusion_model.x", "cond_stage_model.model.ln_final.weight"]).family == "v2"
     assert detect_keys(["model.diffusion_model.x", "conditioner.embedders.1.model.ln_final.weight"]).family == "sdxl"

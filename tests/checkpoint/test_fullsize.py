@@ -19,7 +19,16 @@ from dreambooth.checkpoint.tensorio import TensorSource
 
 from ldm_reference import release_keys
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+# The original releases' inference yamls, as the package ships them (their SHA-256 is checked below against the
+# released files'), and the CLIP BPE vocabulary.
+RELEASE_YAMLS = Path(__file__).resolve().parents[2] / "dreambooth" / "resources" / "ldm"
+RELEASE_SHA256 = {
+    "v1-inference.yaml": "1e1f2fe98489309e3c2ab847c720f8cb016807c39ffdaea3df5dc7358991baa9",
+    "v2-inference.yaml": "ec4094bd36ef558cd9d52c9985471ac91d2c0c5bd071717411a4ccd5adf4f311",
+    "v2-inference-v.yaml": "72b092aadfe146f5d3f395a720c0aa3b2354b2095e3f10dc18f0e9716d286dcb",
+    "sd_xl_base.yaml": "4bd61f9d429423a80690137a93cc01f39a039ae4b5115b322c3b524b86763d7d",
+    "bpe_simple_vocab_16e6.txt.gz": "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+}
 RELEASES = {"v1": "v1-inference.yaml", "v2": "v2-inference.yaml", "v2-v": "v2-inference-v.yaml",
             "sdxl": "sd_xl_base.yaml"}
 
@@ -47,7 +56,7 @@ class ShapeSource(TensorSource):
 
 
 def _release(fam):
-    path = REFERENCE / "ldm-configs" / RELEASES[fam]
+    path = RELEASE_YAMLS / RELEASES[fam]
     return release_keys(path), yaml.safe_load(path.read_text())
 
 
@@ -119,9 +128,11 @@ def test_yaml_only_where_a_host_could_not_guess(fam):
 def test_the_package_ships_its_own_copies_of_the_reference_data():
     from dreambooth.families import BPE_PATH, RESOURCES, clip_vocab_and_merges
 
+    import hashlib
+
     for name in RELEASES.values():
-        assert (RESOURCES / "ldm" / name).read_bytes() == (REFERENCE / "ldm-configs" / name).read_bytes()
-    assert BPE_PATH.read_bytes() == (REFERENCE / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+        assert hashlib.sha256((RESOURCES / "ldm" / name).read_bytes()).hexdigest() == RELEASE_SHA256[name], name
+    assert hashlib.sha256(BPE_PATH.read_bytes()).hexdigest() == RELEASE_SHA256[BPE_PATH.name]
     assert (RESOURCES / "CLIP_BPE_LICENSE.txt").is_file()
     vocab, merges = clip_vocab_and_merges()
     assert len(vocab) == 49408 and len(merges) == 48894
