@@ -78,17 +78,20 @@ class Access:
     """The rule. `origins`: origins the user allowed besides the page's own (the webui's --cors-allow-origins);
     `origin_pattern`: a regular expression for more (--cors-allow-origins-regex); `hosts`: host names the user
     reaches the server by besides IP addresses, localhost and this machine's names (a proxy's name, --server-name);
-    `any_host`: do not check Host (behind a login or a share link); `allow_hint`: how the user allows an origin."""
+    `any_host`: do not check Host (behind a login or a share link); `public`: check nothing (a public share link:
+    anyone on the internet can call it directly, so a page calling it through a visitor's browser gains nothing);
+    `allow_hint`: how the user allows an origin."""
 
     origins: tuple[str, ...] = ()
     origin_pattern: str | None = None
     hosts: tuple[str, ...] = ()
     any_host: bool = False
+    public: bool = False
     allow_hint: str = "start the app with --allow-origin ORIGIN"
     _names: frozenset = field(default_factory=lambda: frozenset(machine_names()), compare=False, repr=False)
 
     def host_allowed(self, host: str | None) -> bool:
-        if self.any_host or not host:
+        if self.any_host or self.public or not host:
             return True
         name, _ = _split_host(host)
         if is_ip_address(name) or name == "localhost" or name.endswith(".localhost") or name in self._names:
@@ -97,8 +100,8 @@ class Access:
         return name in allowed
 
     def origin_allowed(self, origin: str | None, host: str | None, forwarded_host: str | None = None) -> bool:
-        if origin is None:
-            return True  # not sent by a browser page
+        if origin is None or self.public:
+            return True  # not sent by a browser page, or a public link anyone may call
         if origin.strip() in self.origins or (self.origin_pattern and re.fullmatch(self.origin_pattern, origin.strip())):
             return True
         address = origin_address(origin)

@@ -55,14 +55,14 @@ def restore_host_model():
 
 def webui_access() -> Access:
     """The access rule from the webui's own flags: the origins it allows (--cors-allow-origins[-regex]) are the
-    user's declaration of who else may call; --server-name is a name it is reached by; a login (--gradio-auth) or a
-    public link (--share, --ngrok) makes the Host check moot."""
+    user's declaration of who else may call; --server-name is a name it is reached by; a login (--gradio-auth) makes
+    the Host check moot, and a public link (--share, --ngrok) both checks (anyone may call it directly)."""
     opts = shared.cmd_opts
     origins = tuple(o.strip() for o in (getattr(opts, "cors_allow_origins", None) or "").split(",") if o.strip())
     logged_in = bool(getattr(opts, "gradio_auth", None) or getattr(opts, "gradio_auth_path", None))
     public = bool(getattr(opts, "share", False) or getattr(opts, "ngrok", None))
     return Access(origins=origins, origin_pattern=getattr(opts, "cors_allow_origins_regex", None) or None,
-                  hosts=tuple(h for h in [getattr(opts, "server_name", None)] if h), any_host=logged_in or public,
+                  hosts=tuple(h for h in [getattr(opts, "server_name", None)] if h), any_host=logged_in, public=public,
                   allow_hint="add it to the webui's --cors-allow-origins")
 
 

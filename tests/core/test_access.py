@@ -53,6 +53,11 @@ def test_other_origins_are_refused(origin, host):
     assert not Access().origin_allowed(origin, host)
 
 
+def test_a_public_share_link_checks_nothing():
+    public = Access(public=True)
+    assert public.refusal({"host": "abc.gradio.live", "origin": "http://evil.example"}) is None
+
+
 def test_a_proxy_and_the_users_allowances():
     assert Access().origin_allowed("https://sd.example.org", "127.0.0.1:7860", forwarded_host="sd.example.org")
     assert Access(origins=("https://sd.example.org",)).origin_allowed("https://sd.example.org", "127.0.0.1:7860")
