@@ -25,6 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, what: str, timeout: float = 120) -> None:
+    """Until `url` answers; fails with the end of the server's log when it exits first or never answers."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{what} did not answer:\n{log.read_text()[-3000:]}")
+
+
 class App:
     def __init__(self, python: str, root: Path, log: Path, args=()):
         self.root, self.port, self.log = root, free_port(), log
@@ -32,16 +46,7 @@ class App:
         self.proc = subprocess.Popen([python, "-m", "dreambooth", "--root", str(root), "ui", "--port", str(self.port),
                                       *args], cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}/"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the app exited ({self.proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.url, timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"the app did not answer:\n{log.read_text()[-3000:]}")
+        wait_until_serving(self.proc, self.url, log, "the app")
 
     def stop(self):
         from dreambooth import worker

@@ -8,15 +8,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import STACKS, _stack_python, free_port
+from conftest import STACKS, _stack_python, free_port, wait_until_serving
 from gradio_calls import GradioApp
 from webui_helpers import copy_extension
 
@@ -40,16 +38,7 @@ class WebuiStandIn:
         self.proc = subprocess.Popen([python, str(STUB / "webui.py"), "--port", str(self.port), *args],
                                      cwd=home, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the webui stand-in exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/config", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"the webui stand-in did not answer:\n{self.log.read_text()[-3000:]}")
+        wait_until_serving(self.proc, self.url + "/config", self.log, "the webui stand-in")
 
     def stop(self):
         self.proc.kill()
