@@ -75,9 +75,11 @@ def _taken(path: Path, with_yaml: bool) -> list[Path]:
 
 
 def _yaml_is_models(model: ModelDir, yaml: Path) -> bool:
-    """A .yaml belongs to the checkpoints of its name beside it: the model's when they all are."""
-    siblings = [yaml.with_suffix(s) for s in CHECKPOINT_SUFFIXES if yaml.with_suffix(s).exists()]
-    return bool(siblings) and all(is_models(model, s) for s in siblings)
+    """A .yaml belongs to the checkpoints of its name beside it: the model's when they all are; with none left, when
+    the model wrote one of that name (the yaml of its own checkpoint that was deleted)."""
+    siblings = [yaml.with_suffix(s) for s in CHECKPOINT_SUFFIXES]
+    present = [s for s in siblings if s.exists()]
+    return all(is_models(model, s) for s in present) if present else any(is_models(model, s) for s in siblings)
 
 
 def _source(model: ModelDir) -> Path | None:
