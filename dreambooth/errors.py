@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import errno
+import re
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# How safetensors (whose errors are not OSErrors) says that the disk is full
+DISK_FULL_TEXT = re.compile(r"os error 28\b|code: 28\b|StorageFull|No space left")
 
 
 class UserError(Exception):
@@ -20,13 +23,14 @@ class WriteError(UserError, OSError):
     disk_full = False
 
     @classmethod
-    def of(cls, path, error: OSError, kept: str = "") -> "WriteError":
-        """The one-line error for `error` raised while writing `path` ("disk full while writing X; ...")."""
+    def of(cls, path, error: Exception, kept: str = "") -> "WriteError":
+        """The one-line error for `error` (an OSError, or a writer's own error type such as safetensors') raised while
+        writing `path` ("disk full while writing X; ...")."""
         if isinstance(error, WriteError):
             return error
-        full = getattr(error, "errno", None) in DISK_FULL
-        what = f"disk full while writing {path}" if full else (
-            f"cannot write {path} ({getattr(error, 'strerror', None) or type(error).__name__})")
+        full = getattr(error, "errno", None) in DISK_FULL or bool(DISK_FULL_TEXT.search(str(error)))
+        reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0][:120]
+        what = f"disk full while writing {path}" if full else f"cannot write {path} ({reason})"
         made = cls(f"{what}; {kept}" if kept else what)
         made.disk_full = full
         return made

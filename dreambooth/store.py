@@ -436,7 +436,9 @@ def _as_write_error(path: Path, kept: str = "") -> Iterator[None]:
         yield
     except WriteError:
         raise
-    except OSError as e:
+    except Exception as e:  # OSError, or a writer's own type for it (safetensors' SafetensorError)
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
         raise WriteError.of(path, e, kept) from e
 
 

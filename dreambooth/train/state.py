@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 
-from ..errors import DISK_FULL
+from ..errors import DISK_FULL, DISK_FULL_TEXT
 from ..errors import UserError
 from .saves import TRAINER_FILE, damaged, saved_step, swap_folder
 
@@ -125,7 +124,7 @@ def disk_full(error: BaseException) -> bool:
     for e in _chain(error):
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             return True
-        if isinstance(e, SafetensorError) and re.search(r"os error 28\b|code: 28\b|StorageFull|No space left", str(e)):
+        if isinstance(e, SafetensorError) and DISK_FULL_TEXT.search(str(e)):
             return True
     return False
 

@@ -256,3 +256,22 @@ def test_utf8_user_names_in_basic_auth():
     header = "Basic " + base64.b64encode("jörg:pässwörd".encode()).decode()
     assert basic_credentials(header) == ("jörg", "pässwörd")
     assert basic_credentials("Basic !!!") is None and basic_credentials("Bearer x") is None
+
+
+def test_a_lora_written_to_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """safetensors says "disk full" with its own error type: still the one line, and no file left."""
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from dreambooth.lora.files import write_lora_file
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "Lora" / "dog_4_extract_r8.safetensors"
+    with pytest.raises(WriteError, match=r"^disk full while writing .*dog_4_extract_r8.safetensors; no partial file"):
+        write_lora_file(out, {"a": torch.zeros(2)}, {})
+    assert [p.name for p in out.parent.iterdir()] == []
