@@ -38,7 +38,7 @@ from . import pipeline as gen
 from . import precision
 from .components import Components, compile_unet, eager, load_components
 from .precision import DtypePlan, Hardware
-from .optim import (check_optimizer_runs_here, eval_weights, make_fused_step, make_lr_scheduler, make_optimizer,
+from .optim import (eval_weights, make_fused_step, make_lr_scheduler, make_optimizer, runnable_optimizer,
                     train_weights)
 from .requests import Requests
 from .schedule import Schedule
@@ -91,7 +91,9 @@ def train_model(root: DataRoot, name: str, max_steps: int | None = None, overrid
     if overrides:
         config = config.with_parameters(**overrides)
     validate_for_training(config)
-    check_optimizer_runs_here(config.parameters)
+    optimizer = runnable_optimizer(config.parameters)
+    if optimizer != config.parameters.optimizer:
+        config = config.with_parameters(optimizer=optimizer)
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps: must be at least 1, got {max_steps}")
     return Trainer(root, model, config, max_steps).run()

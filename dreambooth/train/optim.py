@@ -146,6 +146,20 @@ def check_optimizer_runs_here(params, device=None) -> None:
                         f"{getattr(bnb, '__version__', '?')} ({problem}); choose adamw (more memory) or adafactor")
 
 
+def runnable_optimizer(params, device=None) -> str:
+    """The optimizer a run uses: the chosen one when it runs here. 8-bit AdamW (the default) that cannot run here
+    (no bitsandbytes, or one that cannot step on this device, as on a CPU with bitsandbytes before 0.50) gives way to
+    AdamW, said once in a warning, as fp16 gives way on a CPU; any other that cannot run is a UserError."""
+    try:
+        check_optimizer_runs_here(params, device)
+    except UserError as e:
+        if params.optimizer != "adamw_8bit":
+            raise
+        warnings.warn(f"{e}: this run uses adamw instead (more memory for its state)", stacklevel=2)
+        return "adamw"
+    return params.optimizer
+
+
 def make_lr_scheduler(params, optimizer, total_steps: int):
     from diffusers.optimization import get_scheduler
 

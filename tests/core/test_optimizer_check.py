@@ -1,12 +1,12 @@
 """A setting this machine cannot run is said before any model loads: the 8-bit AdamW of a bitsandbytes without CPU
-support (0.42 asserts "Torch not compiled with CUDA enabled" at its first step) is named with the alternative."""
+support (0.42 asserts "Torch not compiled with CUDA enabled" at its first step) is named with the alternative, and a
+training then uses that alternative (AdamW) instead of stopping."""
 import sys
 import types
 
 import pytest
 import torch
 
-from dreambooth import cli
 from dreambooth.config import Concept, Config, Parameters
 from dreambooth.errors import UserError
 from dreambooth.store import DataRoot
@@ -77,7 +77,9 @@ def test_the_installed_bitsandbytes_on_this_machine():
         assert float(p[0]) < 0
 
 
-def test_train_refuses_before_loading_any_model(monkeypatch, tmp_path, capsys):
+def test_train_falls_back_to_adamw_where_8bit_adamw_cannot_run(monkeypatch, tmp_path):
+    """The default optimizer on a machine where it cannot step (SD.Next on a CPU gets bitsandbytes 0.42): the run
+    uses AdamW, said once before any model loads; the config keeps its choice for a machine where it runs."""
     fake_bitsandbytes(monkeypatch, cuda_assert)
     monkeypatch.setattr(loop.torch.cuda, "is_available", lambda: False)
     images = tmp_path / "images"
@@ -87,11 +89,20 @@ def test_train_refuses_before_loading_any_model(monkeypatch, tmp_path, capsys):
     model.path.mkdir(parents=True)
     Config(concepts=(Concept(instance_data_dir=str(images)),),
            parameters=Parameters(optimizer="adamw_8bit")).save(model.config_path)
+    started = []
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the trainer started loading models")
+    class Started:
+        def __init__(self, root, model, config, max_steps):
+            started.append(config.parameters.optimizer)
 
-    monkeypatch.setattr(loop, "Trainer", no_loading)
-    code = cli.main(["--root", str(root.root), "train", "m"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "adamw_8bit cannot run on a CPU" in err and "choose adamw" in err
+        def run(self):
+            return "ran"
+
+    monkeypatch.setattr(loop, "Trainer", Started)
+    with pytest.warns(UserWarning, match=r"adamw_8bit cannot run on a CPU .*: this run uses adamw instead") as said:
+        assert loop.train_model(root, "m") == "ran"
+    assert started == ["adamw"] and len(said) == 1
+    assert Config.load(model.config_path).parameters.optimizer == "adamw_8bit"
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # another optimizer that cannot run is still refused
+    with pytest.raises(UserError, match="lion needs the lion-pytorch package"):
+        loop.train_model(root, "m", overrides={"optimizer": "lion"})
