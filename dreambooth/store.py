@@ -29,6 +29,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 TEMP_FILE = ".tmp"  # `.NAME.XXXXXXXX.tmp`: a file being written (atomic_path)
 TEMP_FOLDER = ".creating"  # `.NAME.XXXXXXXX.creating`: a model being created (temporary_folder)
 LEGACY_FOLDER_AGE = 3600.0
+# Exactly the names ours take (tempfile's 8 random characters), so another program's hidden files are never touched
+OUR_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+OUR_TEMP_FOLDER = re.compile(r"^\..+\.[a-z0-9_]{8}\.creating$")
+REPLACED_MODEL = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}\.old$")  # create --overwrite, mid-swap
 
 
 class ModelNameError(UserError):
@@ -400,9 +404,10 @@ def _size(path: Path) -> int:
     return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
 
 
-def reclaim(folders, recursive=()) -> Reclaimed:
-    """Remove the temporary files (`.X.*.tmp`) and folders (`.X.*.creating`, `.X.old`) that processes killed while
-    writing them left in `folders` (and anywhere under the `recursive` ones). Only what no live process holds goes."""
+def reclaim(folders, recursive=(), models: Path | None = None) -> Reclaimed:
+    """Remove the temporary files (`.X.XXXXXXXX.tmp`) and folders (`.X.XXXXXXXX.creating`; in the `models` folder also
+    `.NAME.old`, a model being replaced) that processes killed while writing them left in `folders` (and anywhere
+    under the `recursive` ones). Only what no live process holds goes."""
     candidates = []
     for folder in folders:
         if Path(folder).is_dir():
@@ -412,8 +417,10 @@ def reclaim(folders, recursive=()) -> Reclaimed:
             candidates += [p for p in Path(folder).rglob(f".*{TEMP_FILE}") if p.is_file()]
     removed = Reclaimed()
     for path in candidates:
-        is_temp = (path.is_file() and not path.is_symlink() and path.name.endswith(TEMP_FILE)) or (
-            path.is_dir() and not path.is_symlink() and path.name.endswith((TEMP_FOLDER, ".old")))
+        if path.is_symlink():
+            continue
+        is_temp = (path.is_file() and OUR_TEMP_FILE.match(path.name)) or (path.is_dir() and (
+            OUR_TEMP_FOLDER.match(path.name) or (REPLACED_MODEL.match(path.name) and path.parent == models)))
         if not is_temp or not _abandoned(path):
             continue
         try:
@@ -427,7 +434,7 @@ def reclaim(folders, recursive=()) -> Reclaimed:
 
 def reclaim_leftovers(root: "DataRoot", model: ModelDir | None = None) -> Reclaimed:
     """`reclaim` where the product writes: the models folder, the checkpoint and LoRA folders, and a model's folder."""
-    return reclaim([root.dreambooth, root.checkpoints, root.lora], [model.path] if model else [])
+    return reclaim([root.dreambooth, root.checkpoints, root.lora], [model.path] if model else [], root.dreambooth)
 
 
 @contextlib.contextmanager

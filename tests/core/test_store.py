@@ -151,3 +151,21 @@ def test_a_temporary_folder_of_an_older_version_goes_once_untouched_for_an_hour(
     for path in (old, old / "working", old / "working" / "w.bin"):
         os.utime(path, (hour_ago, hour_ago))
     assert reclaim([tmp_path]).paths == (old,)
+
+
+def test_reclaim_never_touches_another_programs_hidden_files(tmp_path):
+    from dreambooth.store import reclaim
+
+    others = [tmp_path / ".download.tmp", tmp_path / ".x.ABCDEFGH.tmp", tmp_path / ".cache.old.tmp",
+              tmp_path / "visible.abcd1234.tmp"]
+    for path in others:
+        path.write_text("someone else's")
+    old = tmp_path / ".settings.old"  # a model being replaced looks so only in the models folder
+    old.mkdir()
+    (old / ".keep").write_text("")
+    day_ago = os.stat(old).st_mtime - 86400
+    for path in (old, old / ".keep"):
+        os.utime(path, (day_ago, day_ago))
+    (tmp_path / ".other").mkdir()
+    assert not reclaim([tmp_path])
+    assert all(p.exists() for p in others) and (tmp_path / ".settings.old").is_dir()
