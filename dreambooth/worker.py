@@ -168,7 +168,7 @@ def last_job(root: DataRoot) -> dict | None:
     return job if job and isinstance(job.get("name"), str) else None
 
 
-def recently_active(root: DataRoot, name: str, seconds: float = 5.0) -> bool:
+def recently_active(root: DataRoot, name: str, seconds: float = 10.0) -> bool:
     """True if the model's event log or the job file changed in the last `seconds` (a job that has just ended)."""
     changed = [p.stat().st_mtime for p in (root.model(name).events, _job_path(root)) if p.exists()]
     return bool(changed) and time.time() - max(changed) < seconds

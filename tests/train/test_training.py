@@ -345,10 +345,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_source, capsys, mon
     assert {"zero.png", "cut.jpg"} <= {Path(str(w.message).split(":")[0].split()[-1]).name for w in caught}
     assert read_events(model)[-1]["kind"] == "error"
 
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    root, model = make_model(tmp_path / "root8", tiny_source, concepts=[concept(tmp_path)], optimizer="adamw_8bit")
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # an optimizer whose package is missing
+    root, model = make_model(tmp_path / "root8", tiny_source, concepts=[concept(tmp_path)], optimizer="lion")
     assert main(["--root", str(root.root), "train", "m"]) == 2
-    assert "parameters.optimizer: adamw_8bit needs bitsandbytes" in capsys.readouterr().err
+    assert "parameters.optimizer: lion needs the lion-pytorch package" in capsys.readouterr().err
     assert not list(root.checkpoints.iterdir())
 
 
