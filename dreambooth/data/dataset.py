@@ -108,13 +108,18 @@ def split_validation(config: Config, instances: list[list[Example]]) -> tuple[li
     return train, validation
 
 
-def load_fixed(example: Example, bucket: tuple[int, int]):
-    """(pixels (3, H, W), SDXL time ids (6,)) of an image centre-cropped to its bucket, unflipped: as validation
-    sees it every time."""
-    img = load_image(example.path)
-    fitted, (top, left) = fit_to_bucket(img, bucket, "center", False, random.Random(0))
+def fit_with_time_ids(img, bucket: tuple[int, int], crop: str, flip: bool, rng: random.Random):
+    """(pixels (3, H, W) in [-1, 1], SDXL time ids (6,): original size, crop top-left, target size) of an image
+    fitted to its bucket."""
+    fitted, (top, left) = fit_to_bucket(img, bucket, crop, flip, rng)
     w, h = bucket
     return to_tensor(fitted), torch.tensor([img.height, img.width, top, left, h, w], dtype=torch.float32)
+
+
+def load_fixed(example: Example, bucket: tuple[int, int]):
+    """(pixels, SDXL time ids) of an image centre-cropped to its bucket, unflipped: as validation sees it every
+    time."""
+    return fit_with_time_ids(load_image(example.path), bucket, "center", False, random.Random(0))
 
 
 def class_examples_from(pairs: Sequence[tuple[Path, str]], concept: int) -> list[Example]:
@@ -201,16 +206,14 @@ class TrainingData:
         rng = self.augmentation_rng(item, epoch)
         img = load_image(item.example.path)
         flip = self.params.hflip and rng.random() < 0.5
-        fitted, (top, left) = fit_to_bucket(img, item.bucket, self.params.crop, flip, rng)
-        w, h = item.bucket
-        time_ids = torch.tensor([img.height, img.width, top, left, h, w], dtype=torch.float32)
+        pixels, time_ids = fit_with_time_ids(img, item.bucket, self.params.crop, flip, rng)
         mask = load_mask(item.example.path) if self.params.masked_loss and not item.is_prior else None
         if mask is not None:
             again = self.augmentation_rng(item, epoch)
             flip = self.params.hflip and again.random() < 0.5
             mask = mask_to_tensor(fit_to_bucket(mask.resize(img.size, Image.BILINEAR), item.bucket,
                                                 self.params.crop, flip, again)[0])
-        return to_tensor(fitted), time_ids, mask
+        return pixels, time_ids, mask
 
 
 def tokenize(tokenizers, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:

@@ -3,7 +3,6 @@ folder (its extensions/ holds the extension). The order follows AUTOMATIC1111 1.
 preload the extensions' flags, parse, load the extensions' scripts, the settings and tabs callbacks, every tab
 rendered into one Blocks (its own TabItem), the queue, launch, gradio's CORS middleware dropped, the webui's own
 middleware, the API with --api, then the app_started callbacks; then it serves until killed."""
-import argparse
 import importlib.util
 import os
 import sys
