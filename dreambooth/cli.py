@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
@@ -87,6 +88,14 @@ def cmd_train(args) -> int:
     events = EventLog(model.events)
     # One writer per model: a second training, or a create/export/delete of this model, is refused while it runs.
     # Under `accelerate launch` the main process holds it for all.
+    if args.start_over:
+        from .actions import back_to_source
+
+        if args.from_step is not None:
+            raise UserError("--start-over and --from-step: choose one")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the other processes would load the weights meanwhile
+            raise UserError("--start-over: run it once in a single process, then launch the training")
+        print(back_to_source(root, args.name))
     lock = model.lock("training") if model.exists() and _is_main_process() else contextlib.nullcontext()
     try:
         with lock:
@@ -127,9 +136,15 @@ def cmd_ui(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .train.memory import plan_cli
+    from .config import Config
+    from .train.memory import plan_cli, plan_report
 
-    print(plan_cli(_root(args), args.name, vram_gb=args.vram, preset_gb=args.preset))
+    params = Config.load(Path(args.config)).parameters if args.config else None
+    if args.json:
+        text, fits = plan_report(_root(args), args.name, args.vram, params)
+        print(json.dumps({"text": text, "fits": fits}))
+    else:
+        print(plan_cli(_root(args), args.name, vram_gb=args.vram, preset_gb=args.preset, params=params))
     return 0
 
 
@@ -190,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a parameter for this run only (repeatable), e.g. --set learning_rate=1e-6")
     p.add_argument("--from-step", type=int, default=None, metavar="S",
                    help="go back to the kept save of step S and go on from there (see keep_saves)")
+    p.add_argument("--start-over", action="store_true",
+                   help="start at step 0 from the source checkpoint's weights (settings and class images stay)")
     p.set_defaults(run=cmd_train)
 
     p = verbs.add_parser("demo", help="the whole flow on a built-in tiny model, a few minutes on a CPU")
@@ -209,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--vram", type=float, help="GPU memory in GiB: say whether the run fits and what to change if not")
     p.add_argument("--preset", type=float, help="plan with the VRAM preset for this many GiB instead of the settings")
+    p.add_argument("--config", metavar="FILE", help="plan the parameters of this config file instead of the model's")
+    p.add_argument("--json", action="store_true", help='print {"text": the plan, "fits": true/false/null} as JSON')
     p.set_defaults(run=cmd_plan)
 
     p = verbs.add_parser("preset", help="set a model's memory settings to the fastest ones that fit a GPU's memory")

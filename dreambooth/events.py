@@ -1,7 +1,7 @@
 """How a training run talks to whoever watches it: typed events in an append-only log, control requests as files,
 and the fold that turns the log into the run's status. Writers and readers use these records, never raw keys.
 
-Files make the trainer, the worker, the CLI and the UI independent processes: a page reload or a UI restart just
+Files make the trainer, the job supervisor, the CLI and the UI independent processes: a page reload or a UI restart just
 reads the log again, and a request survives until the trainer has handled it.
 
 <model>/logs/events.jsonl   one JSON object per line: {"time": ..., "kind": ..., <the record's fields>}
@@ -243,7 +243,7 @@ class Controls:
 
 @dataclass
 class RunStatus:
-    """What a run's events say about it. The worker adds what only the process can tell (alive, log tail)."""
+    """What a run's events say about it. The job supervisor (dreambooth.jobs) adds what only the process can tell (alive, log tail)."""
 
     state: str = "idle"  # idle, running, paused, done, cancelled, error
     step: int = 0

@@ -1,8 +1,8 @@
 """Where the tab runs: standalone, or inside the Stable Diffusion WebUI.
 
-The worker and the UI only talk to a Host. The webui adapter (scripts/dreambooth_tab.py) builds one whose hooks call
-the webui's own functions, so nothing in dreambooth/ imports the webui. Standalone, the hooks do nothing and the
-checkpoint list is the data root's models/Stable-diffusion folder.
+The actions, the jobs and the UI only talk to a Host. The webui adapter (scripts/dreambooth_tab.py) builds one whose
+hooks call the webui's own functions, so nothing in dreambooth/ imports the webui. Standalone, the hooks do nothing
+and the checkpoint list is the data root's models/Stable-diffusion folder.
 """
 from __future__ import annotations
 

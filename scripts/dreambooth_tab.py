@@ -10,7 +10,7 @@ if str(EXTENSION_ROOT) not in sys.path:
 
 from modules import paths, script_callbacks, sd_models, shared  # noqa: E402
 
-from dreambooth import worker  # noqa: E402
+from dreambooth import jobs  # noqa: E402
 from dreambooth.access import Access, install  # noqa: E402
 from dreambooth.config import HOST_SETTINGS  # noqa: E402
 from dreambooth.host import Host  # noqa: E402
@@ -126,7 +126,7 @@ def on_app_started(demo, app):
     if getattr(opts, "api", False) or getattr(opts, "nowebui", False):  # where the webui mounts its own API
         credentials = api_credentials()
         add_routes(app, host, basic_auth(credentials) if credentials else [])
-    worker.attach(host.root, host)  # a training that outlived the last webui run: reload/refresh when it ends
+    jobs.attach(host.root, host)  # a training that outlived the last webui run: reload/refresh when it ends
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

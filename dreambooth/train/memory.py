@@ -633,10 +633,10 @@ def apply_preset(root, name: str, vram_gb: float) -> str:
     return f"{name}: {size:g} GiB preset for {config.model.family}: {what}"
 
 
-def plan_cli(root, name: str, vram_gb: float | None = None, preset_gb: float | None = None) -> str:
-    """What `python -m dreambooth plan` prints."""
+def plan_cli(root, name: str, vram_gb: float | None = None, preset_gb: float | None = None, params=None) -> str:
+    """What `python -m dreambooth plan` prints (for the model's saved settings, or `params`)."""
     _model, config = _load_config(root, name)
-    params = config.parameters
+    params = params or config.parameters
     head = []
     if preset_gb is not None:
         size, settings = preset_for(config.model.family, preset_gb, _arch_factory(_model, config), params)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import worker
+from .. import jobs
 from ..access import Access, install
 from ..host import Host, standalone_host
 from ..store import DataRoot
@@ -31,7 +31,7 @@ def create_app(root: DataRoot, access: Access | None = None):
     from .tab import build
 
     host = standalone_host(root.ensure(), access)
-    worker.attach(root, host)  # a training started by an earlier UI process keeps being followed
+    jobs.attach(root, host)  # a training started by an earlier UI process keeps being followed
     demo = build(host)
     demo.queue()  # gradio 3's polling (load(every=...)) needs the queue
     return demo

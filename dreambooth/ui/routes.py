@@ -4,7 +4,9 @@ GET  /dreambooth/models              {"models": [names], "running": job or null}
 GET  /dreambooth/config/{name}       the model's config.json
 POST /dreambooth/config/{name}       replace it (validated; 400 names every bad field); the concepts' folders and
                                      files stay as chosen in the tab or the CLI
-POST /dreambooth/start/{name}        start training (409 while another runs)
+POST /dreambooth/start/{name}        start training (409 while another runs); the body may say
+                                     {"start_over": true} (from the source checkpoint's weights, at step 0) or
+                                     {"from_step": S} (go back to the kept save of step S); default: resume
 GET  /dreambooth/status[/{name}]     status of the running job, or of a model
 POST /dreambooth/cancel              cancel the running job
 
@@ -26,7 +28,7 @@ from hmac import compare_digest
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
-from .. import worker
+from .. import actions, jobs
 from ..config import MAX_CONFIG_BYTES, Config, parse_json
 from ..events import Follower
 from ..errors import UserError, WriteError
@@ -139,7 +141,7 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
 
     @router.get("/models")
     def models():
-        return {"models": root.model_names(), "running": worker.running_job(root)}
+        return {"models": root.model_names(), "running": jobs.running_job(root)}
 
     @router.get("/config/{name}")
     def get_config(name: str):
@@ -157,32 +159,42 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
         except UserError as e:
             raise bad(e) from None
 
-    @router.post("/start/{name}", dependencies=[body])
-    def start(name: str):
+    @router.post("/start/{name}")
+    def start(name: str, data=body):
         model(name)
+        options = {} if data is None else data
+        if not isinstance(options, dict) or set(options) - {"start_over", "from_step"}:
+            raise HTTPException(status_code=400, detail='request body: expected {"start_over": true} or '
+                                                        '{"from_step": S}, or nothing')
+        start_over, from_step = options.get("start_over", False), options.get("from_step")
+        if not isinstance(start_over, bool):
+            raise HTTPException(status_code=400, detail="start_over: expected true or false")
+        if from_step is not None and (isinstance(from_step, bool) or not isinstance(from_step, int) or from_step < 0):
+            raise HTTPException(status_code=400, detail="from_step: expected a step number (0 or more)")
         try:
-            return worker.start(root, name, host)
-        except worker.JobRunningError as e:
+            started = actions.train(root, name, host, start_over=start_over, from_step=from_step)
+            return {**started.job, "from_step": started.from_step, "message": started.message}
+        except jobs.JobRunningError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         except UserError as e:
             raise bad(e) from None
 
     @router.get("/status")
     def running_status():
-        job = worker.running_job(root)
-        return worker.status(root, job["name"], follower).to_dict() if job else {"state": "idle", "running": False}
+        job = jobs.running_job(root)
+        return jobs.status(root, job["name"], follower).to_dict() if job else {"state": "idle", "running": False}
 
     @router.get("/status/{name}")
     def model_status(name: str):
-        return worker.status(root, model(name).name, follower).to_dict()
+        return jobs.status(root, model(name).name, follower).to_dict()
 
     @router.post("/cancel", dependencies=[body])
     def cancel():
-        job = worker.running_job(root)
+        job = jobs.running_job(root)
         if job is None:
             raise HTTPException(status_code=409, detail="no training is running")
         try:
-            return {"message": worker.request(root, job["name"], "cancel"), "name": job["name"]}
+            return {"message": actions.request(root, job["name"], "cancel"), "name": job["name"]}
         except UserError as e:
             raise bad(e) from None
 

@@ -1,4 +1,4 @@
-"""What the output panel shows, as HTML strings built from a worker.Status (no gradio here). Everything that comes
+"""What the output panel shows, as HTML strings built from a jobs.Status (no gradio here). Everything that comes
 from disk or from a training (names, messages, paths, states) is escaped: it reaches the page as text, never as
 markup or Markdown."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import re
 
 from ..errors import UserError
-from ..worker import Status
+from ..jobs import Status
 
 
 def _duration(seconds) -> str:

@@ -8,7 +8,7 @@ import threading
 import pytest
 from PIL import Image, PngImagePlugin
 
-from dreambooth import cli, worker
+from dreambooth import actions, cli, jobs
 from dreambooth.config import Concept, Config, ConfigError
 from dreambooth.errors import UserError, WriteError
 from dreambooth.events import Controls, EventLog, Follower, Step
@@ -52,7 +52,7 @@ def test_events_of_the_wrong_type_are_ignored_and_text_is_never_markup(model):
              {"kind": "sample", "step": 4, "paths": [{"x": 1}]},
              {"kind": "error", "message": INJECTION, "step": 4}]
     m.events.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    st = worker.status(root, "dog")
+    st = jobs.status(root, "dog")
     assert (st.total_steps, st.step, st.state) == (10, 4, "error")
     page = views.status_line(st) + views.progress_bar(st) + views.loss_chart(st.losses)
     assert "<img" not in page and "<script" not in page and "](http" in page  # as text, never as markup
@@ -73,16 +73,16 @@ def test_status_reads_only_what_the_log_gained(model):
 
     EventLog.read = recording
     try:
-        assert worker.status(root, "dog", follower).step == 3
+        assert jobs.status(root, "dog", follower).step == 3
         read_before = m.events.stat().st_size
         log.emit(Step(4, 0, 0.1, 1e-3, 1.0, None, 1.0))
-        assert worker.status(root, "dog", follower).step == 4
+        assert jobs.status(root, "dog", follower).step == 4
     finally:
         EventLog.read = real
     assert offsets == [0, read_before]  # the second poll parsed only the line added
     m.events.unlink()  # a new run's log: read from its start again
     log.emit(Step(1, 0, 0.1, 1e-3, 1.0, None, 1.0))
-    assert worker.status(root, "dog", follower).step == 1
+    assert jobs.status(root, "dog", follower).step == 1
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo"])
@@ -91,7 +91,7 @@ def test_a_log_that_is_a_folder_or_a_fifo_is_said_and_never_waited_on(model, kin
     m.logs.mkdir()
     for path in (m.events, m.train_log):
         path.mkdir() if kind == "folder" else os.mkfifo(path)
-    st = returns_within(10, worker.status, root, "dog")
+    st = returns_within(10, jobs.status, root, "dog")
     assert st.state == "error" and str(m.events) in st.message
     assert str(m.train_log) in st.log_tail
 
@@ -110,17 +110,17 @@ def test_a_damaged_job_file_never_crashes_the_poll(model, content):
     root, m = model
     path = root.dreambooth / ".job.json"
     path.mkdir() if content == "folder" else path.write_bytes(content.encode("utf-8", "surrogateescape"))
-    assert worker.running_job(root) is None and worker.last_job(root) is None
+    assert jobs.running_job(root) is None and jobs.last_job(root) is None
     if content == "folder":
         with pytest.raises(UserError, match="is a folder where the job file belongs"):
-            worker._claim(root, "dog")
+            jobs._claim(root, "dog")
 
 
 def test_damaged_records_of_a_model(model):
     root, m = model
     m.logs.mkdir()
     m.exports.write_bytes(b"\xff\xfe/not/utf8\n\x00\n")
-    assert worker.model_checkpoints(root, "dog") == []
+    assert actions.model_files(root, "dog") == []
     save = m.saves / "step-4"
     save.mkdir(parents=True)
     (save / "trainer.json").write_text(json.dumps({"step": 4, "saved_at": "yesterday"}))
@@ -128,7 +128,7 @@ def test_damaged_records_of_a_model(model):
     (m.saves / "step-5" / "trainer.json").write_text(json.dumps({"step": 5, "total_steps": [1]}))
     (m.saves / "step-6").mkdir()
     (m.saves / "step-6" / "trainer.json").write_text(json.dumps({"step": 6, "saved_at": 1.0}))
-    assert worker.kept_saves(root, "dog") == [6]
+    assert actions.kept_saves(root, "dog") == [6]
 
 
 def test_previews_with_odd_chunks_are_captioned_from_their_name(tmp_path):
@@ -241,11 +241,11 @@ def test_errors_are_one_line_of_words():
 
 def test_untouched_settings_round_trip_through_the_tab_exactly():
     from dreambooth.config import PARAMETER_SETTINGS
-    from dreambooth.ui.tab import _coerce, _shown
+    from dreambooth.ui.fields import coerce, shown
 
     rate = next(s for s in PARAMETER_SETTINGS if s.name == "learning_rate")
     for value in (1.23456789e-06, 2e-06, 1e-4, 3.0000000000000004e-05):
-        assert _coerce(rate, _shown(rate, value)) == value
+        assert coerce(rate, shown(rate, value)) == value
 
 
 def test_utf8_user_names_in_basic_auth():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import worker
+from dreambooth import actions
 
 pytestmark = pytest.mark.slow  # real create and export processes
 
@@ -53,21 +53,21 @@ def test_a_killed_create_leaves_nothing_once_the_next_create_runs(data_root, tin
         proc = cli(data_root, "create", "dog", "--source", str(tiny))
         if kill_when(proc, lambda: temp_weights(data_root.dreambooth, ".dog.*.creating/working/*/*")):
             break
-        worker.delete_model(data_root, "dog")
+        actions.delete(data_root, "dog", True)
     else:
         pytest.fail("create finished every time before it could be killed")
     left = [p for p in data_root.dreambooth.glob(".dog.*.creating")]
     assert left and not data_root.model("dog").exists()
     size = sum(f.stat().st_size for p in left for f in p.rglob("*") if f.is_file())
 
-    said = worker.create(data_root, "dog", str(tiny))  # as the tab does it
+    said = actions.create(data_root, "dog", str(tiny)).message  # as the tab does it
     assert "Reclaimed" in said and hidden(data_root.dreambooth) == [], said
     assert data_root.model("dog").exists()
     assert f"{size / 1e3:.1f} KB" in said or f"{size / 1e6:.1f} MB" in said, (said, size)
 
 
 def test_a_killed_export_leaves_nothing_once_the_next_export_runs(data_root, tiny):
-    worker.create(data_root, "dog", str(tiny))
+    actions.create(data_root, "dog", str(tiny))
     out = data_root.checkpoints
     for _ in range(5):
         proc = cli(data_root, "export", "dog")
@@ -87,11 +87,11 @@ def test_a_killed_export_leaves_nothing_once_the_next_export_runs(data_root, tin
 def test_start_over_after_a_killed_start_over_keeps_the_class_images(data_root, tiny):
     """A start-over killed while it held the class images aside leaves them in models/dreambooth/.NAME...kept; the
     next one puts them back instead of failing."""
-    worker.create(data_root, "dog", str(tiny))
+    actions.create(data_root, "dog", str(tiny))
     model = data_root.model("dog")
     kept = data_root.dreambooth / ".dog.class_images.kept"
     (kept / "a_dog-1234").mkdir(parents=True)
     (kept / "a_dog-1234" / "00000.png").write_bytes(b"a class image")
-    said = worker.start_over(data_root, "dog")
+    said = actions.back_to_source(data_root, "dog")
     assert "step 0" in said and not kept.exists()
     assert (model.class_images / "a_dog-1234" / "00000.png").read_bytes() == b"a class image"

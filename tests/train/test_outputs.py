@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from dreambooth import worker
+from dreambooth import actions
 from dreambooth.errors import UserError
 from dreambooth.models import export_model
 from dreambooth.train import train_model
@@ -31,7 +31,7 @@ def test_a_model_named_after_its_source_file_never_trains_over_it(tmp_path, tiny
     assert digest(source) == before  # the user's base model is intact
     written = [p.name for p in result.checkpoints]
     assert written == ["src_2-2.safetensors"], written
-    listed = [p.name for p in worker.model_checkpoints(root, "src")]
+    listed = [p.name for p in actions.model_files(root, "src")]
     assert listed == ["src_2-2.safetensors"]  # the source is not the model's file
 
 
@@ -81,6 +81,6 @@ def test_a_models_list_holds_its_own_files_only(exported, tiny_source):
     assert other.exists()
     for name in ("dog_1_5.safetensors", "dog_12.safetensors", "dog_3_extract_r8.safetensors", "dogma_3.safetensors"):
         (root.checkpoints if "extract" not in name else root.lora).joinpath(name).write_bytes(b"x")
-    assert sorted(p.name for p in worker.model_checkpoints(root, "dog")) == ["dog_12.safetensors",
+    assert sorted(p.name for p in actions.model_files(root, "dog")) == ["dog_12.safetensors",
                                                                              "dog_3_extract_r8.safetensors"]
-    assert [p.name for p in worker.model_checkpoints(root, "dog_1")] == ["dog_1_5.safetensors"]
+    assert [p.name for p in actions.model_files(root, "dog_1")] == ["dog_1_5.safetensors"]

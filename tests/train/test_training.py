@@ -637,10 +637,10 @@ def test_validation_loss_at_fixed_noise_on_held_out_images(tmp_path, tiny_source
     assert [s for s, _ in frozen] == [2, 4, 6] and len({v for _, v in frozen}) == 1
     model, learning = run("learning", learning_rate=1e-3, optimizer="adamw")
     assert [s for s, _ in learning] == [2, 4, 6] and len({v for _, v in learning}) == 3
-    from dreambooth import worker
+    from dreambooth import jobs
     from dreambooth.store import DataRoot
     from dreambooth.ui import views
 
-    st = worker.status(DataRoot(tmp_path / "learning"), "m")
+    st = jobs.status(DataRoot(tmp_path / "learning"), "m")
     assert st.validation == learning
     assert "db-loss-val" in views.loss_chart(st.losses, st.validation)

@@ -49,10 +49,10 @@ class App:
         wait_until_serving(self.proc, self.url, log, "the app")
 
     def stop(self):
-        from dreambooth import worker
+        from dreambooth import jobs
         from dreambooth.store import DataRoot
 
-        job = worker.running_job(DataRoot(self.root))
+        job = jobs.running_job(DataRoot(self.root))
         if job:  # a failed test must not leave its trainer running
             os.kill(job["pid"], signal.SIGKILL)
         self.proc.terminate()

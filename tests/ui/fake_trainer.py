@@ -1,4 +1,4 @@
-"""A stand-in trainer for the worker's lock and crash tests only (the browser test runs the real one).
+"""A stand-in trainer for the job supervisor's lock and crash tests only (the browser test runs the real one).
 
 usage: fake_trainer.py MODEL_PATH MODE   MODE: finish | crash | wait (runs until cancelled, honouring pause)
 """

@@ -118,10 +118,10 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     assert re.search(r"step \d+ · a zwx disc · seed 420", captions), captions
 
     # Train again: nothing to do, and the checkpoints, chart and previews stay, with how to continue
-    from dreambooth import worker
+    from dreambooth import jobs
     from dreambooth.store import DataRoot
 
-    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
+    wait_for(lambda: not jobs.running_job(DataRoot(app.root)), timeout=60)
     page.click("#db_train")
     wait_text(page, "db_run_message", "resuming at step 24")
     status = wait_text(page, "db_status", "nothing to do")
@@ -131,7 +131,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     assert page.locator("#db_loss_chart polyline").count() == 2 and page.locator("#db_gallery img").count()
 
     # Export: the file name is the user's; an existing file is not replaced without the tick
-    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
+    wait_for(lambda: not jobs.running_job(DataRoot(app.root)), timeout=60)
     page.click("#db_export_box")
     fill(page, "db_export_name", "dog final")
     page.click("#db_export")
@@ -167,7 +167,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     before = config_path.read_bytes()
     page.click("#db_train")
     assert "does not fit" in wait_text(page, "db_run_message", "memory plan says")
-    assert config_path.read_bytes() == before and not worker.running_job(DataRoot(app.root))
+    assert config_path.read_bytes() == before and not jobs.running_job(DataRoot(app.root))
     fill(page, "db_vram", 1000)
     page.click("#db_plan")
     assert "fits 1000 GiB" in wait_text(page, "db_plan_message", "fits 1000", timeout=240_000)
@@ -201,7 +201,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     assert "Cancel requested" not in visible_text(page, "db_run_message")
 
     # Go back: an earlier kept save becomes the one the run goes on from
-    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
+    wait_for(lambda: not jobs.running_job(DataRoot(app.root)), timeout=60)
     page.wait_for_function("document.querySelector('#db_resume_from')?.innerText.includes('latest save, step') "
                            "|| document.querySelector('#db_resume_from input')?.value.includes('latest save, step')",
                            timeout=TIMEOUT)
@@ -219,7 +219,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
                            timeout=TIMEOUT)
 
     # Start over: back to the source's weights, settings and class images kept, a new run from step 0
-    wait_for(lambda: not worker.running_job(DataRoot(app.root)), timeout=60)
+    wait_for(lambda: not jobs.running_job(DataRoot(app.root)), timeout=60)
     class_images = sorted(p.name for p in (app.root / "models/dreambooth/dog/class_images").rglob("*.png"))
     assert class_images
     open_panel(page, "Parameters")

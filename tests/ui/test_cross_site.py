@@ -76,7 +76,7 @@ def start_webui():
 
 def refused_everything(app: GradioApp, root, headers: dict, forged: bool = True) -> list[str]:
     """Delete dog and start a training of dog every way a page can; what came back (nothing may have happened)."""
-    from dreambooth import worker
+    from dreambooth import jobs
 
     delete, _ = app.handler("db_delete")
     train, train_dep = app.handler("db_train")
@@ -88,7 +88,7 @@ def refused_everything(app: GradioApp, root, headers: dict, forged: bool = True)
                  "url": app.url + "/", "query_params": {}, "path_params": {}}
         answers.append(app.predict(delete, ["dog", True], headers, forged_request=claim)[1])
     assert root.model("dog").exists(), answers
-    assert worker.last_job(root) is None, answers
+    assert jobs.last_job(root) is None, answers
     return answers
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import worker
+from dreambooth import jobs
 from dreambooth.config import Concept, Config
 from dreambooth.host import Host
 from dreambooth.store import DataRoot
@@ -32,12 +32,12 @@ def api(tmp_path, monkeypatch):
     model = root.model("dog")
     model.path.mkdir(parents=True)
     Config(concepts=(Concept(instance_data_dir=str(images)),)).save(model.config_path)
-    monkeypatch.setattr(worker, "trainer_command",
+    monkeypatch.setattr(jobs, "trainer_command",
                         lambda r, name: [sys.executable, str(FAKE), str(r.model(name).path), "wait"])
     app = FastAPI()
     routes.add_routes(app, Host(root=root))
     yield TestClient(app, base_url=LOCAL), root
-    job = worker.running_job(root)
+    job = jobs.running_job(root)
     if job:  # a failed test must not leave its trainer running
         os.kill(job["pid"], signal.SIGKILL)
 
@@ -62,7 +62,7 @@ def test_state_changing_routes_refuse_what_a_cross_site_page_can_send(api, path,
     response = client.post(path, **SIMPLE_REQUESTS[kind])
     assert response.status_code == 415, response.text
     assert "application/json" in response.json()["detail"]
-    assert worker.running_job(root) is None
+    assert jobs.running_job(root) is None
     assert root.model("dog").config_path.read_bytes() == before
 
 
@@ -156,3 +156,25 @@ def test_credentials_format(text):
     with pytest.raises(UserError, match="^credentials: "):
         routes.parse_credentials(text)
     assert routes.parse_credentials(" a:b , c:d:e ") == [("a", "b"), ("c", "d:e")]
+
+
+def test_start_can_start_over_or_go_back_and_says_what_it_did(api, wait_for):
+    client, root = api
+    model = root.model("dog")
+    for bad, said in (({"start_over": "yes"}, "start_over: expected true or false"),
+                      ({"from_step": -1}, "from_step: expected a step number"),
+                      ({"from_step": True}, "from_step: expected a step number"),
+                      ({"resume": True}, 'expected {"start_over": true} or {"from_step": S}'),
+                      ([], 'expected {"start_over": true} or {"from_step": S}'),
+                      ({"start_over": True, "from_step": 3}, "not both"),
+                      ({"from_step": 4}, "no kept save at step 4 (kept: none)")):
+        response = client.post("/dreambooth/start/dog", json=bad)
+        assert response.status_code == 400 and said in response.json()["detail"], (bad, response.text)
+        assert jobs.last_job(root) is None
+    started = client.post("/dreambooth/start/dog", json={"from_step": None})
+    assert started.status_code == 200, started.text
+    assert started.json()["message"] == "Training dog started, from step 0." and started.json()["from_step"] == 0
+    assert client.post("/dreambooth/start/dog", json={"start_over": True}).status_code == 409
+    client.post("/dreambooth/cancel", json={})
+    wait_for(lambda: jobs.running_job(root) is None)
+    assert model.exists()

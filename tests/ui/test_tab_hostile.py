@@ -4,7 +4,6 @@ import pytest
 
 from dreambooth.config import Concept, Config
 from dreambooth.store import DataRoot
-from dreambooth.ui.tab import Fields
 from tab_handlers import Tab
 
 
@@ -19,6 +18,6 @@ def test_saving_keeps_the_concepts_the_tab_does_not_show(tab, tmp_path):
     model.path.mkdir(parents=True, exist_ok=True)
     concepts = tuple(Concept(instance_data_dir=str(tmp_path / f"c{i}"), instance_token=f"tok{i}") for i in range(6))
     Config(concepts=concepts).save(model.config_path)
-    shown = Fields.values(Config.load(model.config_path))  # what the page holds after selecting the model
-    assert "Saved" in tab.on_save("many", *shown)
+    tab.show(Config.load(model.config_path))  # what the page holds after selecting the model
+    assert "Saved" in tab.save_settings(db_model_select="many")["db_settings_message"]
     assert [c.instance_token for c in Config.load(model.config_path).concepts] == [f"tok{i}" for i in range(6)]

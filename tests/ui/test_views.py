@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from dreambooth import worker
+from dreambooth import actions, jobs
 from dreambooth.config import Config, ConfigError
 from dreambooth.events import Checkpoint, Done, EventLog, Sample, Start, Step
 from dreambooth.store import DataRoot
@@ -22,7 +22,7 @@ def test_log_tail_keeps_the_trainers_lines_without_progress_bar_redraws(tmp_path
         "some warning printed after a bar\n"
         "\x1b[AWriting model shards: 100%|██████████| 1/1 [00:00<00:00, 54.22it/s]\n"
         "done: trained 24 steps (step 24/24)\n")
-    assert worker.log_tail(root, "dog").splitlines() == [
+    assert jobs.log_tail(root, "dog").splitlines() == [
         "loop.py:123: UserWarning: mixed_precision fp16 needs a GPU; training in full precision",
         "some warning printed after a bar", "done: trained 24 steps (step 24/24)"]
 
@@ -85,15 +85,15 @@ def test_status_checkpoints_previews_and_chart(tmp_path):
     elsewhere.write_bytes(b"x")
     log.emit(Sample(30, (str(preview),)))
     log.emit(Checkpoint(30, str(elsewhere)))
-    st = worker.status(root, "dog")
+    st = jobs.status(root, "dog")
     assert "resuming at step 20 of 40" not in views.status_line(st)  # only while it runs
     st.state = "running"
     assert "resuming at step 20 of 40" in views.status_line(st)
     log.emit(Done(30, "cancelled"))
-    st = worker.status(root, "dog")
+    st = jobs.status(root, "dog")
     assert "this run trained 10 steps" in views.status_line(st)
 
-    files = worker.model_checkpoints(root, "dog", st.checkpoints)
+    files = actions.model_files(root, "dog", st.checkpoints)
     assert {f.name for f in files} == {"dog_10.safetensors", "dog_30.safetensors", "custom.safetensors"}
     html = views.checkpoint_list(files, {str(older): "dog_10.safetensors [abc123]"}, root.lora)
     assert 'data-db-checkpoint="dog_10.safetensors [abc123]"' in html
@@ -118,7 +118,7 @@ def test_nothing_to_do_says_how_to_continue_and_keeps_the_last_chart(tmp_path):
     log.clear()  # the next run
     log.emit(Start(total_steps=4, epochs=1, steps_per_epoch=4, step=4))
     log.emit(Done(4, "already trained to the last step; nothing to do"))
-    st = worker.status(root, "dog")
+    st = jobs.status(root, "dog")
     line = views.status_line(st)
     assert "nothing to do" in line and "raise Training epochs" in line
     assert len(st.losses) == 4

@@ -118,11 +118,11 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     assert client.get("/dreambooth/models", auth=auth).json() == {"models": [], "running": None}
 
     # a model (made by hand: creating one is the CLI's job, tested with the real checkpoint code elsewhere)
-    from dreambooth import worker
+    from dreambooth import jobs
     from dreambooth.config import Concept, Config
     from dreambooth.store import DataRoot
 
-    assert Path(worker.__file__).resolve().is_relative_to(webui["ext"].resolve())
+    assert Path(jobs.__file__).resolve().is_relative_to(webui["ext"].resolve())
     root = DataRoot(home)
     model = root.model("dog")
     model.path.mkdir(parents=True)
@@ -150,7 +150,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     assert client.post("/dreambooth/config/dog", auth=auth, json=config).json() == config
 
     # start over HTTP; the trainer is a stand-in here (the browser test runs the real one)
-    monkeypatch.setattr(worker, "trainer_command",
+    monkeypatch.setattr(jobs, "trainer_command",
                         lambda r, name: [sys.executable, str(FAKE_TRAINER), str(r.model(name).path), "wait"])
     sd_models.calls.clear()
     try:
@@ -160,7 +160,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
         again = client.post("/dreambooth/start/dog", auth=auth, json={})
         assert again.status_code == 409 and "'dog'" in again.json()["detail"]
         wait_for(lambda: client.get("/dreambooth/status", auth=auth).json().get("step", 0) >= 2)
-        worker.request(root, "dog", "save")  # the trainer writes a checkpoint: the webui's list is refreshed
+        jobs.request(root, "dog", "save")  # the trainer writes a checkpoint: the webui's list is refreshed
         wait_for(lambda: client.get("/dreambooth/status/dog", auth=auth).json()["checkpoints"])
         wait_for(lambda: "list_models" in sd_models.calls)
         assert client.post("/dreambooth/cancel", auth=auth, json={}).json()["name"] == "dog"
@@ -169,7 +169,7 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
         assert sd_models.model_data.sd_model == "loaded"
         assert client.post("/dreambooth/cancel", auth=auth, json={}).status_code == 409
     finally:
-        job = worker.running_job(root)
+        job = jobs.running_job(root)
         if job:
             os.kill(job["pid"], signal.SIGKILL)
 

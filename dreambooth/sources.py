@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
-from ..store import DataRoot, atomic_path
-from ..worker import run_cli
+from .errors import UserError
+from .store import DataRoot, atomic_path
+from .jobs import run_cli
 
 TINY_CHECKPOINT = "dreambooth-tiny-v1.safetensors"
 DEMO_IMAGES = "demo-images"
@@ -13,7 +13,7 @@ DEMO_IMAGES = "demo-images"
 
 def detect_source_family(source: str) -> str:
     """A line of text naming the detected family of a source, read cheaply (file header or folder configs)."""
-    from ..families import detect
+    from .families import detect
 
     path = Path(source).expanduser()
     try:
@@ -67,7 +67,7 @@ def is_starter(source: str) -> bool:
 def starter_config(root: DataRoot, config):
     """Settings for a model made from the built-in tiny model: a first run that ends in about a minute on a CPU (small
     resolution, few class and preview steps, full precision), with the demo images as its one concept."""
-    from ..config import Config
+    from .config import Config
 
     data = config.to_dict()
     data["parameters"].update(resolution=64, mixed_precision="no", optimizer="adamw", learning_rate=1e-4,

@@ -1,4 +1,4 @@
-"""The worker: one job per data root, status from the event log, controls, crash detection. The trainer here is a
+"""The job supervisor: one job per data root, status from the event log, controls, crash detection. The trainer here is a
 small script speaking the events contract (the real trainer runs in test_browser.py)."""
 import json
 import os
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import worker
-from dreambooth.config import Config, Concept
+from dreambooth import actions, jobs
+from dreambooth.config import Config, Concept, Parameters
 from dreambooth.errors import UserError
 from dreambooth.host import Host
 from dreambooth.store import DataRoot
@@ -28,10 +28,10 @@ def make_model(root: DataRoot, name: str, tmp_path: Path) -> None:
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     mode = {"value": "finish"}
-    monkeypatch.setattr(worker, "trainer_command",
+    monkeypatch.setattr(jobs, "trainer_command",
                         lambda root, name: [sys.executable, str(FAKE), str(root.model(name).path), mode["value"]])
     yield mode
-    job = worker.running_job(DataRoot(tmp_path / "root"))
+    job = jobs.running_job(DataRoot(tmp_path / "root"))
     if job:  # a failed test must not leave its trainer running
         os.kill(job["pid"], signal.SIGKILL)
 
@@ -48,13 +48,13 @@ def test_finishes_and_reports(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
     host, calls = recording_host(root)
-    worker.start(root, "m", host)
+    jobs.start(root, "m", host)
     assert calls[0] == "unload"
-    st = wait_for(lambda: (s := worker.status(root, "m")).state == "done" and s)
+    st = wait_for(lambda: (s := jobs.status(root, "m")).state == "done" and s)
     assert st.step == 10 and st.total_steps == 10 and st.message == "finished"
     assert [s for s, _ in st.losses] == list(range(1, 11))
     wait_for(lambda: calls[-1] == "reload")
-    assert worker.running_job(root) is None
+    assert jobs.running_job(root) is None
 
 
 @pytest.mark.slow
@@ -63,22 +63,22 @@ def test_second_start_refused_naming_the_running_model(tmp_path, fake, wait_for)
     make_model(root, "first", tmp_path)
     make_model(root, "second", tmp_path)
     fake["value"] = "wait"
-    worker.start(root, "first")
+    jobs.start(root, "first")
     with pytest.raises(UserError, match="already running: 'first'"):
-        worker.start(root, "second")
-    wait_for(lambda: worker.status(root, "first").step >= 2)
-    assert worker.request(root, "first", "pause") == "pause requested"
-    wait_for(lambda: worker.status(root, "first").state == "paused")
-    assert worker.request(root, "first", "pause") == "resume requested"
-    wait_for(lambda: worker.status(root, "first").state == "running")
-    worker.request(root, "first", "save")
-    wait_for(lambda: worker.status(root, "first").checkpoints)
-    worker.request(root, "first", "cancel")
-    assert wait_for(lambda: worker.status(root, "first").state == "cancelled")
-    wait_for(lambda: worker.running_job(root) is None)
+        jobs.start(root, "second")
+    wait_for(lambda: jobs.status(root, "first").step >= 2)
+    assert jobs.request(root, "first", "pause") == "pause requested"
+    wait_for(lambda: jobs.status(root, "first").state == "paused")
+    assert jobs.request(root, "first", "pause") == "resume requested"
+    wait_for(lambda: jobs.status(root, "first").state == "running")
+    jobs.request(root, "first", "save")
+    wait_for(lambda: jobs.status(root, "first").checkpoints)
+    jobs.request(root, "first", "cancel")
+    assert wait_for(lambda: jobs.status(root, "first").state == "cancelled")
+    wait_for(lambda: jobs.running_job(root) is None)
     fake["value"] = "finish"
-    worker.start(root, "second")  # the lock is free again
-    wait_for(lambda: worker.status(root, "second").state == "done")
+    jobs.start(root, "second")  # the lock is free again
+    wait_for(lambda: jobs.status(root, "second").state == "done")
 
 
 @pytest.mark.slow
@@ -86,35 +86,35 @@ def test_crash_shows_error_with_log_tail(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
     fake["value"] = "crash"
-    worker.start(root, "m")
-    st = wait_for(lambda: (s := worker.status(root, "m")).state == "error" and s)
+    jobs.start(root, "m")
+    st = wait_for(lambda: (s := jobs.status(root, "m")).state == "error" and s)
     assert "out of memory" in st.log_tail
     assert "stopped without finishing" in st.message
-    wait_for(lambda: "exit code -9" in worker.status(root, "m").message)
+    wait_for(lambda: "exit code -9" in jobs.status(root, "m").message)
 
 
 @pytest.mark.slow
 def test_stale_lock_is_ignored_and_bad_config_refused(tmp_path, fake, wait_for):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
-    (root.dreambooth / worker.JOB_FILE).write_text(json.dumps({"name": "gone", "pid": 2**22 + 12345, "started": 0}))
-    assert worker.running_job(root) is None
+    (root.dreambooth / jobs.JOB_FILE).write_text(json.dumps({"name": "gone", "pid": 2**22 + 12345, "started": 0}))
+    assert jobs.running_job(root) is None
     cfg = Config.load(root.model("m").config_path)
     Config(concepts=(Concept(instance_data_dir=str(tmp_path / "missing")),)).save(root.model("m").config_path)
     with pytest.raises(UserError, match="missing.*is not a folder"):
-        worker.start(root, "m")
-    assert worker.running_job(root) is None
+        jobs.start(root, "m")
+    assert jobs.running_job(root) is None
     cfg.save(root.model("m").config_path)
-    worker.start(root, "m")
-    wait_for(lambda: worker.status(root, "m").state == "done")
+    jobs.start(root, "m")
+    wait_for(lambda: jobs.status(root, "m").state == "done")
 
 
 def test_controls_need_a_running_job(tmp_path):
     root = DataRoot(tmp_path / "root")
     make_model(root, "m", tmp_path)
     with pytest.raises(UserError, match="no training is running"):
-        worker.request(root, "m", "cancel")
-    worker.delete_model(root, "m")
+        jobs.request(root, "m", "cancel")
+    actions.delete(root, "m", True)
     assert not root.model("m").path.exists()
 
 
@@ -124,23 +124,23 @@ def test_a_damaged_job_file_does_not_let_a_second_training_in(tmp_path, fake, wa
     make_model(root, "first", tmp_path)
     make_model(root, "second", tmp_path)
     fake["value"] = "wait"
-    worker.start(root, "first")
-    wait_for(lambda: worker.status(root, "first").step >= 1)
-    (root.dreambooth / worker.JOB_FILE).write_text('{"name": "fir')  # damaged
+    jobs.start(root, "first")
+    wait_for(lambda: jobs.status(root, "first").step >= 1)
+    (root.dreambooth / jobs.JOB_FILE).write_text('{"name": "fir')  # damaged
     with pytest.raises(UserError, match="already running: 'first'"):
-        worker.start(root, "second")
-    assert worker.running_job(root)["name"] == "first"
+        jobs.start(root, "second")
+    assert jobs.running_job(root)["name"] == "first"
     # the model that trains cannot be replaced, deleted or exported meanwhile, whoever asks
-    for action in (lambda: worker.delete_model(root, "first"),
-                   lambda: worker.create(root, "first", str(tmp_path / "x.safetensors"), overwrite=True),
-                   lambda: worker.export(root, "first", "safetensors", False, False)):
+    for action in (lambda: actions.delete(root, "first", True),
+                   lambda: actions.create(root, "first", str(tmp_path / "x.safetensors"), overwrite=True),
+                   lambda: actions.export(root, "first", Parameters())):
         with pytest.raises(UserError, match=r"model 'first' is training \(pid \d+\)"):
             action()
     assert root.model("first").exists()
-    worker.request(root, "first", "cancel")
-    wait_for(lambda: worker.status(root, "first").state == "cancelled")
+    jobs.request(root, "first", "cancel")
+    wait_for(lambda: jobs.status(root, "first").state == "cancelled")
     wait_for(lambda: root.model("first").lock("").holder() is None)
-    worker.delete_model(root, "first")
+    actions.delete(root, "first", True)
     assert not root.model("first").path.exists()
 
 
@@ -148,7 +148,7 @@ def test_a_damaged_job_file_does_not_let_a_second_training_in(tmp_path, fake, wa
 def test_child_verbs_report_through_events_not_printed_text(tmp_path):
     root = DataRoot(tmp_path / "root")
     with pytest.raises(UserError) as e:
-        worker.create(root, "m", str(tmp_path / "missing.safetensors"))
+        actions.create(root, "m", str(tmp_path / "missing.safetensors"))
     assert str(e.value) == f"source {str(tmp_path / 'missing.safetensors')!r}: no such file or folder"
-    out = worker.run_cli(root, "tiny-checkpoint", "--family", "v1", "--out", str(tmp_path / "t.safetensors"))
+    out = jobs.run_cli(root, "tiny-checkpoint", "--family", "v1", "--out", str(tmp_path / "t.safetensors"))
     assert out == f"wrote {tmp_path / 't.safetensors'}"

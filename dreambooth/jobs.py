@@ -1,4 +1,4 @@
-"""Runs one training at a time per data root, in a child process, and tells the UI how it goes.
+"""Process supervision: one training at a time per data root, in a child process, and how it goes.
 
 The trainer is always `python -m dreambooth --root R train NAME` in its own process (and its own session, so it
 survives a restart of the UI or the webui). Everything the UI shows is read back from files on each poll:
@@ -10,8 +10,9 @@ survives a restart of the UI or the webui). Everything the UI shows is read back
 <model>/control/                     control requests (cancel, pause, save, sample)
 <model>/.lock                        held by whichever process writes the model (store.ModelLock)
 
-So a page reload, a second browser or a restarted UI simply re-attaches. Heavy one-off work the UI triggers (create,
-export) also runs as a child process: the host process (the webui) never loads training weights.
+So a page reload, a second browser or a restarted UI simply re-attaches. Heavy one-off work (create, export, a memory
+plan) also runs as a child process (`run_cli`): the host process (the webui) never loads training weights. What a
+user can do with all this is in dreambooth.actions.
 """
 from __future__ import annotations
 
@@ -344,15 +345,6 @@ def log_tail(root: DataRoot, name: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join([line for line in kept if line.strip()][-lines:])
 
 
-def model_checkpoints(root: DataRoot, name: str, written: list | None = None, also: str = "") -> list[Path]:
-    """Every checkpoint and LoRA file of a model that is still there, oldest first (dreambooth.outputs): the files
-    it recorded writing, those this run wrote, and NAME_<step> files (and ALSO_<step>: its custom checkpoint name)
-    in models/Stable-diffusion and models/Lora."""
-    from .outputs import model_outputs
-
-    return model_outputs(root.model(name), [root.checkpoints, root.lora], [name, also], written or [])
-
-
 def status(root: DataRoot, name: str, follower: Follower | None = None) -> Status:
     """What the UI shows for model `name`: its events folded, checked against its process. A `follower` kept between
     calls (the tab's, the routes') reads only what the log gained since the last call."""
@@ -383,98 +375,3 @@ def status(root: DataRoot, name: str, follower: Follower | None = None) -> Statu
         except UserError:
             pass
     return st
-
-
-# ---------------------------------------------------------------- models
-
-
-def create(root: DataRoot, name: str, source: str, family: str = "auto", overwrite: bool = False) -> str:
-    """Create a model in a child process (a real checkpoint is gigabytes; the host process stays lean)."""
-    root.model(name)  # name check before any work
-    if not str(source).strip():
-        raise UserError("source: choose a checkpoint, a file, a diffusers folder or a hub id")
-    args = ["create", name, "--source", str(source).strip(), "--family", family or "auto"]
-    return run_cli(root, *(args + (["--overwrite"] if overwrite else [])))
-
-
-def export(root: DataRoot, name: str, fmt: str, half: bool, ema: bool, host: Host | None = None,
-           out: Path | None = None, overwrite: bool = False) -> str:
-    """Export the working model as one checkpoint file (child process), then refresh the host's list. What the
-    export printed comes back (`wrote PATH`, and what it reclaimed)."""
-    if not root.model(name).exists():
-        raise UserError(f"model {name!r}: not found")
-    out = run_cli(root, "export", name, "--format", fmt, *(["--half"] if half else []), *(["--ema"] if ema else []),
-                  *(["--out", str(out)] if out else []), *(["--overwrite"] if overwrite else []))
-    if host is not None:
-        host.checkpoints_changed()
-    return out
-
-
-def extract_lora(root: DataRoot, name: str, rank: int, te_rank: int | None = None, host: Host | None = None) -> str:
-    """A LoRA from the model's full fine-tune (child process: it loads two models), then refresh the host's list."""
-    if not root.model(name).exists():
-        raise UserError(f"model {name!r}: not found")
-    out = run_cli(root, "extract-lora", name, "--rank", str(rank), *(["--te-rank", str(te_rank)] if te_rank else []))
-    if host is not None:
-        host.loras_changed()
-    return out
-
-
-def start_over(root: DataRoot, name: str) -> str:
-    """Put a model's weights back to its source checkpoint and drop its saved run, so the next training starts at
-    step 0. Its settings and generated class images stay."""
-    model = root.model(name)
-    config = load_config(model)
-    holder = model.lock("").holder()
-    if holder is not None:
-        raise JobRunningError(f"model {name!r} is {holder.get('purpose') or 'in use'}; wait until it ends")
-    kept = root.dreambooth / f".{name}.class_images.kept"
-    if kept.is_dir():  # an earlier start-over was killed while it held the class images: put them back first
-        if model.class_images.exists():
-            import shutil
-
-            shutil.rmtree(kept)
-        else:
-            os.replace(kept, model.class_images)
-    if model.class_images.is_dir():
-        os.replace(model.class_images, kept)
-    try:
-        create(root, name, config.model.source, config.model.family, overwrite=True)
-        fresh = load_config(model)
-        config.with_model(fresh.model).save(model.config_path)
-    finally:
-        if kept.is_dir():
-            if model.class_images.exists():
-                import shutil
-
-                shutil.rmtree(model.class_images)
-            os.replace(kept, model.class_images)
-    return f"{name}: back to the weights of {config.model.source}; the next training starts at step 0"
-
-
-def go_back(root: DataRoot, name: str, step: int) -> str:
-    """Make the kept save of `step` the one the model's next training resumes from."""
-    from .train.saves import go_back as restore
-
-    model = root.model(name)
-    with model.lock("going back to an earlier save"):
-        return restore(model.state, model.saves, step)
-
-
-def kept_saves(root: DataRoot, name: str) -> list[int]:
-    """The steps of the model's saves a run can go back to, newest first (the first is the latest save)."""
-    from .train.saves import kept_saves as saves, saved_step
-
-    model = root.model(name)
-    try:
-        latest = saved_step(model.state)
-    except UserError:
-        latest = None
-    steps = [save["step"] for save in saves(model.saves)]
-    return ([latest] if latest is not None else []) + [step for step in steps if step != latest]
-
-
-def delete_model(root: DataRoot, name: str) -> None:
-    from .models import delete_model
-
-    delete_model(root, name)
