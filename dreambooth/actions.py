@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -22,11 +21,9 @@ from .host import Host
 from .jobs import JobRunningError
 from .models import load_config, save_config
 from .sources import is_starter, starter_config
-from .store import DataRoot, ModelDir
+from .store import EXPORT_NAME_PATTERN, DataRoot, ModelDir
 
 REQUESTS = ("pause", "sample", "save", "cancel")
-# A file name the tab and the routes accept for an export (the CLI takes any path with --out).
-EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()\-]{0,119}$")
 PLAN_TIMEOUT_S = 30 * 60
 
 
@@ -217,7 +214,7 @@ def export_path(root: DataRoot, file_name: str, fmt: str) -> Path | None:
     stem = (file_name or "").strip()
     if stem.lower().endswith((".safetensors", ".ckpt")):
         stem = stem.rsplit(".", 1)[0]
-    if stem and not EXPORT_NAME.match(stem):
+    if stem and not EXPORT_NAME_PATTERN.match(stem):
         raise UserError(f"file name {stem!r}: use letters, digits, spaces and _ - . ( )")
     return root.checkpoints / f"{stem}.{fmt}" if stem else None
 

@@ -318,7 +318,7 @@ def _label(settings_section, name: str) -> str:
 
 
 def _prompt_file_problem(concept) -> str | None:
-    from .data.captions import prompt_file_problem
+    from .prompt_files import prompt_file_problem
 
     return prompt_file_problem(concept.sample_prompt_file) if concept.sample_prompt_file.strip() else None
 

@@ -28,9 +28,30 @@ class WriteError(UserError, OSError):
         writing `path` ("disk full while writing X; ...")."""
         if isinstance(error, WriteError):
             return error
-        full = getattr(error, "errno", None) in DISK_FULL or bool(DISK_FULL_TEXT.search(str(error)))
-        reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0][:120]
+        full = disk_full(error)
+        said = next((e.strerror for e in causes(error) if isinstance(e, OSError) and e.strerror), None)
+        reason = said or (str(error).splitlines() or [type(error).__name__])[0][:120]
         what = f"disk full while writing {path}" if full else f"cannot write {path} ({reason})"
         made = cls(f"{what}; {kept}" if kept else what)
         made.disk_full = full
         return made
+
+
+def causes(error: BaseException):
+    """`error`, then what caused it (raised from it, or while handling it), and so on."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether a failed write ran out of space (or quota), anywhere in its chain of causes: an OSError saying so, a
+    WriteError that said so, or a writer's own error type (safetensors', torch's) whose text says so."""
+    for e in causes(error):
+        if getattr(e, "disk_full", False) or (isinstance(e, OSError) and e.errno in DISK_FULL):
+            return True
+        if not isinstance(e, OSError) and DISK_FULL_TEXT.search(str(e)):
+            return True
+    return False

@@ -228,7 +228,7 @@ class Detection:
     how: str  # said to the user: "forced by the user", "from X.yaml", "from the keys", ...
 
 
-def _check_forced(found: str, forced: str, what: str) -> None:
+def check_forced(found: str, forced: str, what: str) -> None:
     if forced != found and {forced, found} != {"v2", "v2-v"}:
         raise UserError(f"{what}: family {forced!r} does not fit it: it is a {found} model")
 
@@ -243,36 +243,17 @@ def detect_keys(keys: Iterable[str], yaml_path: Path | None = None, forced: str 
         raise UserError(f"{what}: unknown checkpoint layout (no Stable Diffusion v1 / v2 / SDXL keys: expected "
                         "model.diffusion_model.* with cond_stage_model.* or conditioner.embedders.*)")
     if forced != "auto":
-        _check_forced(by_keys, family(forced).name, what)
+        check_forced(by_keys, family(forced).name, what)
         return Detection(forced, "forced by the user")
     if yaml_path is not None and Path(yaml_path).is_file():
         found = family_from_yaml(Path(yaml_path))
-        _check_forced(by_keys, found, f"{what} (with {Path(yaml_path).name})")
+        check_forced(by_keys, found, f"{what} (with {Path(yaml_path).name})")
         return Detection(found, f"from {Path(yaml_path).name}")
     if by_keys == "v2":
         log.warning("family: an OpenCLIP (v2) checkpoint without a yaml beside it is taken as v2 (512, epsilon); "
                     "use --family v2-v for a 768 v-prediction model")
         return Detection("v2", "from the keys (OpenCLIP without a yaml: taken as 512 epsilon)")
     return Detection(by_keys, "from the keys")
-
-
-def detect(source: str | Path, forced: str = "auto") -> Detection:
-    """The family of any source `create` takes: a single file (keys + yaml), a diffusers folder (configs); a hub id
-    cannot be read before it is loaded (call detect on the loaded folder)."""
-    check_family_choice(forced)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        found = family_from_folder(path)
-        if forced != "auto":
-            _check_forced(found, forced, str(source))
-            return Detection(forced, "forced by the user")
-        return Detection(found, "from the diffusers configs")
-    if path.is_file():
-        from .checkpoint.tensorio import open_checkpoint
-
-        keys = open_checkpoint(path).keys()
-        return detect_keys(keys, path.with_suffix(".yaml"), forced, what=str(path))
-    raise UserError(f"source {str(source)!r}: no such file or folder")
 
 
 # ---- offline CLIP tokenizers, built from OpenAI's BPE merges ----
@@ -318,18 +299,6 @@ def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", max_length: 
         tokenizer = CLIPTokenizer.from_pretrained(str(tmp))
         tokenizer.save_pretrained(str(folder))
     return Path(folder)
-
-
-def load_tokenizers(name: str) -> list:
-    """The family's CLIP tokenizers (one, or two for SDXL), built offline."""
-    from transformers import CLIPTokenizer
-
-    result = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, pad in enumerate(family(name).pad_tokens):
-            folder = write_tokenizer(Path(tmp) / str(i), pad_token=pad)
-            result.append(CLIPTokenizer.from_pretrained(str(folder)))
-    return result
 
 
 def pipeline_class(name: str):

@@ -83,7 +83,8 @@ def _import_diffusers(source: str, working: Path, forced: str, allow_pickle: boo
         load_from = str(view)
     import diffusers
 
-    from .families import MODEL_INFO_FILE, detect
+    from .checkpoint.detect import detect
+    from .families import MODEL_INFO_FILE
     try:
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(load_from, torch_dtype=_folder_dtype(local),

@@ -36,6 +36,11 @@ def lora_file(folder: Path, stem: str, step: int, suffix: str = "") -> Path:
     return Path(folder) / f"{stem}_{int(step)}{suffix}.safetensors"
 
 
+def lora_prompt_tag(path: Path, weight: float = 1.0) -> str:
+    """The tag that applies a LoRA file in a webui prompt (its name is the file's own: ss_output_name says so)."""
+    return f"<lora:{Path(path).stem}:{weight:g}>"
+
+
 def output_pattern(stem: str) -> re.Pattern:
     """NAME_<step>[-n][_suffix].(safetensors|ckpt): a suffix starts with a letter, so model `a` never matches the
     files of a model `a_1` (a_1_5.safetensors)."""

@@ -13,7 +13,7 @@ DEMO_IMAGES = "demo-images"
 
 def detect_source_family(source: str) -> str:
     """A line of text naming the detected family of a source, read cheaply (file header or folder configs)."""
-    from .families import detect
+    from .checkpoint.detect import detect
 
     path = Path(source).expanduser()
     try:

@@ -23,7 +23,11 @@ from .errors import UserError, WriteError
 ROOT_ENV = "DREAMBOOTH_ROOT"
 # Names Windows cannot create a file or folder with; refused everywhere so a model folder can be copied anywhere.
 RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
+# The one shape of a name the product turns into a file or folder name: a model, a concepts file; an exported
+# checkpoint's name may also hold parentheses ("dog (final)").
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}"
+NAME_PATTERN = re.compile(rf"^{SAFE_NAME}$")
+EXPORT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()\-]{0,119}$")
 
 
 TEMP_FILE = ".tmp"  # `.NAME.XXXXXXXX.tmp`: a file being written (atomic_path)
@@ -32,7 +36,7 @@ LEGACY_FOLDER_AGE = 3600.0
 # Exactly the names ours take (tempfile's 8 random characters), so another program's hidden files are never touched
 OUR_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 OUR_TEMP_FOLDER = re.compile(r"^\..+\.[a-z0-9_]{8}\.creating$")
-REPLACED_MODEL = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}\.old$")  # create --overwrite, mid-swap
+REPLACED_MODEL = re.compile(rf"^\.{SAFE_NAME}\.old$")  # create --overwrite, mid-swap
 
 
 class ModelNameError(UserError):

@@ -81,7 +81,7 @@ def generate_missing(folder: Path, missing: list[str], make_images: Callable[[li
     `make_images(prompts, numbers)` (the last batch may be smaller). Each image is numbered by the first free
     five-digit file name and seeded by that number, so the batch size does not change what is made."""
     from ..store import atomic_write_text
-    from ..train.pipeline import save_png
+    from .images import save_png
 
     folder.mkdir(parents=True, exist_ok=True)
     taken = {p.stem for p in folder.iterdir()}

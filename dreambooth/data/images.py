@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import UserError
+from ..store import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.jpg: the image's loss mask (white = learn), never an image
@@ -166,3 +167,24 @@ def readable_images(paths: list[Path], max_side: int = MAX_SIDE) -> list[Path]:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             warnings.warn(f"skipping {path}: not a usable image ({e})", ImageWarning, stacklevel=2)
     return good
+
+
+def png_parameters(prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int, width: int,
+                   height: int, extra: dict | None = None) -> str:
+    """The webui's "parameters" PNG text: prompt, negative prompt, then one line of settings."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    settings = {"Steps": steps, "Sampler": "DDIM", "CFG scale": guidance_scale, "Seed": seed,
+                "Size": f"{width}x{height}", **(extra or {})}
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    return "\n".join(lines)
+
+
+def save_png(image, path, parameters: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)

@@ -151,16 +151,3 @@ def save_lora(out: Path, family_name: str, unet_config: dict, weights: LoraWeigh
     return write_lora_file(out, tensors, meta)
 
 
-def prompt_tag(path: Path, weight: float = 1.0) -> str:
-    """The tag that applies the LoRA in a webui prompt."""
-    return f"<lora:{Path(path).stem}:{_number(weight)}>"
-
-
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a LoRA file."""
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such LoRA file")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, Problem, validate_for_training
+from .. import prompt_files
 from ..data import captions
 from ..data import class_images as class_data
 from ..data.buckets import nearest_bucket
+from ..data.images import png_parameters, save_png
 from ..data.dataset import (Example, TrainingData, class_examples_from, collect_instances, load_fixed,
                             split_validation, stable_int, tokenize)
-from ..errors import UserError
+from ..errors import UserError, WriteError
 from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
                       Sample, Start, Step, Validation)
 from ..lora.training import LoraRun
@@ -43,7 +45,7 @@ from .optim import (eval_weights, make_fused_step, make_lr_scheduler, make_optim
 from .requests import Requests
 from .schedule import Schedule
 from .saves import keep_save, link_tree, mark_checkpoint_written, read_trainer_info, recover_folder, swap_folder
-from .state import disk_full, load_state, save_state, write_failed
+from .state import load_state, save_state, write_failed
 from .step import Batch, TrainStep, encode_prompt
 
 log = logging.getLogger("dreambooth")
@@ -124,17 +126,18 @@ def make_accelerator(params, dtypes: DtypePlan, hardware: Hardware):
 
 
 def build_step(params, parts: Components, accelerator, total_steps: int, train_text_encoder: bool,
-               dtypes: DtypePlan) -> TrainStep:
+               dtypes: DtypePlan, optimizer_factory=make_optimizer) -> TrainStep:
     """The optimizer, the LR schedule, the models under accelerate and the TrainStep that runs them.
 
-    How the trainer sets up its step; the benchmark (bench/train_bench.py) calls it too, so it times the same thing.
-    The returned step holds the prepared models (`.unet`, `.text_encoders`), `.optimizer` and `.lr_scheduler`.
+    How the trainer sets up its step; the benchmark (bench/train_bench.py) and the memory plan (train/memory.py, with
+    its stand-ins for accelerate and bitsandbytes) call it too, so they time and trace the same thing. The returned
+    step holds the prepared models (`.unet`, `.text_encoders`), `.optimizer` and `.lr_scheduler`.
     """
     acc = accelerator
     encoders = list(parts.text_encoders)
     if params.compile_unet:
         compile_unet(parts.unet)
-    optimizer = make_optimizer(params, parts.unet, encoders if train_text_encoder else ())
+    optimizer = optimizer_factory(params, parts.unet, encoders if train_text_encoder else ())
     lr_scheduler = make_lr_scheduler(params, optimizer, total_steps)
     unet, optimizer = acc.prepare(parts.unet, optimizer)
     if train_text_encoder:
@@ -161,9 +164,8 @@ def writing(what: Path, last_save_step: int | None = None):
         if not write_failed(e):
             raise
         log.debug("writing %s failed", what, exc_info=True)
-        problem = "disk full" if disk_full(e) else f"writing failed ({e})"
-        raise StopTraining("error", f"{problem} while writing {what}; the previous file is intact. Train again to "
-                                    f"go on from {resume_words(last_save_step)}") from e
+        problem = WriteError.of(what, e, "the previous file is intact")
+        raise StopTraining("error", f"{problem}. Train again to go on from {resume_words(last_save_step)}") from e
 
 
 def read_item(data: TrainingData, item, epoch: int, last_save_step: int | None = None):
@@ -496,7 +498,7 @@ class Trainer:
                     raise stop(made[0]) from None
 
             def parameters(prompt, number, settings=settings):
-                return gen.png_parameters(prompt, *settings, number, res, res)
+                return png_parameters(prompt, *settings, number, res, res)
 
             def progress(n, _total, offset=done):
                 made[0] = offset + n
@@ -592,11 +594,11 @@ class Trainer:
                         image = gen.generate(pipe, prompt, concept.sample_negative_prompt, concept.sample_infer_steps,
                                              concept.sample_guidance_scale, seed, res, res)
                         path = self.model.samples / f"{step}-{pos}-{k}.png"
-                        info = gen.png_parameters(prompt, concept.sample_negative_prompt, concept.sample_infer_steps,
+                        info = png_parameters(prompt, concept.sample_negative_prompt, concept.sample_infer_steps,
                                                   concept.sample_guidance_scale, seed, res, res,
                                                   {"Model": self.model.name, "Training step": step})
                         with writing(path, s.last_save_step):
-                            gen.save_png(image, path, info)
+                            save_png(image, path, info)
                         paths.append(path)
             if paths:
                 s.samples.extend(paths)
@@ -723,8 +725,8 @@ def read_sample_prompt_files(config: Config) -> dict:
     for index, concept in enumerate(config.concepts):
         if concept.instance_data_dir.strip() and concept.sample_prompt_file.strip():
             try:
-                files[index] = captions.read_prompt_file(concept.sample_prompt_file)
-            except captions.PromptFileError as e:
+                files[index] = prompt_files.read_prompt_file(concept.sample_prompt_file)
+            except prompt_files.PromptFileError as e:
                 raise ConfigError(Problem(("concepts", index, "sample_prompt_file"), str(e))) from None
     return files
 

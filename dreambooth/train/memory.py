@@ -225,9 +225,13 @@ class _PlanAccelerator:
 
     sync_gradients = True
     scaler = None
+    num_processes = 1
 
     def __init__(self, device: str):
         self.device = torch.device(device)
+
+    def prepare(self, *objects):
+        return objects[0] if len(objects) == 1 else objects
 
     def accumulate(self, *models):
         return contextlib.nullcontext()
@@ -324,9 +328,10 @@ def plan_architecture(arch: Architecture, params, n_images: int = 0, target: str
 
 
 def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorMode) -> MemoryPlan:
-    from .components import prepare_for_training
-    from .optim import ParamStepper, make_fused_step, make_optimizer, param_groups
-    from .step import Batch, TrainStep, encode_prompt
+    from .components import Components, prepare_for_training
+    from .loop import build_step
+    from .optim import ParamStepper, make_optimizer, param_groups
+    from .step import Batch, encode_prompt
 
     rounding = CUDA_BLOCK if target == "cuda" else 1
     dtypes = _dtypes(params, target, arch.sdxl)
@@ -345,7 +350,7 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
         for m in (unet, vae, *encoders):
             if any(t.dtype == torch.float16 for t in m.parameters()):
                 m.to(torch.bfloat16)
-        if params.use_lora:  # as Trainer.setup: float32 adapters on the model frozen in the training precision
+        if params.use_lora:  # as the trainer: float32 adapters on the model frozen in the training precision
             from ..lora.training import LoraRun
 
             LoraRun.start(unet, encoders, params, "sdxl" if arch.sdxl else "v1", trainable,
@@ -355,11 +360,6 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
         for m in (unet, vae, *encoders):
             m.to_empty(device="cpu")
         te_steps = trainable  # the plan follows the text encoders' training phase: it costs the most
-        if params.optimizer == "adamw_8bit":  # bitsandbytes cannot even be constructed on fake tensors
-            optimizer = _Bnb8bitStandIn(param_groups(params, unet, encoders if te_steps else ()), not on_gpu)
-            notes.append("8-bit AdamW state allocated as bitsandbytes allocates it (not run)")
-        else:
-            optimizer = make_optimizer(params, unet, encoders if te_steps else ())
         trained = [p for p in unet.parameters() if p.requires_grad]
         if te_steps:
             trained += [p for te in encoders for p in te.parameters() if p.requires_grad]
@@ -369,7 +369,22 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
                 tracker.track(p, "weights" if id(p) in trained_ids else "frozen")
             for b in m.buffers():
                 tracker.track(b, "frozen")
-        # Gradients are tagged as they arrive (before the fused step's hooks, which run after).
+        # Gradients are tagged as they arrive: these hooks come before the fused step's, which free them.
+        for p in trained:
+            p.register_post_accumulate_grad_hook(lambda q: tracker.tag(q.grad, "gradients"))
+
+        def optimizer_factory(params, unet, encoders):
+            if params.optimizer == "adamw_8bit":  # bitsandbytes cannot even be constructed on fake tensors
+                notes.append("8-bit AdamW state allocated as bitsandbytes allocates it (not run)")
+                return _Bnb8bitStandIn(param_groups(params, unet, encoders), not on_gpu)
+            return make_optimizer(params, unet, encoders)
+
+        # The trainer's own step builder, on the trace's stand-ins: fp16 traced as bf16, nothing compiled.
+        traced = replace(dtypes, mixed_precision="bf16") if precision == "fp16" else dtypes
+        step = build_step(replace(params, compile_unet=False), Components(unet, vae, encoders, (), arch.noise_scheduler,
+                                                                          arch.sdxl),
+                          _PlanAccelerator("cpu"), 1000, bool(te_steps), traced, optimizer_factory)
+        optimizer = step.optimizer
         # A run's steps after the first find the optimizer state in place: create it first (one parameter at a
         # time, as the trainer's own steps would), then trace a step of the steady state.
         stepper = ParamStepper(optimizer)
@@ -381,14 +396,6 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
             for t in state.values():
                 tracker.tag(t, "optimizer")
         tracker.reset_peak()
-        for p in trained:
-            p.register_post_accumulate_grad_hook(lambda q: tracker.tag(q.grad, "gradients"))
-        accelerator = _PlanAccelerator("cpu")
-        fused = make_fused_step(params, optimizer, trained, None)
-        step = TrainStep(unet, encoders, arch.noise_scheduler, params, sdxl=arch.sdxl, vae=vae,
-                         optimizer=optimizer, accelerator=accelerator, trainable_params=trained, fused=fused,
-                         pure_bf16=dtypes.weights == torch.bfloat16 and not params.use_lora,
-                         autocast_dtype=None if precision == "no" else torch.bfloat16)  # fp16 traced as bf16
         side = params.resolution // 8
         with tracker.recording():
             if params.cache_latents:
@@ -412,8 +419,8 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
                 for t in state.values():
                     tracker.tag(t, "optimizer")
             peak = tracker.peak_breakdown()
-        if fused is not None:
-            fused.remove()
+        if step.fused is not None:
+            step.fused.remove()
     plan = MemoryPlan(**peak, traced=True, target=target, notes=notes, created=tracker.created())
     plan.cached = _cached_bytes(params, n_images, rounding, arch.sdxl)
     if not te_steps and n_images:  # each prompt's embeddings (at most one prompt per image)
@@ -429,8 +436,10 @@ FULL_STATES = {"prodigy": 4, "lion": 1, "schedulefree_adamw": 2}
 
 def arithmetic_plan(arch: Architecture, params, n_images: int = 0, target: str = "cuda", note: str = "") -> MemoryPlan:
     """Weights, gradients, optimizer state, frozen parts and cache from parameter counts; activations unknown (0)."""
+    from .schedule import trains_text_encoder
+
     rounding = CUDA_BLOCK if target == "cuda" else 1
-    trains_te = params.train_text_encoder_ratio > 0
+    trains_te = trains_text_encoder(params.train_text_encoder_ratio)
     trained = [p for p in arch.unet.parameters()]
     frozen = [p for m in (arch.vae,) for p in m.parameters()]
     for te in arch.text_encoders:

@@ -88,26 +88,3 @@ def generate_batch(gen: Generation, prompts: list[str], negative_prompt: str, st
                                generator=generators if len(generators) > 1 else generators[0], width=width,
                                height=height, output_type="latent", **extra).images
         return gen.decode(latents)
-
-
-def png_parameters(prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int, width: int,
-                   height: int, extra: dict | None = None) -> str:
-    """The webui's "parameters" PNG text: prompt, negative prompt, then one line of settings."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    settings = {"Steps": steps, "Sampler": "DDIM", "CFG scale": guidance_scale, "Seed": seed,
-                "Size": f"{width}x{height}", **(extra or {})}
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
-    return "\n".join(lines)
-
-
-def save_png(image, path, parameters: str) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    from ..store import atomic_path
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)

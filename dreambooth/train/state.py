@@ -17,8 +17,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError
 
-from ..errors import DISK_FULL, DISK_FULL_TEXT
-from ..errors import UserError
+from ..errors import UserError, causes
 from .saves import TRAINER_FILE, damaged, saved_step, swap_folder
 
 log = logging.getLogger("dreambooth")
@@ -110,26 +109,7 @@ def load_state(folder: Path, accelerator, optimizer, lr_scheduler, ema) -> int |
 
 # -- what a failed write means ----------------------------------------------------------------------------------
 
-def _chain(error: BaseException):
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
-
-
-def disk_full(error: BaseException) -> bool:
-    """Whether a failed write ran out of space (or quota): an OSError saying so anywhere in the chain (the exporter's
-    WriteError carries it as its cause), or safetensors' own error type (not an OSError) saying so."""
-    for e in _chain(error):
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return True
-        if isinstance(e, SafetensorError) and DISK_FULL_TEXT.search(str(e)):
-            return True
-    return False
-
-
 def write_failed(error: BaseException) -> bool:
     """Whether an exception raised while writing files is the write failing (not a bug in the writer)."""
-    return any(isinstance(e, (OSError, SafetensorError)) for e in _chain(error)) or (
+    return any(isinstance(e, (OSError, SafetensorError)) for e in causes(error)) or (
         isinstance(error, RuntimeError) and "inline_container" in str(error))

@@ -5,17 +5,15 @@ Gradio-free, so that the rules can be tested (and reused) without the UI.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from ..config import MAX_CONFIG_BYTES, MIN_CONCEPTS, Config, parse_json
 from ..errors import UserError
-from ..store import DataRoot, atomic_write_text
+from ..store import NAME_PATTERN, DataRoot, atomic_write_text
 
 # Concepts files live in one folder of the data root; model names start with a letter or digit, so no model can
 # take this folder's name. The tab reads and writes nowhere else, whatever path the page sends.
 CONCEPTS_FOLDER = "_concepts"
-CONCEPTS_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 
 
 def concepts_folder(root: DataRoot) -> Path:
@@ -33,7 +31,7 @@ def save_concepts(root: DataRoot, text: str, config: Config) -> Path:
     name = _json_name(text)
     if name == ".json":
         raise UserError(f"concepts file: enter a file name (it is saved in {folder})")
-    if not CONCEPTS_FILE_NAME.match(name) or ".." in name:
+    if not NAME_PATTERN.match(name) or ".." in name:
         raise UserError(f"concepts file {text.strip()!r}: a file name only, of letters, digits, spaces, '_', '-' "
                         f"and '.' (it is saved in {folder})")
     path = folder / name

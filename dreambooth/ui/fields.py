@@ -96,7 +96,3 @@ def setting_values(config: Config) -> dict:
     values.update({parameter_id(s): shown(s, params[s.name]) for s in PARAMETER_SETTINGS})
     return values
 
-
-def default_form() -> dict:
-    """The values of every setting widget on a fresh page."""
-    return setting_values(Config())

@@ -9,6 +9,7 @@ import re
 
 from ..errors import UserError
 from ..jobs import Status
+from ..outputs import lora_prompt_tag
 
 
 def _duration(seconds) -> str:
@@ -153,8 +154,8 @@ def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None) -
         size = f"{path.stat().st_size / 2**20:.1f} MB" if path.is_file() else "missing"
         tag = ""
         if lora_folder is not None and path.parent == Path(lora_folder).resolve():
-            action = f'data-db-lora="{html.escape(f"<lora:{path.stem}:1>")}"'
-            tag = f' <code class="db-lora-tag">{html.escape(f"<lora:{path.stem}:1>")}</code>'
+            action = f'data-db-lora="{html.escape(lora_prompt_tag(path))}"'
+            tag = f' <code class="db-lora-tag">{html.escape(lora_prompt_tag(path))}</code>'
         else:
             action = f'data-db-checkpoint="{html.escape(titles.get(str(path), path.name))}"'
         rows.append(f'<li><code>{html.escape(str(path))}</code>{tag} ({size}) '

@@ -168,3 +168,32 @@ def test_real_full_disk_on_a_small_tmpfs(model, fmt, size, capsys):
     finally:
         subprocess.run(["umount", str(folder)], check=False)
         folder.rmdir()
+
+
+def test_extract_lora_on_a_full_disk_is_one_line_and_keeps_the_previous_file(model, tmp_path, monkeypatch, capsys):
+    """safetensors raises its own error type (not an OSError) when the disk fills up under a LoRA."""
+    import shutil
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    trained = model.model("trained")
+    shutil.copytree(model.model("m").path, trained.path)
+    weights = next((trained.working / "unet").glob("*.safetensors"))
+    tensors = safetensors.torch.load_file(str(weights))
+    tensors = {k: v + 0.01 if v.ndim == 2 else v for k, v in tensors.items()}  # "trained": the linear layers moved
+    safetensors.torch.save_file(tensors, str(weights))
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "lora" / "m_lora.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"previous")
+    code = cli.main(["--root", str(model.root), "extract-lora", "trained", "--rank", "2", "--out", str(out),
+                     "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: disk full while writing {out}; the previous file is intact\n", err
+    assert out.read_bytes() == b"previous" and [p.name for p in out.parent.iterdir()] == [out.name]

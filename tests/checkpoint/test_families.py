@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from dreambooth.errors import UserError
-from dreambooth.families import FAMILY_FACTS, MODEL_INFO_FILE, detect, detect_keys, family_from_yaml, load_tokenizers, pipeline_class
+from dreambooth.checkpoint.detect import detect
+from dreambooth.families import FAMILY_FACTS, MODEL_INFO_FILE, detect_keys, family_from_yaml, pipeline_class
 
 
 def test_facts():
@@ -32,8 +33,13 @@ def test_detection_from_keys_and_yaml(tmp_path):
         family_from_yaml(tmp_path / "bad.yaml")
 
 
-def test_offline_tokenizers_match_clip():
-    clip, open_clip = load_tokenizers("sdxl")
+def test_offline_tokenizers_match_clip(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from dreambooth.families import family, write_tokenizer
+
+    clip, open_clip = (CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_path / str(i), pad_token=pad)))
+                       for i, pad in enumerate(family("sdxl").pad_tokens))
     ids = clip("a photo of a dog").input_ids
     assert ids == [49406, 320, 1125, 539, 320, 1929, 49407]  # OpenAI CLIP's ids
     assert open_clip("a photo of a dog").input_ids == ids

@@ -118,7 +118,7 @@ def hostile_prompt_files(tmp_path):
 
 
 def test_a_sample_prompt_file_that_cannot_be_used_is_one_line_naming_the_setting(tmp_path):
-    from dreambooth.data.captions import read_prompt_file
+    from dreambooth.prompt_files import read_prompt_file
 
     instance = tmp_path / "instance"
     instance.mkdir()

@@ -13,6 +13,14 @@ def parts_of(pipe, family: str) -> dict:
     return parts
 
 
+def read_lora(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a LoRA file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
 def load_pipeline(working: Path, family: str):
     from dreambooth.families import pipeline_class
 

@@ -89,7 +89,7 @@ def test_full_rank_reproduces_the_change_and_lower_ranks_lose_more(trained, tmp_
 @pytest.mark.slow
 def test_a_text_encoder_that_never_trained_is_left_out(trained):
     from dreambooth.lora.extract import extract_model_lora
-    from dreambooth.lora.files import read_lora
+    from lora_helpers import read_lora
 
     root, name, _ = trained("v1", parts=("unet",))
     path, extraction = extract_model_lora(root, name, 4)

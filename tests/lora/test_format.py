@@ -122,7 +122,9 @@ def _independent_hashes(path):
 
 @pytest.mark.parametrize("half", [False, True])
 def test_file_tensors_hashes_and_atomic_write(tmp_path, half):
-    from dreambooth.lora.files import prompt_tag, read_lora, save_lora
+    from dreambooth.lora.files import save_lora
+    from dreambooth.outputs import lora_prompt_tag
+    from lora_helpers import read_lora
 
     weights = {"unet": {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": _adapters(8, 40000),
                         "down_blocks.0.resnets.0.conv1": _adapters(4, 8, conv=True)},
@@ -140,7 +142,7 @@ def test_file_tensors_hashes_and_atomic_write(tmp_path, half):
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == _independent_hashes(out)
     assert out.stat().st_size > 0x110000  # the legacy hash reads real tensor bytes
     assert [p.name for p in out.parent.iterdir()] == ["dog_500.safetensors"]  # no temp file left
-    assert prompt_tag(out) == "<lora:dog_500:1>" and prompt_tag(out, 0.75) == "<lora:dog_500:0.75>"
+    assert lora_prompt_tag(out) == "<lora:dog_500:1>" and lora_prompt_tag(out, 0.75) == "<lora:dog_500:0.75>"
     with pytest.raises(UserError, match="must be named"):
         save_lora(tmp_path / "x.ckpt", "v1", SD1_UNET, weights)
     with pytest.raises(UserError, match="no adapters"):
@@ -213,11 +215,10 @@ def test_the_optimizer_gets_the_lora_learning_rates_when_lora_is_on():
 
 
 def test_a_models_lora_files_are_listed_with_their_prompt_tags(tmp_path):
-    from dreambooth.lora.files import prompt_tag
-    from dreambooth.outputs import output_pattern
+    from dreambooth.outputs import lora_prompt_tag, output_pattern
 
     names = ("dog_10.safetensors", "dog_500.safetensors", "dog_500_extract_r8.safetensors", "dog_2.safetensors",
              "dogs_5.safetensors", "dog_x.safetensors", "dog_1_5.safetensors", ".dog_9.safetensors.tmp")
     mine = sorted(n for n in names if output_pattern("dog").match(n))
     assert mine == ["dog_10.safetensors", "dog_2.safetensors", "dog_500.safetensors", "dog_500_extract_r8.safetensors"]
-    assert prompt_tag(tmp_path / "dog_500_extract_r8.safetensors") == "<lora:dog_500_extract_r8:1>"
+    assert lora_prompt_tag(tmp_path / "dog_500_extract_r8.safetensors") == "<lora:dog_500_extract_r8:1>"

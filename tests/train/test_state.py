@@ -18,7 +18,8 @@ from dreambooth.data.dataset import Example, Item, TrainingData
 from dreambooth.errors import UserError
 from dreambooth.train.loop import StopTraining, read_item, writing
 from dreambooth.train.saves import go_back, keep_save, kept_saves, mark_checkpoint_written, read_trainer_info
-from dreambooth.train.state import disk_full, load_state, save_state, write_failed
+from dreambooth.errors import disk_full
+from dreambooth.train.state import load_state, save_state, write_failed
 
 CPU = SimpleNamespace(is_main_process=True, device="cpu")
 
@@ -215,7 +216,8 @@ def test_disk_full_while_saving_keeps_the_previous_state(saved, monkeypatch):
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # the state of step 7, whole
     assert sorted(p.name for p in saved.parent.iterdir()) == ["state"]  # no half-written folder beside it
 
-    with pytest.raises(StopTraining, match=r"^writing failed \(.*Permission denied.*\) while writing x"), writing(Path("x")):
+    with pytest.raises(StopTraining, match=r"^cannot write x \(Permission denied\); the previous file is intact"), \
+            writing(Path("x")):
         raise PermissionError(errno.EACCES, "Permission denied")
     with pytest.raises(ValueError), writing(Path("x")):  # not a write failure: not disguised as one
         raise ValueError("a bug")

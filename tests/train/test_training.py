@@ -529,14 +529,14 @@ def test_class_images_in_batches_and_the_prior_loss_weight_follows_its_schedule(
 
 
 def test_previews_render_every_prompt_of_the_sample_prompt_file(tmp_path, tiny_source, monkeypatch):
-    from dreambooth.data import captions
+    from dreambooth import prompt_files
 
     prompts = tmp_path / "previews.txt"
     prompts.write_text("# one line per preview prompt\n[filewords] on the moon\n\na zwx dog in the snow\n",
                        encoding="utf-8")
     reads = []
-    read = captions.read_prompt_file
-    monkeypatch.setattr(captions, "read_prompt_file", lambda path: reads.append(path) or read(path))
+    read = prompt_files.read_prompt_file
+    monkeypatch.setattr(prompt_files, "read_prompt_file", lambda path: reads.append(path) or read(path))
     root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(
         tmp_path, sample_prompt="not used when a file is set", sample_prompt_file=str(prompts), num_samples=2,
         sample_seed=3, sample_infer_steps=1)], num_train_epochs=2, sample_every_n_epochs=1)

@@ -67,7 +67,7 @@ def test_status_checkpoints_previews_and_chart(tmp_path):
     model = root.model("dog")
     model.path.mkdir(parents=True)
     Config().save(model.config_path)
-    from dreambooth.train.pipeline import png_parameters, save_png
+    from dreambooth.data.images import png_parameters, save_png
     from PIL import Image
 
     preview = model.samples / "30-0-0.png"
