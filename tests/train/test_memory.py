@@ -416,3 +416,28 @@ def test_cli_plan_and_preset(tiny_source, tmp_path, capsys):
     assert all(getattr(saved, k) == v for k, v in preset_for("v1", 8)[1].items())
     assert main(["--root", str(tmp_path), "plan", "nope"]) == 2
     assert "model 'nope': not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_tabs_plan_and_preset_run_in_a_child_process(tiny_source, tmp_path, monkeypatch):
+    """actions.plan traces the parameters the page shows (not the saved ones) in a child process: the webui's own
+    process never traces a model."""
+    from dreambooth import actions
+    from dreambooth.errors import UserError
+    from dreambooth.models import create_model
+    from dreambooth.store import DataRoot
+    from dreambooth.train import memory
+
+    root = DataRoot(tmp_path)
+    create_model(root, "tiny", str(tiny_source))
+    monkeypatch.setattr(memory, "plan_report", lambda *a, **k: pytest.fail("planned in the calling process"))
+    saved = Config.load(root.model("tiny").config_path).parameters
+    one, two = (actions.plan(root, "tiny", 1000, replace(saved, train_batch_size=n)) for n in (1, 2))
+    assert one.fits is True and "fits 1000 GiB" in one.text and one.text != two.text
+    assert Config.load(root.model("tiny").config_path).parameters == saved  # planning saves nothing
+    tight = actions.plan(root, "tiny", 0.001)
+    assert tight.fits is False and "does not fit 0.001 GiB" in tight.text
+    config, said = actions.apply_preset(root, "tiny", 8)
+    assert "8 GiB preset for v1" in said and config == Config.load(root.model("tiny").config_path)
+    with pytest.raises(UserError, match="model 'nope': not found"):
+        actions.plan(root, "nope", None)

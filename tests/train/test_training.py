@@ -482,6 +482,13 @@ def test_a_run_goes_back_to_an_earlier_kept_save(tmp_path, tiny_source, capsys):
     assert same(first_run, again, UNET)  # the same steps from the same save: the same weights
     assert sorted(p.name for p in model.saves.iterdir()) == ["step-4", "step-6"]
 
+    assert main(["--root", str(root.root), "train", "m", "--start-over", "--from-step", "4"]) == 2
+    assert "--start-over and --from-step: choose one" in capsys.readouterr().err
+    assert main(["--root", str(root.root), "train", "m", "--start-over"]) == 0
+    assert "m: back to the weights of" in capsys.readouterr().out
+    assert next(e for e in read_events(model) if e["kind"] == "start")["step"] == 0
+    assert same(first_run, load_file(root.checkpoints / "m_6.safetensors"), UNET)  # the first run, once more
+
 
 def test_class_images_in_batches_and_the_prior_loss_weight_follows_its_schedule(tmp_path, tiny_source, monkeypatch):
     """class_batch_size 4: six class images in two pipeline calls (4, then 2), named and numbered as one at a time.
