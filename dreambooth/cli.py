@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", help="data root (default: $DREAMBOOTH_ROOT or ./data)")
     parser.add_argument("--report", help=argparse.SUPPRESS)  # FILE: the outcome as one event (for the UI)
     verbs = parser.add_subparsers(dest="verb", required=True)
+    add_model_verbs(verbs)
+    add_training_verbs(verbs)
+    return parser
 
+
+def add_model_verbs(verbs) -> None:
+    """Verbs that make, write out or extract from a model."""
     p = verbs.add_parser("tiny-checkpoint", help="write a tiny random model in a family's original single-file layout")
     p.add_argument("--family", required=True, choices=FAMILIES)
     p.add_argument("--out", required=True, help="output .safetensors or .ckpt path")
@@ -198,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-precision", action="store_true", help="write fp32 weights (default fp16)")
     p.set_defaults(run=cmd_extract_lora)
 
+
+def add_training_verbs(verbs) -> None:
+    """Verbs that train, plan a training, or serve the tab."""
     p = verbs.add_parser("train", help="train a model from its config (resumes where it stopped)")
     p.add_argument("name")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides the config)")
@@ -234,7 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("vram", type=float, help="GPU memory in GiB (6, 8, 12, 16, 24, 48, ...)")
     p.set_defaults(run=cmd_preset)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

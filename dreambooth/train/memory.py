@@ -328,10 +328,9 @@ def plan_architecture(arch: Architecture, params, n_images: int = 0, target: str
 
 
 def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorMode) -> MemoryPlan:
-    from .components import Components, prepare_for_training
+    from .components import Components
     from .loop import build_step
     from .optim import ParamStepper, make_optimizer, param_groups
-    from .step import Batch, encode_prompt
 
     rounding = CUDA_BLOCK if target == "cuda" else 1
     dtypes = _dtypes(params, target, arch.sdxl)
@@ -342,19 +341,7 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
     notes = []
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     unet, vae, encoders = arch.unet, arch.vae, list(arch.text_encoders)
-    with warnings.catch_warnings(), _quiet_diffusers():
-        warnings.simplefilter("ignore")
-        # Dtypes and modes exactly as the trainer sets them up for the target (on the meta device, before the
-        # tensors become fake); fp16 is traced as bf16.
-        trainable = prepare_for_training(unet, vae, encoders, params, "meta", dtypes)
-        for m in (unet, vae, *encoders):
-            if any(t.dtype == torch.float16 for t in m.parameters()):
-                m.to(torch.bfloat16)
-        if params.use_lora:  # as the trainer: float32 adapters on the model frozen in the training precision
-            from ..lora.training import LoraRun
-
-            LoraRun.start(unet, encoders, params, "sdxl" if arch.sdxl else "v1", trainable,
-                          weight_dtype=torch.bfloat16 if precision != "no" else torch.float32)
+    trainable = _prepare_on_meta(arch, params, dtypes)
     with fake, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for m in (unet, vae, *encoders):
@@ -396,25 +383,10 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
             for t in state.values():
                 tracker.tag(t, "optimizer")
         tracker.reset_peak()
-        side = params.resolution // 8
         with tracker.recording():
-            if params.cache_latents:
-                latents = torch.randn(batch_size, 4, side, side)
-            else:  # as the trainer's make_batch: each image through the VAE in the VAE's dtype
-                with torch.no_grad():
-                    latents = torch.stack([
-                        vae.encode(torch.randn(1, 3, params.resolution, params.resolution, dtype=vae.dtype))
-                        .latent_dist.sample()[0] for _ in range(batch_size)]).float()
-            vocab = encoders[0].config.vocab_size
-            ids = tuple(torch.randint(0, vocab, (batch_size, 77)) for _ in encoders)
-            time_ids = torch.zeros(batch_size, 6) if arch.sdxl else None
-            batch = Batch(latents=latents, input_ids=ids, add_time_ids=time_ids)
-            if not te_steps:  # frozen text encoders: the trainer reuses each prompt's embeddings
-                with torch.no_grad():
-                    hidden, pooled = encode_prompt(encoders, ids, arch.sdxl)
-                batch = Batch(latents=latents, prompt_embeds=hidden, pooled_embeds=pooled, add_time_ids=time_ids)
+            batch = _traced_batch(arch, params, batch_size, bool(te_steps))
             out = step(batch, train_text_encoder=bool(te_steps))
-            del out, batch, latents
+            del out, batch
             for state in optimizer.state.values():  # state the step replaced (Adafactor's RMS) is state too
                 for t in state.values():
                     tracker.tag(t, "optimizer")
@@ -425,8 +397,51 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
     plan.cached = _cached_bytes(params, n_images, rounding, arch.sdxl)
     if not te_steps and n_images:  # each prompt's embeddings (at most one prompt per image)
         width = sum(te.config.hidden_size for te in arch.text_encoders)
-        plan.cached += n_images * block_bytes(77 * width * hidden.element_size(), rounding)
+        size = torch.finfo(encoders[0].dtype).bits // 8
+        plan.cached += n_images * block_bytes(77 * width * size, rounding)
     return plan
+
+
+def _prepare_on_meta(arch: Architecture, params, dtypes) -> bool:
+    """Dtypes and modes exactly as the trainer sets them up for the target (on the meta device, before the tensors
+    become fake), fp16 traced as bf16; LoRA adapters where the run has them. Whether the text encoders train."""
+    from .components import prepare_for_training
+
+    unet, vae, encoders = arch.unet, arch.vae, list(arch.text_encoders)
+    with warnings.catch_warnings(), _quiet_diffusers():
+        warnings.simplefilter("ignore")
+        trainable = prepare_for_training(unet, vae, encoders, params, "meta", dtypes)
+        for m in (unet, vae, *encoders):
+            if any(t.dtype == torch.float16 for t in m.parameters()):
+                m.to(torch.bfloat16)
+        if params.use_lora:  # as the trainer: float32 adapters on the model frozen in the training precision
+            from ..lora.training import LoraRun
+
+            LoraRun.start(unet, encoders, params, "sdxl" if arch.sdxl else "v1", trainable,
+                          weight_dtype=torch.bfloat16 if dtypes.mixed_precision != "no" else torch.float32)
+    return trainable
+
+
+def _traced_batch(arch: Architecture, params, batch_size: int, train_text_encoder: bool):
+    """A batch as the trainer's make_batch builds it: latents (cached, or each image through the VAE in its dtype),
+    token ids, and with frozen text encoders each prompt's embeddings instead."""
+    from .step import Batch, encode_prompt
+
+    vae, encoders, side = arch.vae, list(arch.text_encoders), params.resolution // 8
+    if params.cache_latents:
+        latents = torch.randn(batch_size, 4, side, side)
+    else:
+        with torch.no_grad():
+            latents = torch.stack([
+                vae.encode(torch.randn(1, 3, params.resolution, params.resolution, dtype=vae.dtype))
+                .latent_dist.sample()[0] for _ in range(batch_size)]).float()
+    ids = tuple(torch.randint(0, encoders[0].config.vocab_size, (batch_size, 77)) for _ in encoders)
+    time_ids = torch.zeros(batch_size, 6) if arch.sdxl else None
+    if train_text_encoder:
+        return Batch(latents=latents, input_ids=ids, add_time_ids=time_ids)
+    with torch.no_grad():  # frozen text encoders: the trainer reuses each prompt's embeddings
+        hidden, pooled = encode_prompt(encoders, ids, arch.sdxl)
+    return Batch(latents=latents, prompt_embeds=hidden, pooled_embeds=pooled, add_time_ids=time_ids)
 
 
 # Optimizer state per parameter, in fp32 copies of it: Prodigy (exp_avg, exp_avg_sq, s, p0), Lion (exp_avg),

@@ -112,6 +112,27 @@ async def json_body(request: Request):
         raise HTTPException(status_code=400, detail=str(e)) from None
 
 
+def failed(e: UserError) -> HTTPException:
+    """400 for bad input; a failed write is the server's: 507 when the disk is full, else 500."""
+    if isinstance(e, WriteError):
+        return HTTPException(status_code=507 if e.disk_full else 500, detail=str(e))
+    return HTTPException(status_code=400, detail=str(e))
+
+
+def start_options(data) -> tuple[bool, int | None]:
+    """(start over, the kept save to go back to) from the body of POST /start (empty: resume)."""
+    options = {} if data is None else data
+    if not isinstance(options, dict) or set(options) - {"start_over", "from_step"}:
+        raise HTTPException(status_code=400, detail='request body: expected {"start_over": true} or '
+                                                    '{"from_step": S}, or nothing')
+    start_over, from_step = options.get("start_over", False), options.get("from_step")
+    if not isinstance(start_over, bool):
+        raise HTTPException(status_code=400, detail="start_over: expected true or false")
+    if from_step is not None and (isinstance(from_step, bool) or not isinstance(from_step, int) or from_step < 0):
+        raise HTTPException(status_code=400, detail="from_step: expected a step number (0 or more)")
+    return start_over, from_step
+
+
 def add_routes(app, host: Host, dependencies: list = ()) -> None:
     root = host.root
     follower = Follower()  # the status routes read only what a run's log gained since the last call
@@ -124,17 +145,11 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
     router = APIRouter(prefix="/dreambooth", dependencies=[Depends(allowed), *dependencies], tags=["dreambooth"])
     body = Depends(json_body)
 
-    def bad(e: UserError) -> HTTPException:
-        """400 for bad input; a failed write is the server's: 507 when the disk is full, else 500."""
-        if isinstance(e, WriteError):
-            return HTTPException(status_code=507 if e.disk_full else 500, detail=str(e))
-        return HTTPException(status_code=400, detail=str(e))
-
     def model(name: str):
         try:
             m = root.model(name)
         except UserError as e:
-            raise bad(e) from None
+            raise failed(e) from None
         if not m.exists():
             raise HTTPException(status_code=404, detail=f"model {name!r}: not found")
         return m
@@ -148,7 +163,7 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
         try:
             return Config.load(model(name).config_path).to_dict()
         except UserError as e:
-            raise bad(e) from None
+            raise failed(e) from None
 
     @router.post("/config/{name}")
     def set_config(name: str, data=body):
@@ -157,27 +172,19 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
         try:
             return save_config(model(name), data, paths_fixed=True).to_dict()
         except UserError as e:
-            raise bad(e) from None
+            raise failed(e) from None
 
     @router.post("/start/{name}")
     def start(name: str, data=body):
         model(name)
-        options = {} if data is None else data
-        if not isinstance(options, dict) or set(options) - {"start_over", "from_step"}:
-            raise HTTPException(status_code=400, detail='request body: expected {"start_over": true} or '
-                                                        '{"from_step": S}, or nothing')
-        start_over, from_step = options.get("start_over", False), options.get("from_step")
-        if not isinstance(start_over, bool):
-            raise HTTPException(status_code=400, detail="start_over: expected true or false")
-        if from_step is not None and (isinstance(from_step, bool) or not isinstance(from_step, int) or from_step < 0):
-            raise HTTPException(status_code=400, detail="from_step: expected a step number (0 or more)")
+        start_over, from_step = start_options(data)
         try:
             started = actions.train(root, name, host, start_over=start_over, from_step=from_step)
             return {**started.job, "from_step": started.from_step, "message": started.message}
         except jobs.JobRunningError as e:
             raise HTTPException(status_code=409, detail=str(e)) from None
         except UserError as e:
-            raise bad(e) from None
+            raise failed(e) from None
 
     @router.get("/status")
     def running_status():
@@ -196,6 +203,6 @@ def add_routes(app, host: Host, dependencies: list = ()) -> None:
         try:
             return {"message": actions.request(root, job["name"], "cancel"), "name": job["name"]}
         except UserError as e:
-            raise bad(e) from None
+            raise failed(e) from None
 
     app.include_router(router)

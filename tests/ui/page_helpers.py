@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"  # git-ignored; kept by CI
-TIMEOUT = 180_000
+TIMEOUT = 300_000  # a CPU run of the tiny model on a busy 2-core machine; a hang fails with what the page shows
 
 
 def fill(page, elem_id: str, value) -> None:
@@ -23,10 +23,27 @@ def text(page, elem_id: str) -> str:
 
 def wait_text(page, elem_id: str, pattern: str, timeout=TIMEOUT) -> str:
     """Wait until the element's text matches; return that text (it may change or be hidden right after)."""
-    handle = page.wait_for_function(
-        "([sel, pat]) => { const t = document.querySelector(sel)?.innerText || ''; return new RegExp(pat).test(t) && t; }",
-        arg=[f"#{elem_id}", pattern], timeout=timeout)
+    handle = wait_js(page, "([sel, pat]) => { const t = document.querySelector(sel)?.innerText || ''; "
+                           "return new RegExp(pat).test(t) && t; }", [f"#{elem_id}", pattern], timeout,
+                     f"#{elem_id} to match {pattern!r}")
     return handle.json_value()
+
+
+def wait_js(page, expression: str, arg=None, timeout=TIMEOUT, what: str = ""):
+    """page.wait_for_function, failing with what the page shows (the run's state, its messages, the log's end)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        return page.wait_for_function(expression, arg=arg, timeout=timeout)
+    except PlaywrightTimeout:
+        shown = page.evaluate("""() => ({
+            status: document.querySelector('#db_status')?.innerText,
+            progress: {...document.querySelector('#db_progress')?.dataset},
+            run_message: document.querySelector('#db_run_message')?.innerText,
+            train_disabled: document.querySelector('#db_train')?.disabled,
+            resume_from: document.querySelector('#db_resume_from input')?.value,
+            log: (document.querySelector('#db_log textarea')?.value || '').slice(-600)})""")
+        raise AssertionError(f"waited {timeout / 1000:.0f} s for {what or expression}; the page shows {shown}") from None
 
 
 def visible_text(page, elem_id: str) -> str:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from page_helpers import CONTRAST, TIMEOUT, choose, fill, open_panel, progress, shots, text, visible_text, wait_text
+from page_helpers import CONTRAST, TIMEOUT, choose, fill, open_panel, progress, shots, text, visible_text, wait_js, wait_text
 
 pytestmark = pytest.mark.slow  # a server process and a browser
 
@@ -15,7 +15,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     app = start_app()
     page.goto(app.url)
     page.wait_for_selector("#db_model_select", timeout=TIMEOUT)
-    page.wait_for_function("window.dreambooth !== undefined", timeout=30_000)  # javascript/dreambooth.js runs here too
+    wait_js(page, "window.dreambooth !== undefined", timeout=30_000)  # javascript/dreambooth.js runs here too
 
     # A first start offers the built-in tiny model; creating a model from it fills in a one-minute first run.
     page.click("#db_starter")
@@ -92,13 +92,13 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     started = time.time()
     page.click("#db_train")
     wait_text(page, "db_run_message", "Training dog started, from step 0")
-    page.wait_for_function("document.querySelector('#db_train').disabled", timeout=TIMEOUT)
-    page.wait_for_function("/needs a GPU/.test(document.querySelector('#db_log textarea')?.value || '')",
+    wait_js(page, "document.querySelector('#db_train').disabled", timeout=TIMEOUT)
+    wait_js(page, "/needs a GPU/.test(document.querySelector('#db_log textarea')?.value || '')",
                            timeout=120_000)
     assert progress(page)["state"] in ("starting", "running")
     wait_text(page, "db_status", r"dog\W+ done")
     assert time.time() - started < 150, "the first run on the tiny model should take about a minute"
-    page.wait_for_function("!document.querySelector('#db_train').disabled")
+    wait_js(page, "!document.querySelector('#db_train').disabled")
     assert not visible_text(page, "db_run_message").strip()  # "Training started" gave way to the real state
     assert "this run trained 24 steps" in text(page, "db_status")
     saved = json.loads(config_path.read_text())
@@ -182,27 +182,27 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     page.click("#db_train")
     wait_text(page, "db_run_message", "resuming at step 24")
     wait_text(page, "db_status", "resuming at step 24 of 2000")
-    page.wait_for_function("Number(document.querySelector('#db_progress')?.dataset.step) > 26", timeout=TIMEOUT)
+    wait_js(page, "Number(document.querySelector('#db_progress')?.dataset.step) > 26", timeout=TIMEOUT)
     page.click("#db_pause")
     wait_text(page, "db_status", r"dog\W+ paused")
-    page.wait_for_function("document.querySelector('#db_pause').innerText.trim() === 'Resume'")
+    wait_js(page, "document.querySelector('#db_pause').innerText.trim() === 'Resume'")
     shots(page, "6-output-paused")
     page.click("#db_pause")
     wait_text(page, "db_status", r"dog\W+ running")
     page.reload()
     page.wait_for_selector("#db_model_select", timeout=TIMEOUT)
     wait_text(page, "db_status", r"dog\W+ running")
-    page.wait_for_function("document.querySelector('#db_train').disabled", timeout=TIMEOUT)
+    wait_js(page, "document.querySelector('#db_train').disabled", timeout=TIMEOUT)
     page.click("#db_cancel")
     wait_text(page, "db_run_message", "Cancel requested")
     wait_text(page, "db_status", r"dog\W+ cancelled")
-    page.wait_for_function("document.querySelector('#db_pause').disabled", timeout=TIMEOUT)
+    wait_js(page, "document.querySelector('#db_pause').disabled", timeout=TIMEOUT)
     page.wait_for_timeout(1500)
     assert "Cancel requested" not in visible_text(page, "db_run_message")
 
     # Go back: an earlier kept save becomes the one the run goes on from
     wait_for(lambda: not jobs.running_job(DataRoot(app.root)), timeout=60)
-    page.wait_for_function("document.querySelector('#db_resume_from')?.innerText.includes('latest save, step') "
+    wait_js(page, "document.querySelector('#db_resume_from')?.innerText.includes('latest save, step') "
                            "|| document.querySelector('#db_resume_from input')?.value.includes('latest save, step')",
                            timeout=TIMEOUT)
     open_panel(page, "Parameters")
@@ -215,7 +215,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     wait_text(page, "db_status", r"dog\W+ done")
     assert re.search(r"step 36/36", text(page, "db_status")) and "this run trained 12 steps" in text(page, "db_status")
     # the list follows: this run's own save at 36 is the latest
-    page.wait_for_function("document.querySelector('#db_resume_from input')?.value === 'the latest save, step 36'",
+    wait_js(page, "document.querySelector('#db_resume_from input')?.value === 'the latest save, step 36'",
                            timeout=TIMEOUT)
 
     # Start over: back to the source's weights, settings and class images kept, a new run from step 0
