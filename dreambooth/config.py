@@ -274,6 +274,15 @@ class Parameters:
     save_on_end: bool = setting(True, 'Save at the end', 'Export a checkpoint when training finishes.', group='saving')
     save_on_cancel: bool = setting(True, 'Save on cancel', 'Export a checkpoint when training is cancelled.', group='saving')
     keep_saves: int = setting(1, 'Saves to go back to', 'How many of the latest saves keep their full training state, so a run can go back to one of them and go on from there. Each kept save takes its size on disk (the trained weights and the optimizer state); 1: only the latest.', group='saving', min=1, max=100)
+    # fidelity
+    fidelity_scores: bool = setting(False, 'Score subject fidelity at every save', "At each save, render a fixed set of images (the sample prompts and the subject in new scenes) and score them against the instance photos: DINO and CLIP-I (is it the subject?), CLIP-T (does it follow the prompt?) and a copy score (is it reproducing the photos?). The best save is named in the tab and the CLI. Needs the two scoring models below; costs a few seconds per save on a GPU.", group='fidelity')
+    fidelity_clip_model: str = setting('openai/clip-vit-base-patch32', 'Fidelity CLIP model', 'A local folder or a Hugging Face id (from the cache, or downloaded when online) of a transformers CLIPModel with safetensors weights.', group='fidelity', kind='path')
+    fidelity_dino_model: str = setting('facebook/dino-vits16', 'Fidelity DINO model', 'A local folder or a Hugging Face id of a self-supervised DINO ViT (transformers, safetensors weights).', group='fidelity', kind='path')
+    fidelity_images_per_prompt: int = setting(2, 'Fidelity images per prompt', 'Images rendered for each evaluation prompt, with fixed seeds (the same at every save).', group='fidelity', min=1, max=8)
+    fidelity_infer_steps: int = setting(25, 'Fidelity sampling steps', 'Denoising steps of each evaluation image.', group='fidelity', min=1, max=150)
+    fidelity_prompt_margin: float = setting(0.02, 'Prompt fidelity margin', "The best save keeps its CLIP-T within this of the first save's: a subject learnt at the cost of ignoring the prompt does not count.", group='fidelity', min=0, max=1, step=0.005)
+    fidelity_copy_limit: float = setting(0.95, 'Copy limit', 'Saves whose copy score (the closest match of each image to one training photo) is above this are not picked as the best: the model reproduces its photos.', group='fidelity', min=0, max=1, step=0.01)
+    fidelity_patience: int = setting(0, 'Stop after saves without a better one', 'Stop training when this many scored saves in a row did not give a better best save; 0: never stop early.', group='fidelity', min=0, max=1000)
     # lora
     use_lora: bool = setting(False, 'Use LoRA', "Train small low-rank adapters instead of the whole model: far less memory, a few-MB file (models/Lora) for the webui's <lora:NAME:1>.", group='lora')
     lora_unet_rank: int = setting(16, 'UNet LoRA rank', 'Rank (dim) of the UNet adapters: 4-32 is usual; higher learns more detail and makes a bigger file.', group='lora', min=1, max=1024)
@@ -292,8 +301,8 @@ MODEL_SETTINGS = settings_of(ModelSettings)
 CONCEPT_SETTINGS = settings_of(Concept)
 PARAMETER_SETTINGS = settings_of(Parameters)
 # The Parameters panel's order: what users change most often first.
-GROUPS = ("intervals", "learning rate", "lora", "batch", "image processing", "captions", "loss", "saving", "performance",
-          "memory")
+GROUPS = ("intervals", "learning rate", "lora", "batch", "image processing", "captions", "loss", "saving", "fidelity",
+          "performance", "memory")
 
 
 # ---------------------------------------------------------------- rules relating several settings

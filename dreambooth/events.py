@@ -74,6 +74,20 @@ class Validation(Event):
 
 
 @dataclass(frozen=True)
+class Fidelity(Event):
+    """How well the save of `step` has learnt its subject (train/fidelity.py: the mean over the concepts), and the
+    best save so far by the declared rule (None: no save qualifies yet)."""
+
+    kind: ClassVar[str] = "fidelity"
+    step: int
+    dino: float
+    clip_i: float
+    clip_t: float
+    copy: float
+    best_step: int | None = None
+
+
+@dataclass(frozen=True)
 class Sample(Event):
     kind: ClassVar[str] = "sample"
     step: int
@@ -120,8 +134,8 @@ class Error(Event):
     step: int | None = None
 
 
-RECORDS = {cls.kind: cls for cls in (Start, ClassImages, Step, Validation, Sample, Checkpoint, Paused, Resumed, Done,
-                                     Cancelled, Error)}
+RECORDS = {cls.kind: cls for cls in (Start, ClassImages, Step, Validation, Fidelity, Sample, Checkpoint, Paused,
+                                     Resumed, Done, Cancelled, Error)}
 END_KINDS = ("done", "cancelled", "error")
 
 
@@ -259,6 +273,8 @@ class RunStatus:
     class_images: tuple = ()  # (done, total) while generating class images
     losses: list = field(default_factory=list)  # [(step, loss)], thinned for the chart
     validation: list = field(default_factory=list)  # [(step, validation loss)]
+    fidelity: list = field(default_factory=list)  # [(step, dino, clip_i, clip_t, copy)] of each scored save
+    best_step: int | None = None  # the best scored save (events.Fidelity)
     samples: list = field(default_factory=list)  # newest last
     checkpoints: list = field(default_factory=list)
     message: str = ""
@@ -286,7 +302,8 @@ class Fold:
 
     def status(self) -> RunStatus:
         st = RunStatus(**{**vars(self._st), "samples": list(self._st.samples),
-                          "checkpoints": list(self._st.checkpoints), "validation": list(self._st.validation)})
+                          "checkpoints": list(self._st.checkpoints), "validation": list(self._st.validation),
+                          "fidelity": list(self._st.fidelity)})
         stride = max(1, len(self._losses) // MAX_CHART_POINTS)
         st.losses = self._losses[::stride]
         return st
@@ -336,6 +353,9 @@ def _fold_into(st: RunStatus, losses: list, events: Iterable[Event]) -> None:
             losses.append((e.step, e.loss))
         elif isinstance(e, Validation):
             st.validation.append((e.step, e.loss))
+        elif isinstance(e, Fidelity):
+            st.fidelity.append((e.step, e.dino, e.clip_i, e.clip_t, e.copy))
+            st.best_step = e.best_step
         elif isinstance(e, Sample):
             st.samples.extend(e.paths)
         elif isinstance(e, Checkpoint):

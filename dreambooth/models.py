@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config, ModelSettings, Parameters
 from .errors import UserError
 from .families import check_family_choice, family as family_facts
-from .store import DataRoot, ModelDir, temporary_folder, writing_to
+from .store import DataRoot, ModelDir, atomic_write_text, temporary_folder, writing_to
 
 # "owner/name" on the Hugging Face hub; anything else that does not exist is a missing file or folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -232,6 +232,36 @@ def read_training_summary(model: ModelDir) -> dict | None:
     return data
 
 
+FIDELITY_FIELDS = ("dino", "clip_i", "clip_t", "copy")
+
+
+def read_fidelity(model: ModelDir) -> dict:
+    """The fidelity scores of the model's saves ({"best_step": step or None, "saves": [{"step", "dino", "clip_i",
+    "clip_t", "copy"}]}, oldest first); empty when none were scored. A damaged file reads as none."""
+    from .config import parse_json
+    from .store import read_bytes
+
+    empty = {"best_step": None, "saves": []}
+    try:
+        data = parse_json(read_bytes(model.fidelity_scores, limit=1 << 20), str(model.fidelity_scores))
+    except (FileNotFoundError, UserError):
+        return empty
+    saves = data.get("saves") if isinstance(data, dict) else None
+    ok = isinstance(saves, list) and all(
+        isinstance(s, dict) and type(s.get("step")) is int and all(isinstance(s.get(k), (int, float))
+                                                                   and not isinstance(s.get(k), bool)
+                                                                   for k in FIDELITY_FIELDS) for s in saves)
+    best = data.get("best_step") if ok else None
+    if not ok or not (best is None or type(best) is int):
+        return empty
+    return {"best_step": best, "saves": [{"step": s["step"], **{k: float(s[k]) for k in FIDELITY_FIELDS}}
+                                         for s in saves]}
+
+
+def write_fidelity(model: ModelDir, saves: list[dict], best_step: int | None) -> None:
+    atomic_write_text(model.fidelity_scores, json.dumps({"best_step": best_step, "saves": saves}, indent=1) + "\n")
+
+
 def delete_model(root: DataRoot, name: str) -> None:
     """Delete a model's folder (its exported checkpoints stay); refused while another process writes it."""
     model = root.model(name)
@@ -261,9 +291,9 @@ def load_config(model: ModelDir) -> Config:
 def save_config(model: ModelDir, data: dict | Config, paths_fixed: bool = False) -> Config:
     """Store edited settings (a Config, or its JSON form where a missing `model` section means the current one).
     The `model` section stays what `create` made: a different one is refused. With `paths_fixed` (the REST routes),
-    the concepts' folders and files stay as they are: a route cannot make the trainer read a file (and echo its text
-    in a preview) that the user did not choose in the tab or the CLI."""
-    from .config import CONCEPT_SETTINGS, ConfigError, Problem
+    the folders and files of the concepts and parameters stay as they are: a route cannot make the trainer read a
+    file (and echo its text in a preview) that the user did not choose in the tab or the CLI."""
+    from .config import CONCEPT_SETTINGS, PARAMETER_SETTINGS, ConfigError, Problem
 
     current = Config.load(model.config_path)
     if isinstance(data, dict):
@@ -278,6 +308,10 @@ def save_config(model: ModelDir, data: dict | Config, paths_fixed: bool = False)
                          "routes keep them as they are")
                  for i, concept in enumerate(data.concepts) for name in paths
                  if getattr(concept, name) != (getattr(current.concepts[i], name) if i < len(current.concepts) else "")]
+        moved += [Problem(("parameters", s.name), "folders and files are chosen in the tab or with the CLI; the REST "
+                          "routes keep them as they are")
+                  for s in PARAMETER_SETTINGS if s.kind == "path"
+                  and getattr(data.parameters, s.name) != getattr(current.parameters, s.name)]
         if moved:
             raise ConfigError(moved)
     data.save(model.config_path)

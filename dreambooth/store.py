@@ -98,6 +98,10 @@ class ModelDir:
         return self.path / "working"
 
     @property
+    def fidelity_scores(self) -> Path:  # {"best_step", "saves": [{"step", "dino", "clip_i", "clip_t", "copy"}]}
+        return self.path / "fidelity.json"
+
+    @property
     def training_summary(self) -> Path:  # {"step", "epoch", "total_steps", ...} of the last save
         return self.working / "training.json"
 

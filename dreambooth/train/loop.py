@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,17 +26,18 @@ from .. import prompt_files
 from ..data import captions
 from ..data import class_images as class_data
 from ..data.buckets import nearest_bucket
-from ..data.images import png_parameters, save_png
+from ..data.images import load_image, png_parameters, save_png
 from ..data.dataset import (Example, TrainingData, class_examples_from, collect_instances, load_fixed,
                             split_validation, stable_int, tokenize)
 from ..errors import UserError, WriteError
-from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Paused, Resumed,
-                      Sample, Start, Step, Validation)
+from ..events import (Cancelled, Checkpoint, ClassImages, Controls, Done, Error, Event, EventLog, Fidelity, Paused,
+                      Resumed, Sample, Start, Step, Validation)
 from ..lora.training import LoraRun
-from ..models import load_config
+from ..models import load_config, read_fidelity, write_fidelity
 from .. import outputs
 from ..outputs import checkpoint_file, lora_file
 from ..store import DataRoot, ModelDir, atomic_write_text, reclaim_leftovers
+from . import fidelity
 from . import pipeline as gen
 from . import precision
 from .components import Components, compile_unet, eager, load_components
@@ -213,6 +215,9 @@ class TrainingState:
     lora: LoraRun | None = None  # LoRA: the adapters the run trains (the model itself stays frozen)
     sample_files: dict = field(default_factory=dict)  # concept index -> its sample prompt file's prompts
     validation: list = field(default_factory=list)  # [(latent, time_ids, prompt, noise, timesteps)]: fixed
+    scores: list = field(default_factory=list)  # [(step, fidelity.Scores)] of the scored saves, oldest first
+    best_step: int | None = None  # the best of them (fidelity.best_save)
+    scorers: object = None  # fidelity.Scorers once loaded; False when they cannot be
 
 
 class Trainer:
@@ -294,6 +299,9 @@ class Trainer:
 
         resumed = load_state(self.model.state, acc, state.optimizer, state.lr_scheduler, ema)
         train_weights(state.optimizer)  # schedule-free: saved with its averaged weights, trains the others
+        if resumed is not None and p.fidelity_scores:  # the scores of the saves up to the one this run goes on from
+            state.scores = fidelity.history(read_fidelity(self.model)["saves"], until=resumed)
+            state.best_step = fidelity.best_save(state.scores, p.fidelity_prompt_margin, p.fidelity_copy_limit)
         if resumed is None:
             torch.manual_seed(p.seed + acc.process_index)
         else:
@@ -345,6 +353,7 @@ class Trainer:
                     self.make_samples(s)
                 if due.save:
                     self.save(s)
+                    self.stop_without_progress(s)
                 if due.stop:
                     break
                 if due.pause:
@@ -511,13 +520,13 @@ class Trainer:
                 class_data.generate_missing(folder, missing, make, parameters, progress, self.p.class_batch_size)
             done += len(missing)
 
-    def sample_prompts(self, s: TrainingState):
-        """(concept position, concept, prompts) for each active concept with previews: the prompts of its sample
-        prompt file, else its sample prompt, else the first instance image's prompt. [filewords] in a file's or the
-        sample prompt becomes the first instance image's caption."""
+    def sample_prompts(self, s: TrainingState, every_concept: bool = False):
+        """(concept position, concept, prompts) for each active concept with previews (`every_concept`: each active
+        concept): the prompts of its sample prompt file, else its sample prompt, else the first instance image's
+        prompt. [filewords] in a file's or the sample prompt becomes the first instance image's caption."""
         active = [(i, c) for i, c in enumerate(self.config.concepts) if c.instance_data_dir.strip()]
         for pos, ((index, concept), examples) in enumerate(zip(active, s.instances)):
-            if concept.num_samples == 0:
+            if concept.num_samples == 0 and not every_concept:
                 continue
             caption = captions.caption_of(examples[0].path)
             templates = s.sample_files.get(index) or ([concept.sample_prompt] if concept.sample_prompt.strip() else [])
@@ -627,10 +636,61 @@ class Trainer:
                     save_state(self.model.state, s.step, s.schedule.total_steps, s.optimizer, s.lr_scheduler, s.ema,
                                write_weights, device=self.accelerator.device)
                 s.last_save_step = s.step
+                if self.p.fidelity_scores:  # before publishing: the scores go into the save's summary
+                    self.score_fidelity(s)
                 self.publish(s)
             keep_save(self.model.state, self.model.saves, self.p.keep_saves)
         s.last_save_step = s.step
         self.accelerator.wait_for_everyone()
+
+    def score_fidelity(self, s: TrainingState) -> None:
+        """Render each concept's evaluation set with fixed seeds and score it against the concept's photos
+        (train/fidelity.py); the best save so far goes into the event and NAME/fidelity.json. Scoring models that
+        cannot be loaded are said once, and the run goes on without scores."""
+        p = self.p
+        if s.scorers is None:
+            try:
+                s.scorers = fidelity.Scorers.load(p.fidelity_clip_model, p.fidelity_dino_model, self.accelerator.device)
+            except UserError as e:
+                warnings.warn(str(e), stacklevel=2)
+                s.scorers = False
+        if not s.scorers:
+            return
+        acc, c, res = self.accelerator, s.parts, p.resolution
+        unet = acc.unwrap_model(s.unet)
+        pipe = gen.make_pipeline(unet, c.vae, [acc.unwrap_model(te) for te in s.text_encoders], c.tokenizers,
+                                 c.noise_scheduler.config, c.sdxl, self.dtypes.autocast)
+        per_concept = []
+        with torch.no_grad(), (s.lora.previews() if s.lora else contextlib.nullcontext()), eager(unet):
+            for pos, concept, prompts in self.sample_prompts(s, every_concept=True):
+                images, texts = [], []
+                for prompt in fidelity.evaluation_prompts(prompts, concept.instance_token, concept.class_token):
+                    for i in range(p.fidelity_images_per_prompt):
+                        images.append(gen.generate(pipe, prompt, concept.sample_negative_prompt, p.fidelity_infer_steps,
+                                                   concept.sample_guidance_scale, p.seed + i, res, res))
+                        texts.append(captions.remove_instance_token(prompt, concept.instance_token))
+                real = s.scorers.real(pos, lambda pos=pos: [load_image(e.path) for e in s.instances[pos]])
+                per_concept.append(s.scorers.score(images, texts, real))
+        s.scores.append((s.step, fidelity.mean_scores(per_concept)))
+        s.best_step = fidelity.best_save(s.scores, p.fidelity_prompt_margin, p.fidelity_copy_limit)
+        with writing(self.model.fidelity_scores, s.last_save_step):
+            write_fidelity(self.model, [{"step": step, **scores.to_dict()} for step, scores in s.scores], s.best_step)
+        self.emit(Fidelity(s.step, **s.scores[-1][1].to_dict(), best_step=s.best_step))
+
+    def stop_without_progress(self, s: TrainingState) -> None:
+        """With fidelity_patience, stop once that many scored saves in a row brought no better best save."""
+        patience = self.p.fidelity_patience if self.p.fidelity_scores else 0
+        since = [step for step, _ in s.scores if s.best_step is None or step > s.best_step]
+        if patience and s.scores and len(since) >= patience:
+            best = f"the best save is step {s.best_step}" if s.best_step is not None else "no save qualified"
+            raise StopTraining("done", f"stopped early: {len(since)} scored saves without a better one ({best})")
+
+    @staticmethod
+    def fidelity_summary(s: TrainingState) -> dict:
+        """The scores of the save being published, for its summary and its checkpoint's metadata."""
+        if not s.scores or s.scores[-1][0] != s.step:
+            return {}
+        return {"fidelity": {**s.scores[-1][1].to_dict(), "best_step": s.best_step}}
 
     def trained_modules(self, s: TrainingState) -> dict:
         acc = self.accelerator
@@ -670,7 +730,7 @@ class Trainer:
                    "learning_rate": p.learning_rate, "text_encoder_learning_rate": p.text_encoder_learning_rate,
                    "text_encoder_steps": s.schedule.text_encoder_steps, "ema": p.use_ema,
                    "instance_images": len(s.data.instances),
-                   "prompts": sorted({e.prompt for e in s.data.instances})[:8]}
+                   "prompts": sorted({e.prompt for e in s.data.instances})[:8], **self.fidelity_summary(s)}
         with writing(self.model.training_summary, s.last_save_step):
             atomic_write_text(self.model.training_summary, json.dumps(summary, indent=2) + "\n")
         from ..checkpoint.export import write_single_file
@@ -693,7 +753,7 @@ class Trainer:
         summary = {"step": step, "epoch": s.schedule.epoch(step), "total_steps": s.schedule.total_steps,
                    **s.lora.summary(), "text_encoder_steps": s.schedule.text_encoder_steps,
                    "instance_images": len(s.data.instances),
-                   "prompts": sorted({e.prompt for e in s.data.instances})[:8]}
+                   "prompts": sorted({e.prompt for e in s.data.instances})[:8], **self.fidelity_summary(s)}
         stem = checkpoint_stem(self.p, self.model.name)
         lora_out = outputs.automatic(self.model, lora_file(self.root.lora, stem, step), with_yaml=False,
                                      own_allowed=True)

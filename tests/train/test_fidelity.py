@@ -1,0 +1,95 @@
+"""Fidelity scores at every save, with real transformers CLIP and DINO ViT models built tiny and random (the numbers
+mean nothing then; the path is the one a real model takes): the events, the saved history, the best save, the
+early stop, and a run that goes on without scores when the models are missing."""
+import json
+
+import pytest
+
+from dreambooth.models import read_fidelity
+from dreambooth.train import train_model
+from dreambooth.train.fidelity import Scores, best_save, evaluation_prompts
+from train_helpers import draw_images, make_model, read_events
+
+
+@pytest.fixture(scope="session")
+def scorers(tmp_path_factory):
+    """A tiny CLIPModel (with an offline CLIP tokenizer) and a tiny ViT, saved as folders as a download would be."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from dreambooth.families import write_tokenizer
+
+    folder = tmp_path_factory.mktemp("scorers")
+    torch.manual_seed(0)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=49408, max_position_embeddings=77),
+                                vision_config=dict(small, image_size=32, patch_size=8), projection_dim=8))
+    clip.save_pretrained(folder / "clip", safe_serialization=True)
+    write_tokenizer(folder / "clip")
+    ViTModel(ViTConfig(**small, image_size=32, patch_size=8)).save_pretrained(folder / "dino", safe_serialization=True)
+    return folder / "clip", folder / "dino"
+
+
+def fidelity_model(tmp_path, tiny_source, scorers, **parameters):
+    concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "instance_token": "zwx",
+                 "class_token": "disc", "num_samples": 0, "sample_prompt": "a zwx disc"}]
+    settings = dict(fidelity_scores=True, fidelity_clip_model=str(scorers[0]), fidelity_dino_model=str(scorers[1]),
+                    fidelity_images_per_prompt=1, fidelity_infer_steps=2, num_train_epochs=3, save_every_n_epochs=1)
+    return make_model(tmp_path / "root", tiny_source, concepts=concepts, **{**settings, **parameters})
+
+
+def fidelity_events(model) -> list[dict]:
+    return [e for e in read_events(model) if e["kind"] == "fidelity"]
+
+
+def test_every_save_is_scored_and_the_best_one_named(tmp_path, tiny_source, scorers):
+    root, model = fidelity_model(tmp_path, tiny_source, scorers)
+    result = train_model(root, "m")
+    assert result.ok, result.summary()
+    events = fidelity_events(model)
+    assert [e["step"] for e in events] == [2, 4, 6]  # every save, the last one too
+    for e in events:
+        assert all(-1.0 <= e[k] <= 1.0 for k in ("dino", "clip_i", "clip_t", "copy")) and e["copy"] >= e["dino"] - 1e-6
+    history = read_fidelity(model)
+    assert [s["step"] for s in history["saves"]] == [2, 4, 6] and history["best_step"] == events[-1]["best_step"]
+    summary = json.loads(model.training_summary.read_text())
+    assert summary["fidelity"]["best_step"] == history["best_step"] and set(summary["fidelity"]) >= {"dino", "clip_t"}
+
+
+def test_a_model_that_does_not_learn_scores_the_same_at_every_save(tmp_path, tiny_source, scorers):
+    root, model = fidelity_model(tmp_path, tiny_source, scorers, learning_rate=0.0, text_encoder_learning_rate=0.0)
+    assert train_model(root, "m").ok
+    scores = [tuple(e[k] for k in ("dino", "clip_i", "clip_t", "copy")) for e in fidelity_events(model)]
+    assert len(scores) == 3 and len(set(scores)) == 1  # nothing learnt: the same images, the same scores
+    learning_root, learning = fidelity_model(tmp_path / "learns", tiny_source, scorers, learning_rate=1e-3)
+    assert train_model(learning_root, "m").ok
+    moved = [e["dino"] for e in fidelity_events(learning)]
+    assert len(set(moved)) == 3  # a model that trains is judged differently at each save
+
+
+def test_patience_stops_a_run_that_stopped_getting_better(tmp_path, tiny_source, scorers):
+    root, model = fidelity_model(tmp_path, tiny_source, scorers, num_train_epochs=6, fidelity_patience=1,
+                                 fidelity_copy_limit=0.0)  # no save can qualify: the first one without is enough
+    result = train_model(root, "m")
+    assert result.ok and result.step == 2, result.summary()
+    assert "stopped early: 1 scored saves without a better one (no save qualified)" in result.message
+
+
+def test_missing_scoring_models_are_one_line_and_the_run_goes_on(tmp_path, tiny_source, scorers):
+    root, model = fidelity_model(tmp_path, tiny_source, scorers, fidelity_clip_model=str(tmp_path / "no-clip"))
+    with pytest.warns(UserWarning, match=r"fidelity scores: cannot load the CLIP model .*no-clip.*training goes on "
+                                         r"without scores"):
+        result = train_model(root, "m")
+    assert result.ok and fidelity_events(model) == [] and read_fidelity(model)["saves"] == []
+
+
+def test_the_best_save_rule():
+    def s(dino, clip_t, copy=0.5):
+        return Scores(dino=dino, clip_i=0.0, clip_t=clip_t, copy=copy)
+
+    history = [(2, s(0.2, 0.30)), (4, s(0.5, 0.29)), (6, s(0.7, 0.20)), (8, s(0.9, 0.30, copy=0.99))]
+    assert best_save(history, prompt_margin=0.02, copy_limit=0.95) == 4  # 6 forgot the prompt, 8 copies its photos
+    assert best_save(history, prompt_margin=0.2, copy_limit=1.0) == 8
+    assert best_save([], 0.02, 0.95) is None and best_save(history[:1], 0.0, 0.1) is None
+    assert evaluation_prompts(["a zwx dog"], "zwx", "dog")[:2] == ["a zwx dog", "a photo of zwx dog on the beach"]
+    assert evaluation_prompts(["a zwx dog"], "", "") == ["a zwx dog"]
