@@ -208,6 +208,13 @@ def model_files(root: DataRoot, name: str, written: list | None = None) -> list[
     return model_outputs(root.model(name), [root.checkpoints, root.lora], [name, custom], written or [])
 
 
+def fidelity_scores(root: DataRoot, name: str) -> dict:
+    """The fidelity scores of the model's saves and the best one (models.read_fidelity)."""
+    from .models import read_fidelity
+
+    return read_fidelity(root.model(name))
+
+
 def export_path(root: DataRoot, file_name: str, fmt: str) -> Path | None:
     """Where an export named `file_name` goes: models/Stable-diffusion/<name>.<format>; None for an empty name
     (the model's own NAME_<step>)."""

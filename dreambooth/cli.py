@@ -122,6 +122,30 @@ def _ended(events: EventLog) -> bool:
     return bool(past) and past[-1].kind in ("done", "cancelled", "error")
 
 
+def cmd_scores(args) -> int:
+    from .actions import fidelity_scores, model_files
+    from .outputs import step_of
+
+    root = _root(args)
+    if not root.model(args.name).exists():
+        raise UserError(f"model {args.name!r}: not found in {root.dreambooth}")
+    scores = fidelity_scores(root, args.name)
+    best = scores["best_step"]
+    if not scores["saves"]:
+        print(f"{args.name}: no save was scored yet (train with --set fidelity_scores=true)")
+        return 0
+    print("  step    DINO  CLIP-I  CLIP-T    copy")
+    for save in scores["saves"]:
+        values = "".join(f"  {save[k]:6.3f}" for k in ("dino", "clip_i", "clip_t", "copy"))
+        print(f"{save['step']:>6}{values}{'  best' if save['step'] == best else ''}")
+    if best is None:
+        print("no save qualifies as the best yet (see fidelity_prompt_margin and fidelity_copy_limit)")
+        return 0
+    files = [str(p) for p in model_files(root, args.name) if step_of(p) == best]
+    print(f"best save: step {best}" + (f" ({', '.join(files)})" if files else ""))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -217,6 +241,10 @@ def add_training_verbs(verbs) -> None:
     p.add_argument("--start-over", action="store_true",
                    help="start at step 0 from the source checkpoint's weights (settings and class images stay)")
     p.set_defaults(run=cmd_train)
+
+    p = verbs.add_parser("scores", help="the fidelity scores of a model's saves and the best one")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_scores)
 
     p = verbs.add_parser("demo", help="the whole flow on a built-in tiny model, a few minutes on a CPU")
     p.set_defaults(run=cmd_demo)

@@ -47,6 +47,12 @@ def output_pattern(stem: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(stem)}_(\d+)(-\d+)?(_[A-Za-z][^.]*)?\.(safetensors|ckpt)$")
 
 
+def step_of(path: Path) -> int | None:
+    """The training step in an output file's name (NAME_<step>...), None for a name of another shape."""
+    found = re.search(r"_(\d+)(-\d+)?(_[A-Za-z][^.]*)?\.(safetensors|ckpt)$", Path(path).name)
+    return int(found.group(1)) if found else None
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

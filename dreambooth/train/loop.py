@@ -62,11 +62,14 @@ class TrainResult:
     message: str
     checkpoints: list = field(default_factory=list)
     samples: list = field(default_factory=list)
+    best_step: int | None = None  # the best save by its fidelity scores (None: not scored, or none qualifies)
 
     def summary(self) -> str:
         lines = [f"{self.status}: {self.message} (step {self.step}/{self.total_steps})"]
         if self.checkpoints:
             lines.append(f"checkpoint: {self.checkpoints[-1]}")
+        if self.best_step is not None:
+            lines.append(f"best save by fidelity: step {self.best_step} (`python -m dreambooth scores NAME` lists them)")
         if self.samples:
             lines.append(f"previews: {Path(self.samples[-1]).parent}")
         return "\n".join(lines)
@@ -368,7 +371,8 @@ class Trainer:
         # What accelerate's end_training does for us (it needs trackers on accelerate 0.21, the webui's version).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        return TrainResult(status == "done", status, s.step, schedule.total_steps, message, s.checkpoints, s.samples)
+        return TrainResult(status == "done", status, s.step, schedule.total_steps, message, s.checkpoints, s.samples,
+                           s.best_step)
 
     # -- pieces of the loop -------------------------------------------------------------------------------------
     def make_batch(self, s: TrainingState, items, epoch: int) -> Batch:

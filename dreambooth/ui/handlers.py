@@ -22,7 +22,8 @@ from .fields import CONCEPT_IDS, form_config, setting_values
 
 START_FROM = ("Resume the saved run", "Start over from the source checkpoint")
 # The output column's parts, as `panel` fills them.
-PANEL_IDS = ("db_status", "db_progress_box", "db_chart_box", "db_gallery", "db_checkpoints", "db_log", "db_resume_from")
+PANEL_IDS = ("db_status", "db_progress_box", "db_chart_box", "db_fidelity", "db_gallery", "db_checkpoints", "db_log",
+             "db_resume_from")
 
 
 @dataclass
@@ -305,12 +306,14 @@ def panel(page: Page, name) -> dict:
     root = page.root
     st = jobs.status(root, name, page.follower) if name and root.model(name).path.is_dir() else None
     files = actions.model_files(root, name, st.checkpoints) if st else []
+    scores = actions.fidelity_scores(root, name) if st else {"best_step": None, "saves": []}
     return {
         "db_status": views.status_line(st),
         "db_progress_box": views.progress_bar(st),
         "db_chart_box": views.loss_chart(st.losses if st else [], st.validation if st else []),
+        "db_fidelity": views.fidelity_table(scores),
         "db_gallery": [list(item) for item in views.previews(root.model(name).samples)] if st else [],
-        "db_checkpoints": views.checkpoint_list(files, checkpoint_titles(page), root.lora),
+        "db_checkpoints": views.checkpoint_list(files, checkpoint_titles(page), root.lora, scores["best_step"]),
         "db_log": st.log_tail if st else "",
         "db_resume_from": saves_update(page, name),
     }

@@ -149,6 +149,7 @@ def run_controls() -> dict:
 def output_panel() -> dict:
     c = {}
     c["db_chart_box"] = gr.HTML(views.loss_chart([]), elem_id="db_chart_box")
+    c["db_fidelity"] = gr.HTML("", elem_id="db_fidelity")
     c["db_gallery"] = gr.Gallery(label="Previews", columns=3, height=300, elem_id="db_gallery")
     c["db_checkpoints"] = gr.HTML(views.checkpoint_list([]), elem_id="db_checkpoints")
     with gr.Accordion("Export the working model", open=False, elem_id="db_export_box"):

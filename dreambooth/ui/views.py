@@ -9,7 +9,7 @@ import re
 
 from ..errors import UserError
 from ..jobs import Status
-from ..outputs import lora_prompt_tag
+from ..outputs import lora_prompt_tag, step_of
 
 
 def _duration(seconds) -> str:
@@ -139,10 +139,10 @@ def loss_chart(losses: list, validation: list = (), width: int = 480, height: in
             f'<div class="db-chart-caption">{caption}</div></div>')
 
 
-def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None) -> str:
+def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None, best_step: int | None = None) -> str:
     """The model's checkpoint files, each with a "Use in txt2img" button (shown by javascript/dreambooth.js only
     where the page has a txt2img tab): a full checkpoint is selected in the webui's checkpoint list, a LoRA's
-    `<lora:NAME:1>` tag goes into the txt2img prompt."""
+    `<lora:NAME:1>` tag goes into the txt2img prompt. The files of the best scored save are marked."""
     from pathlib import Path
 
     if not paths:
@@ -158,9 +158,30 @@ def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None) -
             tag = f' <code class="db-lora-tag">{html.escape(lora_prompt_tag(path))}</code>'
         else:
             action = f'data-db-checkpoint="{html.escape(titles.get(str(path), path.name))}"'
+        if best_step is not None and step_of(path) == best_step:
+            tag += ' <strong class="db-best">best save</strong>'
         rows.append(f'<li><code>{html.escape(str(path))}</code>{tag} ({size}) '
                     f'<button type="button" class="db-use" {action} hidden>Use in txt2img</button></li>')
     return f'<ul id="db_checkpoint_list" class="db-checkpoints">{"".join(rows)}</ul>'
+
+
+def fidelity_table(scores: dict) -> str:
+    """The fidelity scores of a model's saves (models.read_fidelity), newest first, the best save marked; nothing
+    when no save was scored."""
+    if not scores["saves"]:
+        return ""
+    rows = []
+    for save in reversed(scores["saves"]):
+        best = save["step"] == scores["best_step"]
+        cells = "".join(f"<td>{save[k]:.3f}</td>" for k in ("dino", "clip_i", "clip_t", "copy"))
+        marked = (' class="db-best"', " (best)") if best else ("", "")
+        rows.append(f'<tr{marked[0]}><td>{int(save["step"])}{marked[1]}</td>{cells}</tr>')
+    best = scores["best_step"]
+    said = f"best save: step {int(best)}" if best is not None else "no save qualifies as the best yet"
+    return ('<table id="db_fidelity_table" class="db-fidelity"><caption>Subject fidelity of each save: DINO and '
+            f'CLIP-I (the subject), CLIP-T (the prompt), copy (reproduces the photos); {said}</caption>'
+            '<tr><th>step</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>copy</th></tr>'
+            f'{"".join(rows)}</table>')
 
 
 def preview_caption(path) -> str:

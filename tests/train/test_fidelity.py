@@ -42,8 +42,11 @@ def fidelity_events(model) -> list[dict]:
     return [e for e in read_events(model) if e["kind"] == "fidelity"]
 
 
-def test_every_save_is_scored_and_the_best_one_named(tmp_path, tiny_source, scorers):
-    root, model = fidelity_model(tmp_path, tiny_source, scorers)
+def test_every_save_is_scored_and_the_best_one_named(tmp_path, tiny_source, scorers, capsys):
+    from dreambooth.cli import main
+
+    # random scoring models find every image alike (copy ~0.99): no copy limit, so that a best save exists
+    root, model = fidelity_model(tmp_path, tiny_source, scorers, fidelity_copy_limit=1.0)
     result = train_model(root, "m")
     assert result.ok, result.summary()
     events = fidelity_events(model)
@@ -54,6 +57,12 @@ def test_every_save_is_scored_and_the_best_one_named(tmp_path, tiny_source, scor
     assert [s["step"] for s in history["saves"]] == [2, 4, 6] and history["best_step"] == events[-1]["best_step"]
     summary = json.loads(model.training_summary.read_text())
     assert summary["fidelity"]["best_step"] == history["best_step"] and set(summary["fidelity"]) >= {"dino", "clip_t"}
+    capsys.readouterr()
+    assert main(["--root", str(root.root), "scores", "m"]) == 0
+    printed = capsys.readouterr().out
+    best = history["best_step"]
+    assert result.best_step == best and f"best save by fidelity: step {best}" in result.summary()
+    assert best in (2, 4, 6) and printed.count("best") == 2 and f"best save: step {best} (" in printed and f"m_{best}.safetensors" in printed
 
 
 def test_a_model_that_does_not_learn_scores_the_same_at_every_save(tmp_path, tiny_source, scorers):

@@ -85,8 +85,8 @@ def test_train_saves_the_shown_settings_then_starts_and_the_run_is_followed(tab,
     assert saved(tab)["parameters"]["learning_rate"] == 4e-6
     assert "dog is training" in tab.train()["db_run_message"]
     polled = wait_for(lambda: (p := tab.poll(shown=None)).get("db_status") and "running" in p["db_status"] and p)
-    assert set(polled) == {"db_status", "db_progress_box", "db_chart_box", "db_gallery", "db_checkpoints", "db_log",
-                           "db_resume_from", "shown"}
+    assert set(polled) == {"db_status", "db_progress_box", "db_chart_box", "db_fidelity", "db_gallery",
+                           "db_checkpoints", "db_log", "db_resume_from", "shown"}
     again = tab.poll(shown=polled["shown"])  # only what changed since the page's last poll
     assert set(again) - {"db_status", "db_progress_box", "db_chart_box", "db_log"} == {"shown"}
     assert "Pause requested." in tab.pause()["db_run_message"]

@@ -134,3 +134,24 @@ def test_resume_from_lists_the_saves_and_reads_back_only_what_it_listed():
     for forged in ("the save at step 24; rm -rf", "step 5", "the save at step -1"):
         with pytest.raises(UserError, match="Resume from: choose one of the listed saves"):
             chosen_save(forged)
+
+
+def test_fidelity_scores_newest_first_with_the_best_save_marked(tmp_path):
+    from dreambooth.models import read_fidelity, write_fidelity
+
+    model = DataRoot(tmp_path / "root").ensure().model("dog")
+    model.path.mkdir(parents=True)
+    assert read_fidelity(model) == {"best_step": None, "saves": []} and views.fidelity_table(read_fidelity(model)) == ""
+    scores = {"dino": 0.5, "clip_i": 0.6, "clip_t": 0.3, "copy": 0.7}
+    write_fidelity(model, [{"step": 2, **scores}, {"step": 4, **scores, "dino": 0.61}], 4)
+    table = views.fidelity_table(read_fidelity(model))
+    assert table.index("<td>4 (best)</td><td>0.610</td>") < table.index("<td>2</td><td>0.500</td>")
+    assert "best save: step 4" in table
+    files = [tmp_path / "dog_2.safetensors", tmp_path / "dog_4.safetensors", tmp_path / "dog_40.safetensors"]
+    for f in files:
+        f.write_bytes(b"x")
+    listed = views.checkpoint_list(files, best_step=4)
+    assert listed.count("best save") == 1 and "dog_4.safetensors</code> <strong class=\"db-best\">" in listed
+    for damaged in ('{"saves": [{"step": "<b>x</b>"}]}', '{"saves": [], "best_step": true}', "[1, 2", "\xff"):
+        model.fidelity_scores.write_text(damaged, errors="surrogateescape")
+        assert read_fidelity(model) == {"best_step": None, "saves": []}, damaged
