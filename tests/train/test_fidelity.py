@@ -46,7 +46,7 @@ def test_every_save_is_scored_and_the_best_one_named(tmp_path, tiny_source, scor
     from dreambooth.cli import main
 
     # random scoring models find every image alike (copy ~0.99): no copy limit, so that a best save exists
-    root, model = fidelity_model(tmp_path, tiny_source, scorers, fidelity_copy_limit=1.0)
+    root, model = fidelity_model(tmp_path, tiny_source, scorers, fidelity_copy_limit=1.0, fidelity_prompt_margin=0.0)
     result = train_model(root, "m")
     assert result.ok, result.summary()
     events = fidelity_events(model)
@@ -55,6 +55,8 @@ def test_every_save_is_scored_and_the_best_one_named(tmp_path, tiny_source, scor
         assert all(-1.0 <= e[k] <= 1.0 for k in ("dino", "clip_i", "clip_t", "copy")) and e["copy"] >= e["dino"] - 1e-6
     history = read_fidelity(model)
     assert [s["step"] for s in history["saves"]] == [2, 4, 6] and history["best_step"] == events[-1]["best_step"]
+    recorded = [(s["step"], Scores(s["dino"], s["clip_i"], s["clip_t"], s["copy"])) for s in history["saves"]]
+    assert history["best_step"] == best_save(recorded, prompt_margin=0.0, copy_limit=1.0)  # the run's own rule
     summary = json.loads(model.training_summary.read_text())
     assert summary["fidelity"]["best_step"] == history["best_step"] and set(summary["fidelity"]) >= {"dino", "clip_t"}
     capsys.readouterr()
