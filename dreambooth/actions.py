@@ -25,6 +25,7 @@ from .store import EXPORT_NAME_PATTERN, DataRoot, ModelDir
 
 REQUESTS = ("pause", "sample", "save", "cancel")
 PLAN_TIMEOUT_S = 30 * 60
+STOP_PLAN = ".stop-plan"  # in models/dreambooth: its presence stops the memory plan that runs
 
 
 def _existing(root: DataRoot, name) -> ModelDir:
@@ -275,9 +276,24 @@ def preset_sizes() -> tuple:
     return PRESET_SIZES
 
 
+def _stop_file(root: DataRoot) -> Path:
+    stop = root.dreambooth / STOP_PLAN
+    stop.unlink(missing_ok=True)  # a stop asked for an earlier plan
+    return stop
+
+
+def stop_plan(root: DataRoot) -> str:
+    """Stop the memory plan or preset that runs now (it takes minutes of CPU for a real model)."""
+    from .store import atomic_write_text
+
+    atomic_write_text(root.dreambooth / STOP_PLAN, "")
+    return "Stopping the memory plan."
+
+
 def plan(root: DataRoot, name: str, vram_gb: float | None, params: Parameters | None = None) -> Plan:
     """The predicted peak GPU memory of training `name` with `params` (default: its saved settings), and with
-    `vram_gb` whether it fits and what to change (child process: tracing a model takes a CPU for minutes)."""
+    `vram_gb` whether it fits and what to change (child process: tracing a model takes a CPU for minutes; stop_plan
+    stops it)."""
     model = _existing(root, name)
     args = ["plan", name, "--json", *(["--vram", repr(float(vram_gb))] if vram_gb else [])]
     with tempfile.TemporaryDirectory(prefix="dreambooth-plan-") as tmp:
@@ -285,7 +301,7 @@ def plan(root: DataRoot, name: str, vram_gb: float | None, params: Parameters | 
             config = replace(load_config(model), parameters=params)
             config.save(Path(tmp) / "config.json")
             args += ["--config", str(Path(tmp) / "config.json")]
-        printed = jobs.run_cli(root, *args, timeout=PLAN_TIMEOUT_S)
+        printed = jobs.run_cli(root, *args, timeout=PLAN_TIMEOUT_S, stop=_stop_file(root))
     result = json.loads(printed.splitlines()[-1])
     return Plan(result["text"], result["fits"])
 
@@ -296,5 +312,5 @@ def apply_preset(root: DataRoot, name: str, size) -> tuple[Config, str]:
     model = _existing(root, name)
     if not size:
         raise UserError("choose a VRAM preset")
-    said = jobs.run_cli(root, "preset", name, repr(float(size)), timeout=PLAN_TIMEOUT_S)
+    said = jobs.run_cli(root, "preset", name, repr(float(size)), timeout=PLAN_TIMEOUT_S, stop=_stop_file(root))
     return load_config(model), said

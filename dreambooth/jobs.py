@@ -94,23 +94,42 @@ def trainer_command(root: DataRoot, name: str) -> list[str]:
     return _cli(root, "train", name)
 
 
-def run_cli(root: DataRoot, *args: str, timeout: float | None = None) -> str:
-    """Run a short CLI verb (create, export) in a child process. It reports through its exit code and a one-event
-    log (--report): Done carries what it printed, Error the one-line reason, which becomes a UserError here."""
+def run_cli(root: DataRoot, *args: str, timeout: float | None = None, stop: Path | None = None) -> str:
+    """Run a short CLI verb (create, export, plan) in a child process. It reports through its exit code and a
+    one-event log (--report): Done carries what it printed, Error the one-line reason, which becomes a UserError
+    here. The child is killed once `timeout` seconds have passed, or once the file `stop` exists."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="dreambooth-report-") as tmp:
         report = EventLog(Path(tmp) / "report.jsonl")
         command = [sys.executable, "-m", "dreambooth", "--root", str(root.root), "--report", str(report.path), *args]
-        proc = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.Popen(command, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+        stderr = _wait(proc, args[0], timeout, stop)
         events, _ = report.read()
     outcome = events[-1] if events else None
     if proc.returncode == 0 and isinstance(outcome, Done):
         return outcome.message
     if isinstance(outcome, Error):
         raise UserError(outcome.message)
-    tail = " | ".join(line for line in (proc.stderr or "").splitlines()[-LOG_TAIL_LINES:] if line.strip())
+    tail = " | ".join(line for line in (stderr or "").splitlines()[-LOG_TAIL_LINES:] if line.strip())
     raise UserError(f"`{' '.join(args[:2])}` failed (exit {proc.returncode}): {tail}")
+
+
+def _wait(proc: subprocess.Popen, verb: str, timeout: float | None, stop: Path | None) -> str:
+    """Wait for a child, reading its output as it comes (so a full pipe never blocks it), and return what it wrote
+    to stderr; kill it when told to."""
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        try:
+            return proc.communicate(timeout=0.25)[1]
+        except subprocess.TimeoutExpired:
+            stopped = stop is not None and stop.exists()
+            if stopped or (deadline is not None and time.monotonic() > deadline):
+                proc.kill()
+                proc.communicate()
+                raise UserError(f"`{verb}` was stopped" if stopped else f"`{verb}` took longer than {timeout:g} s; "
+                                "stopped") from None
 
 
 # ---------------------------------------------------------------- the job lock

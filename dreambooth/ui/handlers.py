@@ -251,6 +251,13 @@ def apply_preset(page: Page, form: dict) -> dict:
     return {**setting_values(config), "db_plan_message": info(said)}
 
 
+def stop_plan(page: Page, form: dict) -> dict:
+    try:
+        return {"db_plan_message": info(actions.stop_plan(page.root))}
+    except UserError as e:
+        return {"db_plan_message": error(e)}
+
+
 def free_gpu_gib() -> float | None:
     """Free memory of this machine's GPU in GiB, or None without one."""
     import torch

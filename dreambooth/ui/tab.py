@@ -142,6 +142,7 @@ def run_controls() -> dict:
         with gr.Row():
             c["db_plan"] = gr.Button("Plan memory", elem_id="db_plan", size="sm")
             c["db_apply_preset"] = gr.Button("Apply preset", elem_id="db_apply_preset", size="sm")
+            c["db_plan_stop"] = gr.Button("Stop planning", elem_id="db_plan_stop", size="sm")
         c["db_plan_message"] = gr.HTML(elem_id="db_plan_message")
     return c
 
@@ -192,6 +193,7 @@ EVENTS = (
      ("db_plan_message", "last_plan"), "db_plan_message"),
     ("db_apply_preset", "click", handlers.apply_preset, ("db_model_select", "db_preset"),
      SETTINGS + ("db_plan_message",), "db_plan_message"),
+    ("db_plan_stop", "click", handlers.stop_plan, (), ("db_plan_message",), "db_plan_message"),
     ("db_extract", "click", handlers.extract_lora, ("db_model_select", "db_extract_rank", "db_extract_te_rank"),
      ("db_extract_message", "db_checkpoints"), "db_extract_message"),
     ("db_cancel", "click", handlers.cancel, ("db_model_select",), ("db_run_message",), "db_run_message"),

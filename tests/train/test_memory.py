@@ -441,3 +441,22 @@ def test_the_tabs_plan_and_preset_run_in_a_child_process(tiny_source, tmp_path, 
     assert "8 GiB preset for v1" in said and config == Config.load(root.model("tiny").config_path)
     with pytest.raises(UserError, match="model 'nope': not found"):
         actions.plan(root, "nope", None)
+
+    import threading
+    import time
+
+    stopped = {}
+
+    def plan_until_stopped():
+        with pytest.raises(UserError, match="`plan` was stopped") as e:
+            actions.plan(root, "tiny", 1000)
+        stopped["said"] = str(e.value)
+
+    planning = threading.Thread(target=plan_until_stopped)
+    planning.start()
+    time.sleep(1.0)  # the child is still importing torch
+    asked = time.monotonic()
+    actions.stop_plan(root)
+    planning.join(30)
+    assert stopped and time.monotonic() - asked < 5
+    assert actions.plan(root, "tiny", 1000).fits  # a stop was for the plan that ran then: the next one runs
