@@ -102,6 +102,8 @@ def test_requests_exports_and_extracts_check_their_inputs(tab):
     assert "file name '../../escape': use letters" in said and "db_checkpoints" not in tab.export()
     assert "UNet rank" in tab.extract_lora(db_extract_rank=0)["db_extract_message"]
     assert "no model selected" in tab.export(db_model_select=None)["db_export_message"]
+    assert "Stopping the memory plan." in tab.stop_plan()["db_plan_message"]
+    assert (tab.root.dreambooth / ".stop-plan").exists()  # what the running plan's child process is killed by
 
 
 def test_create_and_delete_ask_first(tab):
