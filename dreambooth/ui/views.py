@@ -90,52 +90,67 @@ def _ticks(low: float, high: float, count: int = 4) -> list:
     return [low + (high - low) * i / (count - 1) for i in range(count)]
 
 
+class _Plot:
+    """An inline SVG plot area: steps across, values up, with labelled axes (no plotting library: the same in every
+    gradio)."""
+
+    LEFT, RIGHT, TOP, BOTTOM = 48, 8, 8, 34  # room for the axis labels
+
+    def __init__(self, steps: list, values: list, width: int, height: int):
+        self.width, self.height = width, height
+        self.x0, self.x1 = min(steps), max(steps)
+        self.y0, self.y1 = min(values), max(values)
+        if self.y1 - self.y0 < 1e-12:
+            self.y0, self.y1 = self.y0 - 0.5, self.y1 + 0.5
+
+    def x(self, step) -> float:
+        return self.LEFT + (step - self.x0) / max(1, self.x1 - self.x0) * (self.width - self.LEFT - self.RIGHT)
+
+    def y(self, value) -> float:
+        return self.TOP + (1 - (value - self.y0) / (self.y1 - self.y0)) * (self.height - self.TOP - self.BOTTOM)
+
+    def line(self, points: list, cls: str, dashed: bool = False, dots: bool = False) -> str:
+        path = " ".join(f"{self.x(s):.1f},{self.y(v):.1f}" for s, v in points)
+        dash = ' stroke-dasharray="4 3"' if dashed else ""
+        marks = "".join(f'<circle class="{cls}" cx="{self.x(s):.1f}" cy="{self.y(v):.1f}" r="2" fill="currentColor"/>'
+                        for s, v in points) if dots else ""
+        return f'<polyline class="{cls}" fill="none" stroke="currentColor" points="{path}"{dash}/>{marks}'
+
+    def svg(self, y_label: str, aria: str, body: str) -> str:
+        left, top, width, height, bottom = self.LEFT, self.TOP, self.width, self.height, self.BOTTOM
+        axes = [f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="currentColor"/>',
+                f'<line x1="{left}" y1="{height - bottom}" x2="{width - self.RIGHT}" y2="{height - bottom}" '
+                f'stroke="currentColor"/>']
+        for v in _ticks(self.y0, self.y1):
+            axes.append(f'<text x="{left - 4}" y="{self.y(v) + 3:.1f}" text-anchor="end" font-size="10" '
+                        f'fill="currentColor">{v:.3g}</text>')
+        for s in sorted({round(t) for t in _ticks(self.x0, self.x1)}):
+            axes.append(f'<text x="{self.x(s):.1f}" y="{height - bottom + 13}" text-anchor="middle" font-size="10" '
+                        f'fill="currentColor">{s}</text>')
+        middle = (top + height - bottom) / 2
+        axes.append(f'<text x="{(left + width) / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="10" '
+                    f'fill="currentColor">step</text>')
+        axes.append(f'<text x="10" y="{middle:.0f}" text-anchor="middle" font-size="10" fill="currentColor" '
+                    f'transform="rotate(-90 10 {middle:.0f})">{y_label}</text>')
+        return (f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="{aria}">'
+                f'{"".join(axes)}{body}</svg>')
+
+
 def loss_chart(losses: list, validation: list = (), width: int = 480, height: int = 180) -> str:
     """An inline SVG chart of (step, loss) with axes, the raw loss faint and a smoothed line on top, and the
-    validation loss (held-out images, fixed noise) as a dashed line with its points: the same in every gradio, no
-    pandas or plotting library."""
+    validation loss (held-out images, fixed noise) as a dashed line with its points."""
     points = [(s, v) for s, v in losses if math.isfinite(v)]
     held = [(s, v) for s, v in validation if math.isfinite(v)]
     if len(points) < 2:
         return '<div class="db-chart db-chart-empty" id="db_loss_chart">The loss chart appears after two steps.</div>'
     steps, values = [s for s, _ in points], [v for _, v in points]
-    x0, x1 = min(steps + [s for s, _ in held]), max(steps + [s for s, _ in held])
-    y0, y1 = min(values + [v for _, v in held]), max(values + [v for _, v in held])
-    if y1 - y0 < 1e-12:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    left, right, top, bottom = 48, 8, 8, 34  # room for the axis labels
-
-    def x(step):
-        return left + (step - x0) / max(1, x1 - x0) * (width - left - right)
-
-    def y(value):
-        return top + (1 - (value - y0) / (y1 - y0)) * (height - top - bottom)
-
-    def line(vals, cls, at=steps):
-        path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(at, vals))
-        return f'<polyline class="{cls}" fill="none" stroke="currentColor" points="{path}"/>'
-
-    axes = [f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="currentColor"/>',
-            f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="currentColor"/>']
-    for v in _ticks(y0, y1):
-        axes.append(f'<text x="{left - 4}" y="{y(v) + 3:.1f}" text-anchor="end" font-size="10" '
-                    f'fill="currentColor">{v:.3g}</text>')
-    for s in sorted({round(t) for t in _ticks(x0, x1)}):
-        axes.append(f'<text x="{x(s):.1f}" y="{height - bottom + 13}" text-anchor="middle" font-size="10" '
-                    f'fill="currentColor">{s}</text>')
-    axes.append(f'<text x="{(left + width) / 2:.0f}" y="{height - 4}" text-anchor="middle" font-size="10" '
-                f'fill="currentColor">step</text>')
-    axes.append(f'<text x="10" y="{(top + height - bottom) / 2:.0f}" text-anchor="middle" font-size="10" '
-                f'fill="currentColor" transform="rotate(-90 10 {(top + height - bottom) / 2:.0f})">loss</text>')
-    validation_svg, caption = "", "loss by step: raw (faint) and smoothed"
+    plot = _Plot(steps + [s for s, _ in held], values + [v for _, v in held], width, height)
+    body = plot.line(points, "db-loss-raw") + plot.line(list(zip(steps, smooth(values))), "db-loss-smooth")
+    caption = "loss by step: raw (faint) and smoothed"
     if held:
-        validation_svg = line([v for _, v in held], "db-loss-val", [s for s, _ in held]).replace(
-            "/>", ' stroke-dasharray="4 3"/>') + "".join(
-            f'<circle class="db-loss-val" cx="{x(s):.1f}" cy="{y(v):.1f}" r="2" fill="currentColor"/>' for s, v in held)
+        body += plot.line(held, "db-loss-val", dashed=True, dots=True)
         caption += f"; validation (dashed): {held[-1][1]:.4f} at step {held[-1][0]}"
-    return (f'<div class="db-chart" id="db_loss_chart"><svg viewBox="0 0 {width} {height}" width="100%" '
-            f'role="img" aria-label="loss by step, raw and smoothed">{"".join(axes)}'
-            f'{line(values, "db-loss-raw")}{line(smooth(values), "db-loss-smooth")}{validation_svg}</svg>'
+    return (f'<div class="db-chart" id="db_loss_chart">{plot.svg("loss", "loss by step, raw and smoothed", body)}'
             f'<div class="db-chart-caption">{caption}</div></div>')
 
 
@@ -165,22 +180,46 @@ def checkpoint_list(paths: list, titles: dict | None = None, lora_folder=None, b
     return f'<ul id="db_checkpoint_list" class="db-checkpoints">{"".join(rows)}</ul>'
 
 
+FIDELITY_LINES = (("dino", "DINO", False), ("clip_i", "CLIP-I", False), ("clip_t", "CLIP-T", True),
+                  ("copy", "copy", True))
+
+
+def fidelity_chart(scores: dict, width: int = 480, height: int = 180) -> str:
+    """The four scores by step (models.read_fidelity), the best save marked by a vertical line; nothing before two
+    saves were scored."""
+    saves = scores["saves"]
+    if len(saves) < 2:
+        return ""
+    steps = [save["step"] for save in saves]
+    plot = _Plot(steps, [save[k] for save in saves for k, _, _ in FIDELITY_LINES], width, height)
+    body = "".join(plot.line([(save["step"], save[k]) for save in saves], f"db-fidelity-{k}", dashed, dots=True)
+                   for k, _, dashed in FIDELITY_LINES)
+    best = scores["best_step"]
+    if best is not None and plot.x0 <= best <= plot.x1:
+        body += (f'<line class="db-fidelity-best" x1="{plot.x(best):.1f}" y1="{plot.TOP}" x2="{plot.x(best):.1f}" '
+                 f'y2="{height - plot.BOTTOM}" stroke="currentColor" stroke-dasharray="1 3"/>')
+    key = ", ".join(f'<span class="db-fidelity-{k}">{label}{" (dashed)" if dashed else ""}</span>'
+                    for k, label, dashed in FIDELITY_LINES)
+    return (f'<div class="db-chart" id="db_fidelity_chart">{plot.svg("score", "fidelity scores by save", body)}'
+            f'<div class="db-chart-caption">{key}; dotted: the best save</div></div>')
+
+
 def fidelity_table(scores: dict) -> str:
-    """The fidelity scores of a model's saves (models.read_fidelity), newest first, the best save marked; nothing
-    when no save was scored."""
+    """The fidelity scores of a model's saves (models.read_fidelity): their chart, then a table newest first, the
+    best save marked; nothing when no save was scored."""
     if not scores["saves"]:
         return ""
     rows = []
     for save in reversed(scores["saves"]):
         best = save["step"] == scores["best_step"]
-        cells = "".join(f"<td>{save[k]:.3f}</td>" for k in ("dino", "clip_i", "clip_t", "copy"))
+        cells = "".join(f"<td>{save[k]:.3f}</td>" for k, _, _ in FIDELITY_LINES)
         marked = (' class="db-best"', " (best)") if best else ("", "")
         rows.append(f'<tr{marked[0]}><td>{int(save["step"])}{marked[1]}</td>{cells}</tr>')
     best = scores["best_step"]
     said = f"best save: step {int(best)}" if best is not None else "no save qualifies as the best yet"
-    return ('<table id="db_fidelity_table" class="db-fidelity"><caption>Subject fidelity of each save: DINO and '
-            f'CLIP-I (the subject), CLIP-T (the prompt), copy (reproduces the photos); {said}</caption>'
-            '<tr><th>step</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>copy</th></tr>'
+    return (f'{fidelity_chart(scores)}<table id="db_fidelity_table" class="db-fidelity"><caption>Subject fidelity '
+            f'of each save: DINO and CLIP-I (the subject), CLIP-T (the prompt), copy (reproduces the photos); {said}'
+            '</caption><tr><th>step</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>copy</th></tr>'
             f'{"".join(rows)}</table>')
 
 

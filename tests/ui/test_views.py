@@ -147,6 +147,9 @@ def test_fidelity_scores_newest_first_with_the_best_save_marked(tmp_path):
     table = views.fidelity_table(read_fidelity(model))
     assert table.index("<td>4 (best)</td><td>0.610</td>") < table.index("<td>2</td><td>0.500</td>")
     assert "best save: step 4" in table
+    assert table.count("<polyline") == 4 and 'class="db-fidelity-best" x1="472.0"' in table  # the best: the last
+    one = {"best_step": None, "saves": read_fidelity(model)["saves"][:1]}
+    assert views.fidelity_chart(one) == "" and "<table" in views.fidelity_table(one)  # a chart from two saves on
     files = [tmp_path / "dog_2.safetensors", tmp_path / "dog_4.safetensors", tmp_path / "dog_40.safetensors"]
     for f in files:
         f.write_bytes(b"x")
