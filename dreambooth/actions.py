@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import jobs
@@ -89,6 +89,57 @@ def delete(root: DataRoot, name: str, confirmed: bool) -> str:
 
     delete_model(root, name)
     return f"Deleted {name}."
+
+
+def concepts(root: DataRoot, name: str) -> list[dict]:
+    """The model's concepts as saved, each with how many instance images its folder holds now."""
+    from .data.images import find_images
+
+    config = load_config(_existing(root, name))
+    listed = []
+    for concept in config.concepts:
+        folder = Path(concept.instance_data_dir).expanduser()
+        try:
+            count = len(find_images(folder)) if concept.instance_data_dir.strip() and folder.is_dir() else 0
+        except UserError:
+            count = 0
+        listed.append({**asdict(concept), "images": count})
+    return listed
+
+
+def _with_concepts(model, config: Config, concepts: list[dict]) -> Config:
+    return save_config(model, Config.from_dict({**config.to_dict(), "concepts": concepts}))
+
+
+def _numbered(config: Config, number: int) -> int:
+    """The list index of concept `number` (counted from 1, as the tab's Concept 1, 2, ...)."""
+    if not 1 <= number <= len(config.concepts):
+        raise UserError(f"concept {number}: the model has {len(config.concepts)} concept(s), numbered from 1")
+    return number - 1
+
+
+def add_concept(root: DataRoot, name: str, values: dict) -> int:
+    """Add a concept with `values` (the rest at their defaults); returns its number (from 1)."""
+    model = _existing(root, name)
+    config = load_config(model)
+    _with_concepts(model, config, [asdict(c) for c in config.concepts] + [values])
+    return len(config.concepts) + 1
+
+
+def set_concept(root: DataRoot, name: str, number: int, values: dict) -> None:
+    model = _existing(root, name)
+    config = load_config(model)
+    concepts = [asdict(c) for c in config.concepts]
+    concepts[_numbered(config, number)].update(values)
+    _with_concepts(model, config, concepts)
+
+
+def remove_concept(root: DataRoot, name: str, number: int) -> None:
+    model = _existing(root, name)
+    config = load_config(model)
+    concepts = [asdict(c) for c in config.concepts]
+    del concepts[_numbered(config, number)]
+    _with_concepts(model, config, concepts)
 
 
 # ---------------------------------------------------------------- training

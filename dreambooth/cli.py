@@ -53,6 +53,8 @@ def cmd_create(args) -> int:
     model = create_model(_root(args), args.name, args.source, family=args.family, overwrite=args.overwrite,
                          allow_pickle=args.allow_pickle_weights)
     print(f"created {model.path}")
+    print(f"next: `python -m dreambooth concept add {args.name} --instance-dir PHOTOS --instance-token zwx "
+          f"--class-token dog`, then `python -m dreambooth train {args.name}`")
     return 0
 
 
@@ -122,6 +124,34 @@ def _ended(events: EventLog) -> bool:
     return bool(past) and past[-1].kind in ("done", "cancelled", "error")
 
 
+def cmd_concept(args) -> int:
+    from . import actions
+    from .config import CONCEPT_SETTINGS, parse_overrides
+
+    root = _root(args)
+    values = parse_overrides(getattr(args, "set", None) or [], CONCEPT_SETTINGS, "concept")
+    if args.action == "add":
+        named = {"instance_data_dir": args.instance_dir, "instance_token": args.instance_token,
+                 "class_token": args.class_token, "instance_prompt": args.instance_prompt,
+                 "class_prompt": args.class_prompt, "sample_prompt": args.sample_prompt}
+        number = actions.add_concept(root, args.name, {**{k: v for k, v in named.items() if v is not None}, **values})
+        print(f"added concept {number} to {args.name}")
+    elif args.action == "set":
+        actions.set_concept(root, args.name, args.number, values)
+        print(f"changed concept {args.number} of {args.name}: {', '.join(values) or 'nothing'}")
+    elif args.action == "remove":
+        actions.remove_concept(root, args.name, args.number)
+        print(f"removed concept {args.number} of {args.name}")
+    listed = actions.concepts(root, args.name)
+    if not listed:
+        print(f"{args.name} has no concept: add one with `python -m dreambooth concept add {args.name} "
+              "--instance-dir PHOTOS --instance-token zwx --class-token dog`")
+    for number, c in enumerate(listed, 1):
+        print(f"{number}: {c['instance_data_dir'] or '(no instance folder)'} ({c['images']} images) · instance "
+              f"prompt {c['instance_prompt']!r} · token {c['instance_token']!r} · class {c['class_token']!r}")
+    return 0
+
+
 def cmd_scores(args) -> int:
     from .actions import fidelity_scores, model_files
     from .outputs import step_of
@@ -179,9 +209,19 @@ def cmd_preset(args) -> int:
     return 0
 
 
+ROOT_HELP = "data root (default: $DREAMBOOTH_ROOT or ./data); before or after the verb"
+
+
+def _verb(verbs, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A verb that also takes --root after its name (where it is not given, the one before the verb counts)."""
+    parser = verbs.add_parser(name, **kwargs)
+    parser.add_argument("--root", default=argparse.SUPPRESS, help=ROOT_HELP)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", help="data root (default: $DREAMBOOTH_ROOT or ./data)")
+    parser.add_argument("--root", help=ROOT_HELP)
     parser.add_argument("--report", help=argparse.SUPPRESS)  # FILE: the outcome as one event (for the UI)
     verbs = parser.add_subparsers(dest="verb", required=True)
     add_model_verbs(verbs)
@@ -191,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_verbs(verbs) -> None:
     """Verbs that make, write out or extract from a model."""
-    p = verbs.add_parser("tiny-checkpoint", help="write a tiny random model in a family's original single-file layout")
+    p = _verb(verbs, "tiny-checkpoint", help="write a tiny random model in a family's original single-file layout")
     p.add_argument("--family", required=True, choices=FAMILIES)
     p.add_argument("--out", required=True, help="output .safetensors or .ckpt path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--full-text-encoder", action="store_true", help="keep the real text-encoder widths")
     p.set_defaults(run=cmd_tiny_checkpoint)
 
-    p = verbs.add_parser("create", help="create a DreamBooth model from a checkpoint, diffusers folder or hub id")
+    p = _verb(verbs, "create", help="create a DreamBooth model from a checkpoint, diffusers folder or hub id")
     p.add_argument("name")
     p.add_argument("--source", required=True)
     p.add_argument("--family", default="auto", choices=("auto",) + FAMILIES)
@@ -208,7 +248,9 @@ def add_model_verbs(verbs) -> None:
                         "only for files you trust")
     p.set_defaults(run=cmd_create)
 
-    p = verbs.add_parser("export", help="write the model as one checkpoint file")
+    add_concept_verbs(verbs)
+
+    p = _verb(verbs, "export", help="write the model as one checkpoint file")
     p.add_argument("name")
     p.add_argument("--format", default="safetensors", choices=("safetensors", "ckpt"))
     p.add_argument("--half", action="store_true", help="write fp16 weights")
@@ -218,7 +260,7 @@ def add_model_verbs(verbs) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
     p.set_defaults(run=cmd_export)
 
-    p = verbs.add_parser("extract-lora", help="extract a LoRA from a trained model (low-rank SVD of trained - base)")
+    p = _verb(verbs, "extract-lora", help="extract a LoRA from a trained model (low-rank SVD of trained - base)")
     p.add_argument("name")
     p.add_argument("--rank", type=int, required=True, help="UNet rank (capped per layer at the layer's width)")
     p.add_argument("--te-rank", type=int, default=None, help="text-encoder rank (default: --rank)")
@@ -229,9 +271,40 @@ def add_model_verbs(verbs) -> None:
     p.set_defaults(run=cmd_extract_lora)
 
 
+def add_concept_verbs(verbs) -> None:
+    """`concept list|add|set|remove`: a model's concepts, as the tab's Concepts panel edits them."""
+    from .config import CONCEPT_SETTINGS
+
+    fields = "\n".join(f"  {s.name}: {s.tooltip}" for s in CONCEPT_SETTINGS)
+    raw = argparse.RawDescriptionHelpFormatter
+    concept = _verb(verbs, "concept", help="list, add, change or remove a model's concepts (its subjects)")
+    actions = concept.add_subparsers(dest="action", required=True)
+    p = _verb(actions, "list", help="the model's concepts")
+    p.add_argument("name")
+    p = _verb(actions, "add", help="add a concept: a folder of photos of one subject and its tokens",
+                           epilog=f"Fields for --set:\n{fields}", formatter_class=raw)
+    p.add_argument("name")
+    p.add_argument("--instance-dir", required=True, help="the folder of photos of the subject")
+    p.add_argument("--instance-token", help="the rare identifier, e.g. zwx")
+    p.add_argument("--class-token", help="the class noun, e.g. dog")
+    p.add_argument("--instance-prompt", help="default [filewords]: each image's caption (or file name)")
+    p.add_argument("--class-prompt", help="default [filewords]")
+    p.add_argument("--sample-prompt", help="the prompt of preview images")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any other field of the concept")
+    p = _verb(actions, "set", help="change fields of concept N (numbered from 1, as in `concept list`)",
+                           epilog=f"Fields:\n{fields}", formatter_class=raw)
+    p.add_argument("name")
+    p.add_argument("number", type=int)
+    p.add_argument("set", nargs="+", metavar="FIELD=VALUE")
+    p = _verb(actions, "remove", help="remove concept N")
+    p.add_argument("name")
+    p.add_argument("number", type=int)
+    concept.set_defaults(run=cmd_concept)
+
+
 def add_training_verbs(verbs) -> None:
     """Verbs that train, plan a training, or serve the tab."""
-    p = verbs.add_parser("train", help="train a model from its config (resumes where it stopped)")
+    p = _verb(verbs, "train", help="train a model from its config (resumes where it stopped)")
     p.add_argument("name")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides the config)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -242,14 +315,14 @@ def add_training_verbs(verbs) -> None:
                    help="start at step 0 from the source checkpoint's weights (settings and class images stay)")
     p.set_defaults(run=cmd_train)
 
-    p = verbs.add_parser("scores", help="the fidelity scores of a model's saves and the best one")
+    p = _verb(verbs, "scores", help="the fidelity scores of a model's saves and the best one")
     p.add_argument("name")
     p.set_defaults(run=cmd_scores)
 
-    p = verbs.add_parser("demo", help="the whole flow on a built-in tiny model, a few minutes on a CPU")
+    p = _verb(verbs, "demo", help="the whole flow on a built-in tiny model, a few minutes on a CPU")
     p.set_defaults(run=cmd_demo)
 
-    p = verbs.add_parser("ui", help="the DreamBooth tab as a standalone app")
+    p = _verb(verbs, "ui", help="the DreamBooth tab as a standalone app")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7861)
     p.add_argument("--auth", metavar="USER:PASS", help="login for the page and HTTP Basic auth for the REST routes "
@@ -259,7 +332,7 @@ def add_training_verbs(verbs) -> None:
                         "behind a proxy (repeatable); its host name is accepted too")
     p.set_defaults(run=cmd_ui)
 
-    p = verbs.add_parser("plan", help="predict the peak GPU memory of a model's training settings (no GPU needed)")
+    p = _verb(verbs, "plan", help="predict the peak GPU memory of a model's training settings (no GPU needed)")
     p.add_argument("name")
     p.add_argument("--vram", type=float, help="GPU memory in GiB: say whether the run fits and what to change if not")
     p.add_argument("--preset", type=float, help="plan with the VRAM preset for this many GiB instead of the settings")
@@ -267,7 +340,7 @@ def add_training_verbs(verbs) -> None:
     p.add_argument("--json", action="store_true", help='print {"text": the plan, "fits": true/false/null} as JSON')
     p.set_defaults(run=cmd_plan)
 
-    p = verbs.add_parser("preset", help="set a model's memory settings to the fastest ones that fit a GPU's memory")
+    p = _verb(verbs, "preset", help="set a model's memory settings to the fastest ones that fit a GPU's memory")
     p.add_argument("name")
     p.add_argument("vram", type=float, help="GPU memory in GiB (6, 8, 12, 16, 24, 48, ...)")
     p.set_defaults(run=cmd_preset)

@@ -524,17 +524,19 @@ def validate_for_training(config: Config) -> None:
         raise ConfigError(problems)
 
 
-def parse_overrides(assignments: list[str]) -> dict[str, Any]:
-    """`name=value` pairs for parameters (the CLI's `--set`), each checked against its declaration."""
-    known = {s.name: s for s in PARAMETER_SETTINGS}
+def parse_overrides(assignments: list[str], settings: tuple = PARAMETER_SETTINGS,
+                    section: str = "parameters") -> dict[str, Any]:
+    """`name=value` pairs for parameters (the CLI's `--set`) or another section's settings, each checked against its
+    declaration."""
+    known = {s.name: s for s in settings}
     overrides = {}
     for item in assignments:
         name, sep, text = item.partition("=")
         name = name.strip()
         if not sep:
-            raise ConfigError(f"--set {item!r}: expected NAME=VALUE")
+            raise ConfigError(f"{item!r}: expected NAME=VALUE")
         if name not in known:
-            raise ConfigError(Problem(("parameters", _short(name).strip("'")), "unknown setting"))
+            raise ConfigError(Problem((section, _short(name).strip("'")), "unknown setting"))
         overrides[name] = known[name].parse(text)
     return overrides
 
