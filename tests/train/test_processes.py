@@ -110,3 +110,20 @@ def test_sigterm_cancels_and_saves_for_resume(tmp_path, tiny_source):
     saved = [e for e in read_events(model) if e["kind"] == "checkpoint"]
     assert saved and saved[-1]["step"] == last["step"] and Path(saved[-1]["path"]).is_file()  # save_on_cancel
     assert '"step": %d' % last["step"] in (model.state / "trainer.json").read_text()  # resumable from there
+
+
+def test_the_trainers_output_holds_its_own_lines_not_its_libraries(tmp_path, tiny_source):
+    """What the tab's log and a terminal show: our warning as one line, the progress, the outcome; no diffusers
+    "kept in float32: []", no loading bars, no notices about optional packages."""
+    concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "instance_token": "zwx",
+                 "class_token": "dog", "num_samples": 0}]
+    root, _ = make_model(tmp_path / "root", tiny_source, concepts=concepts, mixed_precision="fp16",
+                         optimizer="adamw_8bit")
+    run = subprocess.run(train_cmd(root.root), env=child_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = run.stdout + run.stderr
+    assert "warning: mixed_precision fp16 needs a GPU; training in full precision (fp32) on the CPU\n" in printed
+    for chatter in ("should be kept in float32", "Loading weights", "kernels-community", "torchvision",
+                    "UserWarning", "self.dtypes ="):
+        assert chatter not in printed, (chatter, printed[-3000:])
+    assert "done: trained 2 steps" in printed
