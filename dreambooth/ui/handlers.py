@@ -20,10 +20,10 @@ from . import compat, views
 from .concepts_files import load_concepts as read_concepts, save_concepts as write_concepts
 from .fields import CONCEPT_IDS, form_config, setting_values
 
-START_FROM = ("Resume the saved run", "Start over from the source checkpoint")
+START_FROM = ("Go on from the last save", "Start over from the source checkpoint")
 # The output column's parts, as `panel` fills them.
 PANEL_IDS = ("db_status", "db_progress_box", "db_chart_box", "db_fidelity", "db_gallery", "db_checkpoints", "db_log",
-             "db_resume_from")
+             "db_resume_from", "db_start_from")
 
 
 @dataclass
@@ -323,7 +323,19 @@ def panel(page: Page, name) -> dict:
         "db_checkpoints": views.checkpoint_list(files, checkpoint_titles(page), root.lora, scores["best_step"]),
         "db_log": st.log_tail if st else "",
         "db_resume_from": saves_update(page, name),
+        "db_start_from": start_choice(page, name, st),
     }
+
+
+def start_choice(page: Page, name, st):
+    """"Go on or start over" shows for a model that has a saved run and is not training."""
+    if st is None or st.state in ("running", "starting", "paused"):
+        return compat.update(visible=False)
+    try:
+        saved = actions.saved_step(page.root, name) is not None
+    except UserError:
+        saved = True  # a damaged save: starting over is the way out
+    return compat.update(visible=saved)
 
 
 def show_model(page: Page, form: dict) -> dict:

@@ -123,9 +123,9 @@ def run_controls() -> dict:
     with gr.Row(elem_id="db_run_row2"):
         c["db_save_now"] = gr.Button("Save now", elem_id="db_save_now", size="sm", min_width=80)
         c["db_sample_now"] = gr.Button("Sample now", elem_id="db_sample_now", size="sm", min_width=80)
-    c["db_start_from"] = gr.Radio(label="Train a model that has a saved run", choices=list(START_FROM),
-                                  value=START_FROM[0], elem_id="db_start_from",
-                                  info="Resume where the last run stopped, or start over from the source "
+    c["db_start_from"] = gr.Radio(label="This model has a saved run", choices=list(START_FROM),
+                                  value=START_FROM[0], elem_id="db_start_from", visible=False,
+                                  info="Go on where the last run stopped, or start over from the source "
                                        "checkpoint (the settings and class images stay; the saves go).")
     c["db_resume_from"] = gr.Dropdown(label="Resume from", choices=[], value=None, visible=False,
                                       elem_id="db_resume_from",

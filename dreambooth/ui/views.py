@@ -51,7 +51,7 @@ def status_line(st: Status | None) -> str:
     if nothing_to_do(st):
         parts.append(f"already trained to step {st.step}: nothing to do. To train on, raise Training epochs (or "
                      "Max training steps) and press Train, or choose Start over")
-    elif st.message:
+    elif st.message and st.message != f"trained {st.step - st.start_step} steps":  # said above already
         parts.append(st.message)
     return (f'<div class="db-status-line"><strong>{html.escape(st.name)}</strong>: '
             f'{" · ".join(html.escape(str(p)) for p in parts)}</div>')
@@ -63,14 +63,19 @@ def nothing_to_do(st: Status) -> bool:
 
 
 def progress_bar(st: Status | None) -> str:
+    """The run's progress: its steps, or while class images are made before the first step, those."""
     total = st.total_steps if st else 0
     fraction = min(1.0, st.step / total) if st and total else 0.0
+    what = ""
+    if st and st.class_images and st.state in ("running", "starting", "paused") and st.step == st.start_step:
+        done, wanted = st.class_images
+        fraction, what = (min(1.0, done / wanted) if wanted else 1.0), f"class images {done}/{wanted}"
     eta = ""
     if st and st.state in ("running", "paused") and st.eta_s is not None:
         eta = f"ETA {_duration(st.eta_s)}"
     elif st and st.state in ("done", "cancelled", "error"):
         eta = st.state
-    label = f"{fraction * 100:.0f}% {eta}".strip()
+    label = f"{what or f'{fraction * 100:.0f}%'} {eta}".strip()
     state = st.state if st else "none"
     return (f'<div class="db-progress" id="db_progress" data-step="{int(st.step) if st else 0}" '
             f'data-total="{int(total)}" data-state="{html.escape(str(state))}"><div class="db-progress-fill" style="width:{fraction * 100:.1f}%"></div>'

@@ -85,7 +85,7 @@ def test_train_saves_the_shown_settings_then_starts_and_the_run_is_followed(tab,
     assert saved(tab)["parameters"]["learning_rate"] == 4e-6
     assert "dog is training" in tab.train()["db_run_message"]
     polled = wait_for(lambda: (p := tab.poll(shown=None)).get("db_status") and "running" in p["db_status"] and p)
-    assert set(polled) == {"db_status", "db_progress_box", "db_chart_box", "db_fidelity", "db_gallery",
+    assert set(polled) == {"db_status", "db_progress_box", "db_chart_box", "db_fidelity", "db_gallery", "db_start_from",
                            "db_checkpoints", "db_log", "db_resume_from", "shown"}
     again = tab.poll(shown=polled["shown"])  # only what changed since the page's last poll
     assert set(again) - {"db_status", "db_progress_box", "db_chart_box", "db_log"} == {"shown"}
@@ -124,6 +124,17 @@ def test_concepts_files_round_trip_through_the_page(tab):
     loaded = tab.load_concepts()
     assert loaded["db_c0_instance_token"] == "zwx" and "Loaded 1 concept(s)" in loaded["db_concepts_message"]
     assert not any(key.startswith("db_p_") for key in loaded)  # concepts only
+
+
+def test_go_on_or_start_over_shows_only_for_a_model_with_a_saved_run(tab):
+    assert tab.show_model(db_model_select="dog")["db_start_from"]["visible"] is False
+    state = tab.root.model("dog").state
+    state.mkdir()
+    (state / "trainer.json").write_text(json.dumps({"step": 4, "total_steps": 8, "checkpoint_written": True,
+                                                    "saved_at": 1.0}))
+    assert tab.show_model()["db_start_from"]["visible"] is True
+    (state / "trainer.json").write_text("{damaged")
+    assert tab.show_model()["db_start_from"]["visible"] is True  # starting over is the way out of a damaged save
 
 
 def test_a_quiet_data_root_polls_nothing_and_detects_no_source(tab):

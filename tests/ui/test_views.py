@@ -158,3 +158,25 @@ def test_fidelity_scores_newest_first_with_the_best_save_marked(tmp_path):
     for damaged in ('{"saves": [{"step": "<b>x</b>"}]}', '{"saves": [], "best_step": true}', "[1, 2", "\xff"):
         model.fidelity_scores.write_text(damaged, errors="surrogateescape")
         assert read_fidelity(model) == {"best_step": None, "saves": []}, damaged
+
+
+def test_the_done_line_says_the_step_count_once_and_class_images_fill_the_bar(tmp_path):
+    from dreambooth.events import ClassImages
+
+    root = DataRoot(tmp_path).ensure()
+    model = root.model("dog")
+    model.path.mkdir(parents=True)
+    log = EventLog(model.events)
+    log.emit(Start(total_steps=4, epochs=1, steps_per_epoch=4, step=0))
+    log.emit(ClassImages(3, 8, eta_s=10.0))
+    st = jobs.status(root, "dog")
+    st.state = "running"
+    bar = views.progress_bar(st)
+    assert 'style="width:37.5%"' in bar and "class images 3/8 ETA 0:10" in bar
+    for step in range(1, 5):
+        log.emit(Step(step, 0, loss=1.0, lr=1e-6, it_per_s=2.0, eta_s=0.0, memory_mb=1.0))
+    log.emit(Done(4, "trained 4 steps"))
+    st = jobs.status(root, "dog")
+    line = views.status_line(st)
+    assert line.count("trained 4 steps") == 1 and "this run trained 4 steps" in line
+    assert "100% done" in views.progress_bar(st)
