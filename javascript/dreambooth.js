@@ -92,7 +92,7 @@
         }
         var state = progress.getAttribute("data-state") || "none";
         var active = state === "running" || state === "starting" || state === "paused";
-        setDisabled("db_train", active);
+        setDisabled("db_train", active || state === "none"); // "none": no model selected yet
         ["db_pause", "db_cancel", "db_save_now", "db_sample_now"].forEach(function (id) {
             setDisabled(id, !active);
         });

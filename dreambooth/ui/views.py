@@ -24,7 +24,9 @@ def _duration(seconds) -> str:
 def status_line(st: Status | None) -> str:
     """The status line as HTML: the model's name in bold, then its state and progress, as text."""
     if st is None:
-        return '<div class="db-status-line">No model selected. Create one in the Model panel, or select an existing one.</div>'
+        return ('<div class="db-status-line">No model selected. To train one: 1. create it in the Model panel from a '
+                'checkpoint (none yet? the Model panel offers a built-in tiny one), 2. point Concept 1 at 3-20 photos '
+                'of your subject, 3. press Train. Or select an existing model above.</div>')
     parts = [f"{st.state}"]
     active = st.state in ("running", "starting", "paused")
     if st.class_images and active and st.step == st.start_step:

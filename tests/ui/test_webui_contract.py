@@ -422,6 +422,9 @@ def test_javascript_in_the_webui_uses_its_helpers(page):
     assert page.locator("#db_run_message div").is_hidden()
     page.evaluate("document.querySelector('#db_progress').dataset.state = 'paused'; window.dreambooth.sync()")
     assert page.inner_text("#db_pause") == "Resume"
+    page.evaluate("document.querySelector('#db_progress').dataset.state = 'none'; window.dreambooth.sync()")
+    assert page.evaluate("document.querySelector('#db_train').disabled")  # no model selected: nothing to train
+    page.evaluate("document.querySelector('#db_progress').dataset.state = 'paused'; window.dreambooth.sync()")
     # a checkpoint: switch to txt2img, select it in the webui's checkpoint list
     assert page.locator("button.db-use").nth(0).is_visible()
     page.evaluate("window.calls = []")
