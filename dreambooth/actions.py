@@ -71,7 +71,8 @@ def create(root: DataRoot, name: str, source: str, family: str = "auto", overwri
     if is_starter(source):
         config = save_config(model, starter_config(root, config))
         note = (" Settings for a first run of about a minute on a CPU are filled in (resolution 64, 6 epochs, the "
-                "demo images as concept 1): press Train.")
+                "demo images as concept 1, and a learning rate of 1e-4, far above the 1e-6 to 5e-6 of a real model, "
+                "so that the tiny one changes within the minute): press Train.")
     reclaimed = _reclaimed(printed)
     return Created(config, f"Created {model.name} ({config.model.family}) from {source}.{note} {reclaimed}".strip())
 
