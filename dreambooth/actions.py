@@ -108,6 +108,36 @@ def concepts(root: DataRoot, name: str) -> list[dict]:
     return listed
 
 
+@dataclass
+class Photos:
+    """What a concept's instance folder holds, for a look before training."""
+
+    folder: str
+    count: int
+    captioned: int  # images with a .txt caption beside them
+    first: list  # [(path, caption)] of the first few
+
+
+def instance_photos(folder: str, shown: int = 4) -> Photos:
+    """The images a concept's instance folder holds (as the trainer finds them) and the first few captions."""
+    import warnings
+
+    from .data.captions import caption_of
+    from .data.images import find_images
+
+    path = Path(str(folder or "")).expanduser()
+    if not str(folder or "").strip():
+        raise UserError("no instance images folder set")
+    if not path.is_dir():
+        raise UserError(f"{str(path)!r} is not a folder")
+    images = find_images(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unreadable caption reads as the file name, as in training
+        first = [(image, caption_of(image)) for image in images[:shown]]
+    captioned = sum(1 for image in images if image.with_suffix(".txt").is_file())
+    return Photos(str(path), len(images), captioned, first)
+
+
 def _with_concepts(model, config: Config, concepts: list[dict]) -> Config:
     return save_config(model, Config.from_dict({**config.to_dict(), "concepts": concepts}))
 

@@ -171,6 +171,17 @@ def load_concepts(page: Page, form: dict) -> dict:
     return {**concepts, "db_concepts_message": info(f"Loaded {len(config.concepts)} concept(s) from {path}.")}
 
 
+def concept_photos(page: Page, form: dict, index: int = 0) -> dict:
+    """A look at the images of concept `index`, whose instance folder changed."""
+    key, shown = f"db_c{index}_instance_data_dir", f"db_c{index}_photos"
+    if not (form[key] or "").strip():
+        return {shown: ""}
+    try:
+        return {shown: views.instance_photos(actions.instance_photos(form[key]))}
+    except UserError as e:
+        return {shown: error(e)}
+
+
 def save_concepts(page: Page, form: dict) -> dict:
     try:
         config = form_config(form)

@@ -7,6 +7,7 @@ restarted UI shows the same thing. Training, creating, exporting and planning ru
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -100,6 +101,8 @@ def concepts_panel(host: Host) -> dict:
                         for s in CONCEPT_SETTINGS:
                             if s.group == group:
                                 c[concept_id(i, s)] = widget(s, concept_id(i, s))
+                        if group == "instance":  # what the folder holds, shown as it is typed
+                            c[f"db_c{i}_photos"] = gr.HTML(elem_id=f"db_c{i}_photos")
     return c
 
 
@@ -214,6 +217,8 @@ EVENTS = (
      "db_model_message"),
     ("db_load_concepts", "click", handlers.load_concepts, ("db_concepts_path",), CONCEPTS + ("db_concepts_message",),
      "db_concepts_message"),
+    *((f"db_c{i}_instance_data_dir", "change", partial(handlers.concept_photos, index=i),
+       (f"db_c{i}_instance_data_dir",), (f"db_c{i}_photos",), f"db_c{i}_photos") for i in range(MIN_CONCEPTS)),
     ("db_save_concepts", "click", handlers.save_concepts, ("db_concepts_path",) + SETTINGS,
      ("db_concepts_message",), "db_concepts_message"),
 )
@@ -228,7 +233,7 @@ def bound(page: Page, fn, inputs, outputs):
         result = [updates.get(k, compat.unchanged()) for k in outputs]
         return result[0] if len(outputs) == 1 else result
 
-    call.__name__ = fn.__name__
+    call.__name__ = getattr(fn, "__name__", None) or fn.func.__name__  # a partial: its function's name
     return call
 
 

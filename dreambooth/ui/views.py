@@ -230,6 +230,33 @@ def fidelity_table(scores: dict) -> str:
             f'{"".join(rows)}</table>')
 
 
+def instance_photos(photos) -> str:
+    """What a concept's instance folder holds (actions.Photos): how many images, how many captioned, and the first
+    ones as small thumbnails with their captions (the prompt [filewords] makes of them)."""
+    figures = "".join(f'<figure><img src="{_thumbnail(path)}" alt=""><figcaption>{html.escape(caption)}</figcaption>'
+                      f'</figure>' for path, caption in photos.first)
+    return (f'<div class="db-photos"><div>{photos.count} image{"s" if photos.count != 1 else ""} in '
+            f'<code>{html.escape(photos.folder)}</code>, {photos.captioned} with a caption (.txt); the first:</div>'
+            f'<div class="db-thumbs">{figures}</div></div>')
+
+
+def _thumbnail(path, side: int = 96) -> str:
+    """A small JPEG of an image as a data: URL (read as training reads it: bounded, EXIF-rotated, RGB)."""
+    import base64
+    import io
+
+    from ..data.images import load_image
+
+    try:
+        image = load_image(path)
+    except (OSError, ValueError, UserError):
+        return ""
+    image.thumbnail((side, side))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
 def preview_caption(path) -> str:
     """"step 12 · a zwx disc · seed 420" from a preview's PNG text (the webui's parameters format)."""
     from pathlib import Path

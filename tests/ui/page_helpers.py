@@ -72,14 +72,30 @@ def fields_painted(page) -> None:
         assert shown == [], f"hidden elements painted over these fields: {shown}"
 
 
+# The output column's parts that stick out of it (wrapped into a column of their own beside it, out of reach).
+OUTSIDE_THE_COLUMN = """() => { const panel = document.querySelector('#db_output_panel'); if (!panel) return [];
+    const box = panel.getBoundingClientRect();
+    return [...panel.querySelectorAll('[id^="db_"]')].filter(e => e.offsetParent !== null).filter(e => {
+        const r = e.getBoundingClientRect(); return r.width > 0 && (r.left < box.left - 2 || r.right > box.right + 2);
+    }).map(e => e.id); }"""
+
+
+def output_column_whole(page) -> None:
+    """Every visible part of the output column lies inside it (it scrolls; it never wraps a part out of reach)."""
+    outside = page.evaluate(OUTSIDE_THE_COLUMN)
+    assert outside == [], f"outside the output column: {outside}"
+
+
 def shots(page, name: str) -> None:
     """A full-page screenshot at 1400 px wide (the test's window) and at 1024 px, of a page whose fields are all
-    painted."""
+    painted and whose output column holds all its parts."""
     fields_painted(page)
+    output_column_whole(page)
     page.screenshot(path=str(ARTIFACTS / f"{name}-1400.png"), full_page=True)
-    page.set_viewport_size({"width": 1024, "height": 1000})
+    page.set_viewport_size({"width": 1024, "height": 768})
     page.wait_for_timeout(1000)
     fields_painted(page)
+    output_column_whole(page)
     page.screenshot(path=str(ARTIFACTS / f"{name}-1024.png"), full_page=True)
     page.set_viewport_size({"width": 1400, "height": 1000})
     page.wait_for_timeout(500)

@@ -141,3 +141,22 @@ def test_a_quiet_data_root_polls_nothing_and_detects_no_source(tab):
     assert tab.poll(shown=None) == {}
     assert tab.detect_source(db_checkpoint=None, db_source="") == {"db_detected": ""}
     assert "no such file" in tab.detect_source(db_source="/nowhere/x.safetensors")["db_detected"]
+
+
+def test_a_concepts_folder_shows_its_photos_and_their_captions(tab, tmp_path):
+    from PIL import Image
+
+    from dreambooth.ui.handlers import concept_photos
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (80 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "0.txt").write_text("a <b>zwx</b> dog")
+    shown = concept_photos(tab.page, {"db_c1_instance_data_dir": str(folder)}, index=1)["db_c1_photos"]
+    assert "3 images in" in shown and "1 with a caption" in shown and shown.count("<img ") == 3
+    assert "a &lt;b&gt;zwx&lt;/b&gt; dog" in shown and "<b>" not in shown  # a caption is text, never markup
+    assert 'src="data:image/jpeg;base64,' in shown
+    missing = concept_photos(tab.page, {"db_c0_instance_data_dir": str(tmp_path / "nowhere")})["db_c0_photos"]
+    assert "is not a folder" in missing and "db-error" in missing
+    assert concept_photos(tab.page, {"db_c2_instance_data_dir": " "}, index=2) == {"db_c2_photos": ""}
