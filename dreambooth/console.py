@@ -1,10 +1,10 @@
 """What a process of the product prints: its own lines, not its libraries' chatter.
 
-`python -m dreambooth` (the trainer in the tab's log, the CLI in a terminal) calls `quiet_libraries()` before any
-library is imported. Left out: the warnings and loading bars of diffusers, transformers, huggingface_hub, accelerate,
-peft, bitsandbytes and torch (diffusers' "should be kept in float32: []" on every load, transformers' notices about
-torchvision, bitsandbytes' missing optional kernels); their errors still show. The product's own warnings print as
-one line, `warning: ...`, without the source line Python adds.
+`python -m dreambooth` and the `dreambooth` command (the trainer in the tab's log, the CLI in a terminal) run `main`,
+which calls `quiet_libraries()` before any library is imported. Left out: the warnings and loading bars of
+diffusers, transformers, huggingface_hub, accelerate, peft, bitsandbytes and torch (diffusers' "should be kept in
+float32: []" on every load, transformers' notices about torchvision, bitsandbytes' missing optional kernels); their
+errors still show. The product's own warnings print as one line, `warning: ...`, without the source line Python adds.
 """
 from __future__ import annotations
 
@@ -28,3 +28,11 @@ def quiet_libraries() -> None:
 
 def one_line(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
+
+
+def main() -> int:
+    """`python -m dreambooth` and the `dreambooth` command: quiet libraries first, then the CLI."""
+    quiet_libraries()
+    from .cli import main as cli
+
+    return cli()
