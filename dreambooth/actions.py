@@ -317,7 +317,7 @@ def export(root: DataRoot, name: str, params: Parameters, file_name: str = "", o
     out = export_path(root, file_name, params.checkpoint_format)
     ema = params.use_ema and params.save_ema_weights
     printed = jobs.run_cli(root, "export", name, "--format", params.checkpoint_format,
-                           *(["--half"] if params.save_half else []), *(["--ema"] if ema else []),
+                           "--half" if params.save_half else "--no-half", "--ema" if ema else "--no-ema",
                            *(["--out", str(out)] if out else []), *(["--overwrite"] if overwrite else []))
     if host is not None:
         host.checkpoints_changed()

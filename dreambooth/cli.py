@@ -59,10 +59,17 @@ def cmd_create(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .models import export_model
+    from .models import export_model, load_config
 
-    _reclaim(_root(args), args.name)
-    path = export_model(_root(args), args.name, fmt=args.format, half=args.half, ema=args.ema,
+    root = _root(args)
+    _reclaim(root, args.name)
+    params = load_config(root.model(args.name)).parameters if root.model(args.name).exists() else None
+    saved = {  # what the model's own settings write (its checkpoint files): the default of each option
+        "format": params.checkpoint_format if params else "safetensors",
+        "half": params.save_half if params else False,
+        "ema": bool(params and params.use_ema and params.save_ema_weights)}
+    chosen = {key: saved[key] if getattr(args, key) is None else getattr(args, key) for key in saved}
+    path = export_model(root, args.name, fmt=chosen["format"], half=chosen["half"], ema=chosen["ema"],
                         out=Path(args.out) if args.out else None, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
@@ -252,9 +259,11 @@ def add_model_verbs(verbs) -> None:
 
     p = _verb(verbs, "export", help="write the model as one checkpoint file")
     p.add_argument("name")
-    p.add_argument("--format", default="safetensors", choices=("safetensors", "ckpt"))
-    p.add_argument("--half", action="store_true", help="write fp16 weights")
-    p.add_argument("--ema", action="store_true", help="export the EMA UNet weights")
+    p.add_argument("--format", choices=("safetensors", "ckpt"), help="default: the model's checkpoint format")
+    p.add_argument("--half", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp16 weights (--no-half: fp32); default: as the model's checkpoints are saved")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="the EMA UNet weights; default: when the model trains with EMA and saves its weights")
     p.add_argument("--out", help="output path (default: <root>/models/Stable-diffusion/NAME_<step>.<format>, or "
                                  "the next free NAME_<step>-N when that name is taken)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")

@@ -125,7 +125,8 @@ def automatic(model: ModelDir, wanted: Path, with_yaml: bool = True, own_allowed
     if not taken or (ours and not any(_is_source(model, p) for p in taken)):
         return wanted
     free = _next_free(wanted, with_yaml)
-    log.warning("%s exists and is not this model's own file: writing %s instead", taken[0], free.name)
+    whose = "is this model's earlier file" if is_models(model, taken[0]) else "is not this model's own file"
+    log.warning("%s exists and %s: writing %s beside it", taken[0], whose, free.name)
     return free
 
 

@@ -161,7 +161,8 @@ def test_real_full_disk_on_a_small_tmpfs(model, fmt, size, capsys):
     try:
         out = folder / f"m.{fmt}"
         out.write_bytes(b"previous")
-        code = cli.main(["--root", str(model.root), "export", "m", "--format", fmt, "--out", str(out), "--overwrite"])
+        code = cli.main(["--root", str(model.root), "export", "m", "--format", fmt, "--no-half", "--out", str(out),
+                         "--overwrite"])
         err = capsys.readouterr().err
         assert code == 2 and err == f"error: disk full while writing {out}; the previous file is intact\n", err
         assert out.read_bytes() == b"previous" and sorted(p.name for p in folder.iterdir()) == [out.name]
@@ -197,3 +198,15 @@ def test_extract_lora_on_a_full_disk_is_one_line_and_keeps_the_previous_file(mod
     err = capsys.readouterr().err
     assert code == 2 and err == f"error: disk full while writing {out}; the previous file is intact\n", err
     assert out.read_bytes() == b"previous" and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_export_writes_what_the_models_own_checkpoints_are_unless_told(model, tmp_path):
+    from safetensors.torch import load_file
+
+    def dtypes(path):
+        return {t.dtype for t in load_file(str(path)).values() if t.is_floating_point()}
+
+    assert cli.main(["--root", str(model.root), "export", "m", "--out", str(tmp_path / "same.safetensors")]) == 0
+    assert dtypes(tmp_path / "same.safetensors") == {torch.float16}  # save_half, as the trainer writes
+    assert cli.main(["--root", str(model.root), "export", "m", "--no-half", "--out", str(tmp_path / "full.safetensors")]) == 0
+    assert dtypes(tmp_path / "full.safetensors") == {torch.float32}
