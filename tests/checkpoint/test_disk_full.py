@@ -208,5 +208,6 @@ def test_export_writes_what_the_models_own_checkpoints_are_unless_told(model, tm
 
     assert cli.main(["--root", str(model.root), "export", "m", "--out", str(tmp_path / "same.safetensors")]) == 0
     assert dtypes(tmp_path / "same.safetensors") == {torch.float16}  # save_half, as the trainer writes
-    assert cli.main(["--root", str(model.root), "export", "m", "--no-half", "--out", str(tmp_path / "full.safetensors")]) == 0
-    assert dtypes(tmp_path / "full.safetensors") == {torch.float32}
+    full = tmp_path / "full.safetensors"
+    assert cli.main(["--root", str(model.root), "export", "m", "--no-half", "--out", str(full)]) == 0
+    assert dtypes(full) == {torch.float32}
