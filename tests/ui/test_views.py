@@ -106,12 +106,18 @@ def test_status_checkpoints_previews_and_chart(tmp_path):
     assert views.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
 
 
-def test_nothing_to_do_says_how_to_continue_and_keeps_the_last_chart(tmp_path):
+def a_run(tmp_path):
+    """A data root with the model dog and its event log, where a run of 4 steps has started."""
     root = DataRoot(tmp_path).ensure()
     model = root.model("dog")
     model.path.mkdir(parents=True)
     log = EventLog(model.events)
     log.emit(Start(total_steps=4, epochs=1, steps_per_epoch=4, step=0))
+    return root, log
+
+
+def test_nothing_to_do_says_how_to_continue_and_keeps_the_last_chart(tmp_path):
+    root, log = a_run(tmp_path)
     for step in range(1, 5):
         log.emit(Step(step, 0, loss=1.0, lr=1e-6, it_per_s=2.0, eta_s=0.0, memory_mb=1.0))
     log.emit(Done(4, "trained 4 steps"))
@@ -163,11 +169,7 @@ def test_fidelity_scores_newest_first_with_the_best_save_marked(tmp_path):
 def test_the_done_line_says_the_step_count_once_and_class_images_fill_the_bar(tmp_path):
     from dreambooth.events import ClassImages
 
-    root = DataRoot(tmp_path).ensure()
-    model = root.model("dog")
-    model.path.mkdir(parents=True)
-    log = EventLog(model.events)
-    log.emit(Start(total_steps=4, epochs=1, steps_per_epoch=4, step=0))
+    root, log = a_run(tmp_path)
     log.emit(ClassImages(3, 8, eta_s=10.0))
     st = jobs.status(root, "dog")
     st.state = "running"
