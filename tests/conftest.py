@@ -15,3 +15,14 @@ def data_root(tmp_path, monkeypatch):
     root = tmp_path / "root"
     monkeypatch.setenv(ROOT_ENV, str(root))
     return DataRoot(root).ensure()
+
+
+@pytest.fixture
+def settings_only_model(data_root):
+    """(data root, model "dog") holding only a default config.json: enough for what reads or edits settings."""
+    from dreambooth.config import Config
+
+    model = data_root.model("dog")
+    model.path.mkdir(parents=True)
+    Config().save(model.config_path)
+    return data_root, model

@@ -3,16 +3,11 @@ import pytest
 
 from dreambooth.cli import main
 from dreambooth.config import Config
-from dreambooth.store import DataRoot
 
 
 @pytest.fixture
-def root(tmp_path):
-    root = DataRoot(tmp_path / "root").ensure()
-    model = root.model("dog")
-    model.path.mkdir(parents=True)
-    Config().save(model.config_path)
-    return root
+def root(settings_only_model):
+    return settings_only_model[0]
 
 
 def concepts(root):

@@ -19,12 +19,8 @@ INJECTION = '<img src=x onerror="alert(1)"> ![pixel](http://tracker.example/p.pn
 
 
 @pytest.fixture
-def model(tmp_path):
-    root = DataRoot(tmp_path / "root").ensure()
-    m = root.model("dog")
-    m.path.mkdir(parents=True)
-    Config().save(m.config_path)
-    return root, m
+def model(settings_only_model):
+    return settings_only_model
 
 
 def returns_within(seconds, fn, *args):
