@@ -57,13 +57,19 @@ def test_finishes_and_reports(tmp_path, fake, wait_for):
     assert jobs.running_job(root) is None
 
 
-@pytest.mark.slow
-def test_second_start_refused_naming_the_running_model(tmp_path, fake, wait_for):
+def first_of_two_training(tmp_path, fake) -> DataRoot:
+    """Models first and second; first trains (a stand-in that runs until it is cancelled)."""
     root = DataRoot(tmp_path / "root")
     make_model(root, "first", tmp_path)
     make_model(root, "second", tmp_path)
     fake["value"] = "wait"
     jobs.start(root, "first")
+    return root
+
+
+@pytest.mark.slow
+def test_second_start_refused_naming_the_running_model(tmp_path, fake, wait_for):
+    root = first_of_two_training(tmp_path, fake)
     with pytest.raises(UserError, match="already running: 'first'"):
         jobs.start(root, "second")
     wait_for(lambda: jobs.status(root, "first").step >= 2)
@@ -120,11 +126,7 @@ def test_controls_need_a_running_job(tmp_path):
 
 @pytest.mark.slow
 def test_a_damaged_job_file_does_not_let_a_second_training_in(tmp_path, fake, wait_for):
-    root = DataRoot(tmp_path / "root")
-    make_model(root, "first", tmp_path)
-    make_model(root, "second", tmp_path)
-    fake["value"] = "wait"
-    jobs.start(root, "first")
+    root = first_of_two_training(tmp_path, fake)
     wait_for(lambda: jobs.status(root, "first").step >= 1)
     (root.dreambooth / jobs.JOB_FILE).write_text('{"name": "fir')  # damaged
     with pytest.raises(UserError, match="already running: 'first'"):
