@@ -484,10 +484,13 @@ class Trainer:
         c, res = parts, self.p.resolution
         pipe = gen.make_pipeline(c.unet, c.vae, c.text_encoders, c.tokenizers, c.noise_scheduler.config, c.sdxl,
                                  self.dtypes.autocast)
+        from tqdm.auto import tqdm
+
         done = 0
         made = [0]  # images made so far, all concepts
         started = time.time()
         self.emit(ClassImages(0, total_missing))
+        bar = tqdm(total=total_missing, desc="class images", unit="image", dynamic_ncols=True)  # as the tab says it
 
         def cancelled() -> bool:
             # Only the main process generates: the others wait, so only a single process can stop here.
@@ -514,6 +517,7 @@ class Trainer:
                 return png_parameters(prompt, *settings, number, res, res)
 
             def progress(n, _total, offset=done):
+                bar.update(offset + n - made[0])
                 made[0] = offset + n
                 eta = (time.time() - started) / made[0] * (total_missing - made[0])
                 self.emit(ClassImages(made[0], total_missing, round(eta, 1)))
@@ -523,6 +527,7 @@ class Trainer:
             with writing(folder):
                 class_data.generate_missing(folder, missing, make, parameters, progress, self.p.class_batch_size)
             done += len(missing)
+        bar.close()
 
     def sample_prompts(self, s: TrainingState, every_concept: bool = False):
         """(concept position, concept, prompts) for each active concept with previews (`every_concept`: each active

@@ -116,7 +116,7 @@ def test_the_trainers_output_holds_its_own_lines_not_its_libraries(tmp_path, tin
     """What the tab's log and a terminal show: our warning as one line, the progress, the outcome; no diffusers
     "kept in float32: []", no loading bars, no notices about optional packages."""
     concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "instance_token": "zwx",
-                 "class_token": "dog", "num_samples": 0}]
+                 "class_token": "dog", "num_samples": 0, "num_class_images_per_image": 1, "class_infer_steps": 2}]
     root, _ = make_model(tmp_path / "root", tiny_source, concepts=concepts, mixed_precision="fp16",
                          optimizer="adamw_8bit")
     run = subprocess.run(train_cmd(root.root), env=child_env(), capture_output=True, text=True, timeout=300)
@@ -126,4 +126,5 @@ def test_the_trainers_output_holds_its_own_lines_not_its_libraries(tmp_path, tin
     for chatter in ("should be kept in float32", "Loading weights", "kernels-community", "torchvision",
                     "UserWarning", "self.dtypes ="):
         assert chatter not in printed, (chatter, printed[-3000:])
+    assert "class images: 100%" in printed and "2/2" in printed  # the class images' progress, as the tab shows it
     assert "done: trained 2 steps" in printed
