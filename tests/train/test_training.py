@@ -242,8 +242,8 @@ def test_disk_full_at_export_keeps_the_previous_checkpoint_and_resume_writes_it(
                              save_every_n_epochs=1)
     result = train_model(root, "m")
     out = root.checkpoints / "m_4.safetensors"
-    assert result.status == "error" and result.message == (
-        f"disk full while writing {out}; the previous file is intact. Train again to go on from the last save (step 4)")
+    assert result.status == "error" and result.message == (  # a new file: nothing of it was left (m_2 is intact)
+        f"disk full while writing {out}; no partial file was left. Train again to go on from the last save (step 4)")
     files = sorted(p.name for p in root.checkpoints.iterdir())
     assert files == ["m_2.safetensors", "m_2.yaml"] or files == ["m_2.safetensors"]
     assert load_checkpoint(root.checkpoints / "m_2.safetensors")  # still a whole, readable file
