@@ -524,6 +524,17 @@ def validate_for_training(config: Config) -> None:
         raise ConfigError(problems)
 
 
+def describe(changes: dict) -> str:
+    """Parameter changes in the words of the tab and the CLI: "Optimizer: adamw_8bit (optimizer), Pure bf16 weights:
+    on (pure_bf16)"."""
+    labels = {s.name: s.label for s in PARAMETER_SETTINGS}
+
+    def shown(value):
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    return ", ".join(f"{labels.get(k, k)}: {shown(v)} ({k})" for k, v in changes.items())
+
+
 def parse_overrides(assignments: list[str], settings: tuple = PARAMETER_SETTINGS,
                     section: str = "parameters") -> dict[str, Any]:
     """`name=value` pairs for parameters (the CLI's `--set`) or another section's settings, each checked against its
@@ -544,5 +555,6 @@ def parse_overrides(assignments: list[str], settings: tuple = PARAMETER_SETTINGS
 __all__ = [
     "Setting", "Config", "ConfigError", "Concept", "Parameters", "ModelSettings", "MODEL_SETTINGS", "CONCEPT_SETTINGS",
     "PARAMETER_SETTINGS", "HOST_SETTINGS", "GROUPS", "FAMILIES", "MIN_CONCEPTS", "Problem", "Rule", "CONCEPT_RULES",
-    "PARAMETER_RULES", "validate_for_training", "parse_overrides", "parse_json", "replace", "fields", "setting",
+    "PARAMETER_RULES", "validate_for_training", "parse_overrides", "describe", "parse_json", "replace", "fields",
+    "setting",
 ]

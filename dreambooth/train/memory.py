@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import describe
 from ..errors import UserError
 
 CUDA_BLOCK = 512  # the CUDA caching allocator's smallest block: every tensor costs a multiple of it
@@ -653,7 +654,7 @@ def apply_preset(root, name: str, vram_gb: float) -> str:
 
         with model.lock("setting a VRAM preset"):
             save_config(model, config.with_parameters(**changes))
-    what = ", ".join(f"{k}={v}" for k, v in changes.items()) or "nothing to change"
+    what = describe(changes) or "nothing to change"
     return f"{name}: {size:g} GiB preset for {config.model.family}: {what}"
 
 
@@ -665,7 +666,7 @@ def plan_cli(root, name: str, vram_gb: float | None = None, preset_gb: float | N
     if preset_gb is not None:
         size, settings = preset_for(config.model.family, preset_gb, _arch_factory(_model, config), params)
         params = replace(params, **settings)
-        head.append(f"with the {size:g} GiB preset: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        head.append(f"with the {size:g} GiB preset: " + describe(settings))
     return "\n".join(head + [plan_summary(root, name, vram_gb, params=params)])
 
 
@@ -697,7 +698,7 @@ def plan_report(root, name: str, vram_gb: float | None = None, params=None) -> t
                 lines.append(f"does not fit {vram_gb:g} GiB even with every memory setting "
                              f"(leanest: {gib(lean.needs())}); lower the resolution or batch size")
             else:
-                what = ", ".join(f"{k}={v}" for k, v in changes.items())
+                what = describe(changes)
                 lines.append(f"does not fit {vram_gb:g} GiB (needs {gib(plan.needs())}); fits with {what} "
                              f"(peak {gib(lean.peak)})")
     return "\n".join(lines), fits

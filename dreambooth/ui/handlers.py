@@ -239,12 +239,29 @@ def sample_now(page: Page, form: dict) -> dict:
     return _request(page, form, "sample")
 
 
+def optional_number(text, what: str, kind=float):
+    """A number typed into a field whose empty value means "the default": None when empty."""
+    text = str(text if text is not None else "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UserError(f"{what}: enter {'a whole number' if kind is int else 'a number'}, or leave it empty") \
+            from None
+    if value <= 0:
+        raise UserError(f"{what}: enter a number above 0, or leave it empty")
+    return value
+
+
 def plan_memory(page: Page, form: dict) -> dict:
-    name, vram = form["db_model_select"], form["db_vram"]
+    name = form["db_model_select"]
     try:
         if not name:
             raise UserError("no model selected")
-        plan = actions.plan(page.root, name, float(vram) if vram else free_gpu_gib(), form_config(form).parameters)
+        vram = optional_number(form["db_vram"], "GPU memory (GB)")
+        plan = actions.plan(page.root, name, vram if vram is not None else free_gpu_gib(),
+                            form_config(form).parameters)
     except UserError as e:
         return {"db_plan_message": error(e), "last_plan": None}
     return {"db_plan_message": message(plan.text, "db-info db-plan"),
@@ -299,7 +316,8 @@ def extract_lora(page: Page, form: dict) -> dict:
     try:
         if not name:
             raise UserError("no model selected")
-        said = actions.extract_lora(page.root, name, form["db_extract_rank"], form["db_extract_te_rank"], page.host)
+        te_rank = optional_number(form["db_extract_te_rank"], "Text encoder rank", int)
+        said = actions.extract_lora(page.root, name, form["db_extract_rank"], te_rank, page.host)
     except UserError as e:
         return {"db_extract_message": error(e)}
     return {"db_extract_message": info(said), "db_checkpoints": panel(page, name)["db_checkpoints"]}

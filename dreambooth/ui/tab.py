@@ -137,8 +137,8 @@ def run_controls() -> dict:
     c["db_run_message"] = gr.HTML(elem_id="db_run_message")
     with gr.Accordion("Memory: plan and VRAM presets", open=False, elem_id="db_memory_box"):
         with gr.Row():
-            c["db_vram"] = gr.Number(label="GPU memory (GB)", value=None, elem_id="db_vram",
-                                     info="Empty: the free memory of this machine's GPU, if it has one.")
+            c["db_vram"] = gr.Textbox(label="GPU memory (GB)", value="", max_lines=1, elem_id="db_vram",
+                                      info="Empty: the free memory of this machine's GPU, if it has one.")
             c["db_preset"] = gr.Dropdown(label="VRAM preset", choices=[str(g) for g in actions.preset_sizes()],
                                          value=None, elem_id="db_preset",
                                          info="Sets the memory settings to the fastest ones that fit this size.")
@@ -169,8 +169,8 @@ def output_panel() -> dict:
         with gr.Row():
             c["db_extract_rank"] = gr.Number(label="UNet rank", value=32, precision=0, elem_id="db_extract_rank",
                                              info="Low-rank SVD of trained minus base weights, per layer.")
-            c["db_extract_te_rank"] = gr.Number(label="Text encoder rank", value=None, precision=0,
-                                                elem_id="db_extract_te_rank", info="Empty: the UNet rank.")
+            c["db_extract_te_rank"] = gr.Textbox(label="Text encoder rank", value="", max_lines=1,
+                                                 elem_id="db_extract_te_rank", info="Empty: the UNet rank.")
         c["db_extract"] = gr.Button("Extract LoRA", elem_id="db_extract")
         c["db_extract_message"] = gr.HTML(elem_id="db_extract_message")
     c["db_log"] = gr.Textbox(label="Trainer log", lines=8, max_lines=16, interactive=False, elem_id="db_log")

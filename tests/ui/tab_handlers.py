@@ -7,8 +7,8 @@ from dreambooth.ui.fields import setting_values
 from dreambooth.ui.handlers import START_FROM, Page
 
 PAGE_DEFAULTS = {"db_model_select": None, "db_start_from": START_FROM[0], "db_resume_from": None, "last_plan": None,
-                 "shown": None, "db_vram": None, "db_preset": None, "db_export_name": "", "db_export_overwrite": False,
-                 "db_extract_rank": 32, "db_extract_te_rank": None, "db_delete_confirm": False, "db_new_name": "",
+                 "shown": None, "db_vram": "", "db_preset": None, "db_export_name": "", "db_export_overwrite": False,
+                 "db_extract_rank": 32, "db_extract_te_rank": "", "db_delete_confirm": False, "db_new_name": "",
                  "db_checkpoint": None, "db_source": "", "db_family": "auto", "db_overwrite": False,
                  "db_concepts_path": ""}
 

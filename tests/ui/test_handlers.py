@@ -101,6 +101,11 @@ def test_requests_exports_and_extracts_check_their_inputs(tab):
     said = unescape(tab.export(db_export_name="../../escape")["db_export_message"])
     assert "file name '../../escape': use letters" in said and "db_checkpoints" not in tab.export()
     assert "UNet rank" in tab.extract_lora(db_extract_rank=0)["db_extract_message"]
+    said = unescape(tab.extract_lora(db_extract_rank=4, db_extract_te_rank="four")["db_extract_message"])
+    assert "Text encoder rank: enter a whole number, or leave it empty" in said
+    said = unescape(tab.plan_memory(db_vram="lots")["db_plan_message"])
+    assert "GPU memory (GB): enter a number, or leave it empty" in said
+    assert "above 0" in tab.plan_memory(db_vram="-2")["db_plan_message"]
     assert "no model selected" in tab.export(db_model_select=None)["db_export_message"]
     assert "Stopping the memory plan." in tab.stop_plan()["db_plan_message"]
     assert (tab.root.dreambooth / ".stop-plan").exists()  # what the running plan's child process is killed by
