@@ -194,7 +194,7 @@ def train(root: DataRoot, name: str, host: Host | None = None, config: Config | 
     refused before anything is written."""
     job = jobs.running_job(root)
     if job:
-        raise JobRunningError(f"{job['name']} is training; cancel it or wait until it ends")
+        raise JobRunningError(f"a training is already running: {job['name']!r}; cancel it or wait until it ends")
     model = _existing(root, name)
     if start_over and from_step is not None:
         raise UserError("start over or go back to a kept save: not both")

@@ -83,7 +83,7 @@ def test_train_saves_the_shown_settings_then_starts_and_the_run_is_followed(tab,
     started = tab.train(db_model_select="dog", db_p_learning_rate="4e-6", db_start_from=START_FROM[0])
     assert "Training dog started, from step 0." in started["db_run_message"], started
     assert saved(tab)["parameters"]["learning_rate"] == 4e-6
-    assert "dog is training" in tab.train()["db_run_message"]
+    assert "a training is already running: &#x27;dog&#x27;" in tab.train()["db_run_message"]
     polled = wait_for(lambda: (p := tab.poll(shown=None)).get("db_status") and "running" in p["db_status"] and p)
     assert set(polled) == {"db_status", "db_progress_box", "db_chart_box", "db_fidelity", "db_gallery", "db_start_from",
                            "db_checkpoints", "db_log", "db_resume_from", "shown"}
