@@ -81,6 +81,28 @@ def save_settings(root: DataRoot, name: str, config: Config) -> Config:
     return save_config(_existing(root, name), config)
 
 
+def run_length(config: Config) -> str:
+    """How long a run of `config` is, counted as the trainer counts it: "24 steps (6 epochs of 4)"; "" where its
+    images cannot be read yet (the check before training says why)."""
+    import warnings
+
+    from .data.dataset import TrainingData, collect_instances, split_validation
+    from .train.schedule import Schedule
+
+    p = config.parameters
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unreadable images are named when training starts
+            instances, _ = split_validation(config, collect_instances(config))
+        data = TrainingData(instances, {}, p)
+    except (UserError, OSError, ValueError):
+        return ""
+    total = Schedule.plan(p, data.steps_per_epoch).total_steps
+    if p.max_train_steps:
+        return f"{total} steps (Max training steps; an epoch is {data.steps_per_epoch})"
+    return f"{total} steps ({p.num_train_epochs} epochs of {data.steps_per_epoch})"
+
+
 def delete(root: DataRoot, name: str, confirmed: bool) -> str:
     if not name:
         raise UserError("no model selected")
@@ -180,11 +202,12 @@ def remove_concept(root: DataRoot, name: str, number: int) -> None:
 class Started:
     job: dict
     from_step: int  # 0: a new run
+    length: str = ""  # run_length
 
     @property
     def message(self) -> str:
         where = f"resuming at step {self.from_step}" if self.from_step else "from step 0"
-        return f"Training {self.job['name']} started, {where}."
+        return f"Training {self.job['name']} started, {where}" + (f"; a run of {self.length}." if self.length else ".")
 
 
 def train(root: DataRoot, name: str, host: Host | None = None, config: Config | None = None,
@@ -209,7 +232,7 @@ def train(root: DataRoot, name: str, host: Host | None = None, config: Config | 
     from .train.saves import saved_step
 
     saved = saved_step(model.state)
-    return Started(jobs.start(root, name, host), saved or 0)
+    return Started(jobs.start(root, name, host), saved or 0, run_length(config or load_config(model)))
 
 
 def request(root: DataRoot, name: str, what: str) -> str:

@@ -113,8 +113,10 @@ def shown_config(page: Page, form: dict) -> Config:
 def save_settings(page: Page, form: dict) -> dict:
     name = form["db_model_select"]
     try:
-        actions.save_settings(page.root, name, shown_config(page, form))
-        return {"db_settings_message": info(f"Saved the settings of {name}.")}
+        config = actions.save_settings(page.root, name, shown_config(page, form))
+        length = actions.run_length(config)
+        return {"db_settings_message": info(f"Saved the settings of {name}" + (f": a run of {length}." if length
+                                                                              else "."))}
     except UserError as e:
         return {"db_settings_message": error(e)}
 

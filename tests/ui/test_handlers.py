@@ -20,11 +20,15 @@ FAKE = Path(__file__).with_name("fake_trainer.py")
 
 @pytest.fixture
 def tab(tmp_path, monkeypatch):
-    """A page on a data root with the model 'dog' (an images folder, learning rate 3e-6); trainings run a stand-in
+    """A page on a data root with the model 'dog' (two photos, learning rate 3e-6); trainings run a stand-in
     trainer that waits until it is cancelled."""
+    from PIL import Image
+
     root = DataRoot(tmp_path / "root").ensure()
     images = tmp_path / "images"
     images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (100 * i, 0, 0)).save(images / f"{i}.png")
     model = root.model("dog")
     model.path.mkdir(parents=True)
     Config(concepts=(Concept(instance_data_dir=str(images), instance_token="zwx"),)).with_parameters(
@@ -55,7 +59,7 @@ def test_selecting_a_model_shows_its_saved_settings(tab):
 def test_saving_writes_what_the_page_shows_and_a_bad_value_nothing(tab):
     tab.show(Config.load(tab.root.model("dog").config_path))
     said = tab.save_settings(db_model_select="dog", db_p_learning_rate="2e-6", db_p_max_grad_norm=0.5)
-    assert "Saved the settings of dog." in said["db_settings_message"]
+    assert "Saved the settings of dog: a run of 200 steps (100 epochs of 2)." in said["db_settings_message"]
     assert saved(tab)["parameters"]["learning_rate"] == 2e-6 and saved(tab)["parameters"]["max_grad_norm"] == 0.5
     before = tab.root.model("dog").config_path.read_bytes()
     said = tab.save_settings(db_p_learning_rate="fast")["db_settings_message"]
@@ -81,7 +85,7 @@ def test_train_refuses_before_writing_anything(tab):
 def test_train_saves_the_shown_settings_then_starts_and_the_run_is_followed(tab, wait_for):
     tab.show(Config.load(tab.root.model("dog").config_path))
     started = tab.train(db_model_select="dog", db_p_learning_rate="4e-6", db_start_from=START_FROM[0])
-    assert "Training dog started, from step 0." in started["db_run_message"], started
+    assert "Training dog started, from step 0; a run of 200 steps (100 epochs of 2)." in started["db_run_message"]
     assert saved(tab)["parameters"]["learning_rate"] == 4e-6
     assert "a training is already running: &#x27;dog&#x27;" in tab.train()["db_run_message"]
     polled = wait_for(lambda: (p := tab.poll(shown=None)).get("db_status") and "running" in p["db_status"] and p)
