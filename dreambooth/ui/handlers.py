@@ -352,7 +352,7 @@ def panel(page: Page, name) -> dict:
         "db_fidelity": views.fidelity_table(scores),
         "db_gallery": [list(item) for item in views.previews(root.model(name).samples)] if st else [],
         "db_checkpoints": views.checkpoint_list(files, checkpoint_titles(page), root.lora, scores["best_step"]),
-        "db_log": st.log_tail if st else "",
+        "db_log": "\n".join(reversed(st.log_tail.splitlines())) if st else "",  # the newest line in view
         "db_resume_from": saves_update(page, name),
         "db_start_from": start_choice(page, name, st),
     }

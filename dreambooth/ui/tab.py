@@ -173,7 +173,8 @@ def output_panel() -> dict:
                                                  elem_id="db_extract_te_rank", info="Empty: the UNet rank.")
         c["db_extract"] = gr.Button("Extract LoRA", elem_id="db_extract")
         c["db_extract_message"] = gr.HTML(elem_id="db_extract_message")
-    c["db_log"] = gr.Textbox(label="Trainer log", lines=8, max_lines=16, interactive=False, elem_id="db_log")
+    c["db_log"] = gr.Textbox(label="Trainer log, newest line first", lines=8, max_lines=16, interactive=False,
+                             elem_id="db_log")
     return c
 
 

@@ -146,6 +146,13 @@ def test_go_on_or_start_over_shows_only_for_a_model_with_a_saved_run(tab):
     assert tab.show_model()["db_start_from"]["visible"] is True  # starting over is the way out of a damaged save
 
 
+def test_the_trainer_log_shows_its_newest_line_first(tab):
+    model = tab.root.model("dog")
+    model.logs.mkdir(parents=True)
+    model.train_log.write_text("warning: the first line\nthe second line\n")
+    assert tab.show_model(db_model_select="dog")["db_log"] == "the second line\nwarning: the first line"
+
+
 def test_a_quiet_data_root_polls_nothing_and_detects_no_source(tab):
     assert tab.poll(shown=None) == {}
     assert tab.detect_source(db_checkpoint=None, db_source="") == {"db_detected": ""}
