@@ -286,8 +286,8 @@ def add_concept_verbs(verbs) -> None:
 
     fields = "\n".join(f"  {s.name}: {s.tooltip}" for s in CONCEPT_SETTINGS)
     raw = argparse.RawDescriptionHelpFormatter
-    concept = _verb(verbs, "concept", help="list, add, change or remove a model's concepts (its subjects)")
-    actions = concept.add_subparsers(dest="action", required=True)
+    concepts_verb = _verb(verbs, "concept", help="list, add, change or remove a model's concepts (its subjects)")
+    actions = concepts_verb.add_subparsers(dest="action", required=True)
     p = _verb(actions, "list", help="the model's concepts")
     p.add_argument("name")
     p = _verb(actions, "add", help="add a concept: a folder of photos of one subject and its tokens",
@@ -308,7 +308,7 @@ def add_concept_verbs(verbs) -> None:
     p = _verb(actions, "remove", help="remove concept N")
     p.add_argument("name")
     p.add_argument("number", type=int)
-    concept.set_defaults(run=cmd_concept)
+    concepts_verb.set_defaults(run=cmd_concept)
 
 
 def add_training_verbs(verbs) -> None:
