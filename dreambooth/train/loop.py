@@ -687,10 +687,14 @@ class Trainer:
         self.emit(Fidelity(s.step, **s.scores[-1][1].to_dict(), best_step=s.best_step))
 
     def stop_without_progress(self, s: TrainingState) -> None:
-        """With fidelity_patience, stop once that many scored saves in a row brought no better best save."""
+        """With fidelity_patience, stop once that many scored saves in a row brought no better best save (the main
+        process scores; every process stops with it)."""
         patience = self.p.fidelity_patience if self.p.fidelity_scores else 0
+        if not patience:
+            return
         since = [step for step, _ in s.scores if s.best_step is None or step > s.best_step]
-        if patience and s.scores and len(since) >= patience:
+        stop = self.broadcast(bool(s.scores) and len(since) >= patience)
+        if stop:
             best = f"the best save is step {s.best_step}" if s.best_step is not None else "no save qualified"
             raise StopTraining("done", f"stopped early: {len(since)} scored saves without a better one ({best})")
 
