@@ -85,6 +85,7 @@ class Fidelity(Event):
     clip_t: float
     copy: float
     best_step: int | None = None
+    saved: bool = True  # False: scored on Sample now, with no save behind it (never the best save)
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ def _fold_into(st: RunStatus, losses: list, events: Iterable[Event]) -> None:
             losses.append((e.step, e.loss))
         elif isinstance(e, Validation):
             st.validation.append((e.step, e.loss))
-        elif isinstance(e, Fidelity):
+        elif isinstance(e, Fidelity) and e.saved:
             st.fidelity.append((e.step, e.dino, e.clip_i, e.clip_t, e.copy))
             st.best_step = e.best_step
         elif isinstance(e, Sample):

@@ -237,7 +237,8 @@ FIDELITY_FIELDS = ("dino", "clip_i", "clip_t", "copy")
 
 def read_fidelity(model: ModelDir) -> dict:
     """The fidelity scores of the model's saves ({"best_step": step or None, "saves": [{"step", "dino", "clip_i",
-    "clip_t", "copy"}]}, oldest first); empty when none were scored. A damaged file reads as none."""
+    "clip_t", "copy", "saved"}]}, oldest first; "saved" is False for scores taken on Sample now); empty when none
+    were scored. A damaged file reads as none."""
     from .config import parse_json
     from .store import read_bytes
 
@@ -250,12 +251,13 @@ def read_fidelity(model: ModelDir) -> dict:
     ok = isinstance(saves, list) and all(
         isinstance(s, dict) and type(s.get("step")) is int and all(isinstance(s.get(k), (int, float))
                                                                    and not isinstance(s.get(k), bool)
-                                                                   for k in FIDELITY_FIELDS) for s in saves)
+                                                                   for k in FIDELITY_FIELDS)
+        and isinstance(s.get("saved", True), bool) for s in saves)
     best = data.get("best_step") if ok else None
     if not ok or not (best is None or type(best) is int):
         return empty
-    return {"best_step": best, "saves": [{"step": s["step"], **{k: float(s[k]) for k in FIDELITY_FIELDS}}
-                                         for s in saves]}
+    return {"best_step": best, "saves": [{"step": s["step"], **{k: float(s[k]) for k in FIDELITY_FIELDS},
+                                          "saved": s.get("saved", True)} for s in saves]}
 
 
 def write_fidelity(model: ModelDir, saves: list[dict], best_step: int | None) -> None:

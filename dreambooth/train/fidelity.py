@@ -51,10 +51,11 @@ def mean_scores(scores: list[Scores]) -> Scores:
                                                                                       "copy")))
 
 
-def history(saves: list[dict], until: int) -> list[tuple[int, Scores]]:
-    """(step, Scores) of the recorded saves (models.read_fidelity) up to step `until`."""
-    return [(save["step"], Scores(save["dino"], save["clip_i"], save["clip_t"], save["copy"]))
-            for save in saves if save["step"] <= until]
+def history(recorded: list[dict], until: int, saved: bool = True) -> list[tuple[int, Scores]]:
+    """(step, Scores) of the recorded saves (models.read_fidelity) up to step `until`; with `saved` False, of the
+    scores taken on Sample now instead."""
+    return [(r["step"], Scores(r["dino"], r["clip_i"], r["clip_t"], r["copy"]))
+            for r in recorded if r["step"] <= until and r["saved"] == saved]
 
 
 def best_save(history: list[tuple[int, Scores]], prompt_margin: float, copy_limit: float) -> int | None:

@@ -219,6 +219,7 @@ class TrainingState:
     sample_files: dict = field(default_factory=dict)  # concept index -> its sample prompt file's prompts
     validation: list = field(default_factory=list)  # [(latent, time_ids, prompt, noise, timesteps)]: fixed
     scores: list = field(default_factory=list)  # [(step, fidelity.Scores)] of the scored saves, oldest first
+    sampled: list = field(default_factory=list)  # [(step, fidelity.Scores)] scored on Sample now (no save behind them)
     best_step: int | None = None  # the best of them (fidelity.best_save)
     scorers: object = None  # fidelity.Scorers once loaded; False when they cannot be
 
@@ -303,7 +304,9 @@ class Trainer:
         resumed = load_state(self.model.state, acc, state.optimizer, state.lr_scheduler, ema)
         train_weights(state.optimizer)  # schedule-free: saved with its averaged weights, trains the others
         if resumed is not None and p.fidelity_scores:  # the scores of the saves up to the one this run goes on from
-            state.scores = fidelity.history(read_fidelity(self.model)["saves"], until=resumed)
+            recorded = read_fidelity(self.model)["saves"]
+            state.scores = fidelity.history(recorded, until=resumed)
+            state.sampled = fidelity.history(recorded, until=resumed, saved=False)
             state.best_step = fidelity.best_save(state.scores, p.fidelity_prompt_margin, p.fidelity_copy_limit)
         if resumed is None:
             torch.manual_seed(p.seed + acc.process_index)
@@ -442,6 +445,9 @@ class Trainer:
         if "sample" in pending:
             self.requests.handled("sample")
             self.make_samples(s)
+            if self.main and self.p.fidelity_scores:  # the working weights judged now, as a save would be (not a best-save candidate)
+                with eval_weights(s.optimizer):
+                    self.score_fidelity(s, saved=False)
         if "save" in pending:
             self.requests.handled("save")
             self.save(s)
@@ -652,10 +658,11 @@ class Trainer:
         s.last_save_step = s.step
         self.accelerator.wait_for_everyone()
 
-    def score_fidelity(self, s: TrainingState) -> None:
+    def score_fidelity(self, s: TrainingState, saved: bool = True) -> None:
         """Render each concept's evaluation set with fixed seeds and score it against the concept's photos
-        (train/fidelity.py); the best save so far goes into the event and NAME/fidelity.json. Scoring models that
-        cannot be loaded are said once, and the run goes on without scores."""
+        (train/fidelity.py); the best save so far goes into the event and NAME/fidelity.json. Scores taken on Sample
+        now (`saved` False) are recorded and shown, but never the best save: there is no file to use. Scoring models
+        that cannot be loaded are said once, and the run goes on without scores."""
         p = self.p
         if s.scorers is None:
             try:
@@ -680,11 +687,17 @@ class Trainer:
                         texts.append(captions.remove_instance_token(prompt, concept.instance_token))
                 real = s.scorers.real(pos, lambda pos=pos: [load_image(e.path) for e in s.instances[pos]])
                 per_concept.append(s.scorers.score(images, texts, real))
-        s.scores.append((s.step, fidelity.mean_scores(per_concept)))
-        s.best_step = fidelity.best_save(s.scores, p.fidelity_prompt_margin, p.fidelity_copy_limit)
+        scores = fidelity.mean_scores(per_concept)
+        if saved:
+            s.scores.append((s.step, scores))
+            s.best_step = fidelity.best_save(s.scores, p.fidelity_prompt_margin, p.fidelity_copy_limit)
+        else:
+            s.sampled.append((s.step, scores))
+        recorded = [{"step": step, **sc.to_dict()} for step, sc in s.scores]
+        recorded += [{"step": step, **sc.to_dict(), "saved": False} for step, sc in s.sampled]
         with writing(self.model.fidelity_scores, s.last_save_step):
-            write_fidelity(self.model, [{"step": step, **scores.to_dict()} for step, scores in s.scores], s.best_step)
-        self.emit(Fidelity(s.step, **s.scores[-1][1].to_dict(), best_step=s.best_step))
+            write_fidelity(self.model, sorted(recorded, key=lambda r: (r["step"], "saved" in r)), s.best_step)
+        self.emit(Fidelity(s.step, **scores.to_dict(), best_step=s.best_step, saved=saved))
 
     def stop_without_progress(self, s: TrainingState) -> None:
         """With fidelity_patience, stop once that many scored saves in a row brought no better best save (the main

@@ -194,7 +194,7 @@ FIDELITY_LINES = (("dino", "DINO", False), ("clip_i", "CLIP-I", False), ("clip_t
 def fidelity_chart(scores: dict, width: int = 480, height: int = 180) -> str:
     """The four scores by step (models.read_fidelity), the best save marked by a vertical line; nothing before two
     saves were scored."""
-    saves = scores["saves"]
+    saves = [save for save in scores["saves"] if save["saved"]]
     if len(saves) < 2:
         return ""
     steps = [save["step"] for save in saves]
@@ -212,15 +212,15 @@ def fidelity_chart(scores: dict, width: int = 480, height: int = 180) -> str:
 
 
 def fidelity_table(scores: dict) -> str:
-    """The fidelity scores of a model's saves (models.read_fidelity): their chart, then a table newest first, the
-    best save marked; nothing when no save was scored."""
+    """The fidelity scores of a model's saves (models.read_fidelity): their chart, then a table newest first (with
+    the scores taken on Sample now), the best save marked; nothing when nothing was scored."""
     if not scores["saves"]:
         return ""
     rows = []
     for save in reversed(scores["saves"]):
-        best = save["step"] == scores["best_step"]
+        best = save["saved"] and save["step"] == scores["best_step"]
         cells = "".join(f"<td>{save[k]:.3f}</td>" for k, _, _ in FIDELITY_LINES)
-        marked = (' class="db-best"', " (best)") if best else ("", "")
+        marked = (' class="db-best"', " (best)") if best else ("", "" if save["saved"] else " (Sample now)")
         rows.append(f'<tr{marked[0]}><td>{int(save["step"])}{marked[1]}</td>{cells}</tr>')
     best = scores["best_step"]
     said = f"best save: step {int(best)}" if best is not None else "no save qualifies as the best yet"

@@ -2,13 +2,16 @@
 mean nothing then; the path is the one a real model takes): the events, the saved history, the best save, the
 early stop, and a run that goes on without scores when the models are missing."""
 import json
+import threading
 
 import pytest
 
 from dreambooth.models import read_fidelity
 from dreambooth.train import train_model
 from dreambooth.train.fidelity import Scores, best_save, evaluation_prompts
-from train_helpers import draw_images, make_model, read_events
+from dreambooth.events import Controls
+from dreambooth.ui.views import fidelity_table
+from train_helpers import draw_images, make_model, read_events, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +79,41 @@ def test_a_model_that_does_not_learn_scores_the_same_at_every_save(tmp_path, tin
     assert train_model(learning_root, "m").ok
     moved = [e["dino"] for e in fidelity_events(learning)]
     assert len(set(moved)) == 3  # a model that trains is judged differently at each save
+
+
+def test_sample_now_scores_the_working_weights_without_making_them_the_best_save(tmp_path, tiny_source, scorers,
+                                                                               capsys):
+    from dreambooth.cli import main
+
+    root, model = fidelity_model(tmp_path, tiny_source, scorers, num_train_epochs=200, fidelity_copy_limit=1.0,
+                                 fidelity_prompt_margin=1.0)
+    controls = Controls(model.control)
+
+    def drive():
+        wait_for(model, "fidelity")  # the first save, scored
+        controls.request("sample")
+        wait_for(model, "fidelity", saved=False)
+        controls.request("cancel")
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    result = train_model(root, "m")
+    driver.join(5)
+    assert result.status == "cancelled"
+    events = fidelity_events(model)
+    sampled = [e for e in events if not e["saved"]]
+    saved_steps = [e["step"] for e in events if e["saved"]]
+    # no margin, no copy limit: some save is always the best, and Sample now's scores never are
+    assert len(sampled) == 1 and sampled[0]["step"] > 2 and sampled[0]["best_step"] in saved_steps
+    history = read_fidelity(model)
+    best = history["best_step"]
+    assert best in saved_steps and [s["saved"] for s in history["saves"]].count(False) == 1
+    table = fidelity_table(history)
+    assert f"<td>{sampled[0]['step']} (Sample now)</td>" in table and f"<td>{best} (best)</td>" in table
+    capsys.readouterr()
+    assert main(["--root", str(root.root), "scores", "m"]) == 0
+    printed = capsys.readouterr().out
+    assert "(Sample now, not saved)" in printed and f"best save: step {best}" in printed
 
 
 def test_patience_stops_a_run_that_stopped_getting_better(tmp_path, tiny_source, scorers):

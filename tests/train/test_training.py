@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dreambooth.events import Controls
 from dreambooth.train import train_model
 
-from train_helpers import draw_images, make_model, read_events
+from train_helpers import draw_images, kinds, make_model, read_events, wait_for
 
 pytestmark = pytest.mark.slow  # whole training runs, several seconds each
 
@@ -42,10 +42,6 @@ def concept(root: Path, **changes) -> dict:
     base = {"instance_data_dir": str(draw_images(root / "instance", count=2)), "instance_token": "zwx",
             "class_token": "dog", "num_samples": 0}
     return {**base, **changes}
-
-
-def kinds(model) -> list[str]:
-    return [e["kind"] for e in read_events(model)]
 
 
 def test_full_run_prior_previews_schedule_and_checkpoint(tmp_path, tiny_source):
@@ -135,15 +131,6 @@ def test_ema_export_cache_and_checkpointing(tmp_path, tiny_source, monkeypatch, 
     assert torch.equal(exported["model.diffusion_model.input_blocks.0.0.weight"], chosen["conv_in.weight"])
     assert same(exported, base, TE) and same(exported, base, VAE)  # text encoder ratio 0: never trained
 
-
-def wait_for(model, kind: str, timeout: float = 300) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for event in read_events(model):
-            if event["kind"] == kind:
-                return event
-        time.sleep(0.1)
-    raise AssertionError(f"no {kind} event within {timeout} s: {kinds(model)}")
 
 
 def test_controls_pause_sample_save_cancel(tmp_path, tiny_source):

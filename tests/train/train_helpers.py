@@ -81,6 +81,23 @@ def read_events(model) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def kinds(model) -> list[str]:
+    return [e["kind"] for e in read_events(model)]
+
+
+def wait_for(model, kind: str, timeout: float = 300, **fields) -> dict:
+    """The first event of `kind` (with these field values) that the running training wrote."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for event in read_events(model):
+            if event["kind"] == kind and all(event.get(k) == v for k, v in fields.items()):
+                return event
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind} event {fields or ''} within {timeout} s: {kinds(model)}")
+
+
 def reset_accelerate() -> None:
     """accelerate keeps process-wide state (precision, accumulation): forget it."""
     from accelerate.state import AcceleratorState, GradientState

@@ -161,7 +161,8 @@ def test_fidelity_scores_newest_first_with_the_best_save_marked(tmp_path):
         f.write_bytes(b"x")
     listed = views.checkpoint_list(files, best_step=4)
     assert listed.count("best save") == 1 and "dog_4.safetensors</code> <strong class=\"db-best\">" in listed
-    for damaged in ('{"saves": [{"step": "<b>x</b>"}]}', '{"saves": [], "best_step": true}', "[1, 2", "\xff"):
+    for damaged in ('{"saves": [{"step": "<b>x</b>"}]}', '{"saves": [], "best_step": true}', "[1, 2", "\xff",
+                    '{"saves": [{"step": 1, "dino": 0, "clip_i": 0, "clip_t": 0, "copy": 0, "saved": "no"}]}'):
         model.fidelity_scores.write_text(damaged, errors="surrogateescape")
         assert read_fidelity(model) == {"best_step": None, "saves": []}, damaged
 
