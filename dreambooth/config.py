@@ -160,6 +160,14 @@ HOST_SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", str, "", "Data folder",
             "Folder whose models/dreambooth and models/Stable-diffusion are used; empty: the webui's own models "
             "folder. --dreambooth-dir overrides it. Restart to apply.", kind="path"),
+    # These two stand in for a model's own parameter of the same name while that is empty (host.parameter_defaults).
+    Setting("fidelity_clip_model", str, "", "Fidelity CLIP model",
+            "A local folder (or Hugging Face id) of the CLIP model that scores subject fidelity, for every model whose "
+            "own Fidelity CLIP model is empty; empty: openai/clip-vit-base-patch32 from the Hugging Face cache.",
+            kind="path"),
+    Setting("fidelity_dino_model", str, "", "Fidelity DINO model",
+            "A local folder (or Hugging Face id) of the DINO ViT that scores subject fidelity, for every model whose "
+            "own Fidelity DINO model is empty; empty: facebook/dino-vits16 from the Hugging Face cache.", kind="path"),
 )
 
 
@@ -276,8 +284,8 @@ class Parameters:
     keep_saves: int = setting(1, 'Saves to go back to', 'How many of the latest saves keep their full training state, so a run can go back to one of them and go on from there. Each kept save takes its size on disk (the trained weights and the optimizer state); 1: only the latest.', group='saving', min=1, max=100)
     # fidelity
     fidelity_scores: bool = setting(False, 'Score subject fidelity at every save', "At each save, render a fixed set of images (the sample prompts and the subject in new scenes) and score them against the instance photos: DINO and CLIP-I (is it the subject?), CLIP-T (does it follow the prompt?) and a copy score (is it reproducing the photos?). The best save is named in the tab and the CLI. Needs the two scoring models below; costs a few seconds per save on a GPU.", group='fidelity')
-    fidelity_clip_model: str = setting('openai/clip-vit-base-patch32', 'Fidelity CLIP model', 'A local folder or a Hugging Face id (from the cache, or downloaded when online) of a transformers CLIPModel with safetensors weights.', group='fidelity', kind='path')
-    fidelity_dino_model: str = setting('facebook/dino-vits16', 'Fidelity DINO model', 'A local folder or a Hugging Face id of a self-supervised DINO ViT (transformers, safetensors weights).', group='fidelity', kind='path')
+    fidelity_clip_model: str = setting('', 'Fidelity CLIP model', "A local folder or a Hugging Face id (from the cache, or downloaded when online) of a transformers CLIPModel with safetensors weights. Empty: the webui's Settings › DreamBooth, else openai/clip-vit-base-patch32.", group='fidelity', kind='path')
+    fidelity_dino_model: str = setting('', 'Fidelity DINO model', "A local folder or a Hugging Face id of a self-supervised DINO ViT (transformers, safetensors weights). Empty: the webui's Settings › DreamBooth, else facebook/dino-vits16.", group='fidelity', kind='path')
     fidelity_images_per_prompt: int = setting(2, 'Fidelity images per prompt', 'Images rendered for each evaluation prompt, with fixed seeds (the same at every save).', group='fidelity', min=1, max=8)
     fidelity_infer_steps: int = setting(25, 'Fidelity sampling steps', 'Denoising steps of each evaluation image.', group='fidelity', min=1, max=150)
     fidelity_prompt_margin: float = setting(0.02, 'Prompt fidelity margin', "The best save keeps its CLIP-T within this of the first save's: a subject learnt at the cost of ignoring the prompt does not count.", group='fidelity', min=0, max=1, step=0.005)

@@ -36,7 +36,8 @@ class Host:
     after_training() loads it again when the training has ended;
     checkpoints_changed() refreshes the host's checkpoint list after a checkpoint file was written;
     loras_changed() refreshes its LoRA list after a LoRA file was written;
-    access: who may call the tab's handlers and the REST routes (dreambooth.access).
+    access: who may call the tab's handlers and the REST routes (dreambooth.access);
+    parameter_defaults() -> {parameter: value} of the host's settings that fill a model's empty parameters.
     """
 
     root: DataRoot
@@ -47,6 +48,12 @@ class Host:
     checkpoints_changed: Callable[[], None] = _nothing
     loras_changed: Callable[[], None] = _nothing
     access: Access = field(default_factory=Access)
+    parameter_defaults: Callable[[], dict] = dict
+
+    def run_settings(self, parameters) -> dict:
+        """The host's settings that stand in for the model's empty parameters of the same name in a training run
+        (read at each start, so a change applies to the next run)."""
+        return {k: v for k, v in self.parameter_defaults().items() if v and not getattr(parameters, k)}
 
     def files_changed(self, paths) -> None:
         """Refresh the host's lists that the written files belong to."""

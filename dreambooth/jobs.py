@@ -89,9 +89,10 @@ def _cli(root: DataRoot, *args: str) -> list[str]:
     return [sys.executable, "-m", "dreambooth", "--root", str(root.root), *args]
 
 
-def trainer_command(root: DataRoot, name: str) -> list[str]:
-    """The training process: always the real CLI (tests of the lock and crash handling swap in a small script)."""
-    return _cli(root, "train", name)
+def trainer_command(root: DataRoot, name: str, settings: dict) -> list[str]:
+    """The training process: always the real CLI (tests of the lock and crash handling swap in a small script),
+    `settings` for this run only."""
+    return _cli(root, "train", name, *(f"--set={k}={v}" for k, v in settings.items()))
 
 
 def run_cli(root: DataRoot, *args: str, timeout: float | None = None, stop: Path | None = None) -> str:
@@ -233,7 +234,8 @@ def start(root: DataRoot, name: str, host: Host | None = None) -> dict:
     model = root.model(name)
     if not model.exists():
         raise UserError(f"model {name!r}: not found in {root.dreambooth}")
-    validate_for_training(load_config(model))
+    config = load_config(model)
+    validate_for_training(config)
     holder = model.lock("").holder()
     if holder is not None:
         raise JobRunningError(f"model {name!r} is {holder.get('purpose') or 'in use'}; wait until it ends")
@@ -253,7 +255,8 @@ def start(root: DataRoot, name: str, host: Host | None = None) -> dict:
             host.before_training()
         popen_kw = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
         with writing_to(log_path), open(log_path, "wb") as log:
-            proc = subprocess.Popen(trainer_command(root, name), stdout=log, stderr=subprocess.STDOUT,
+            settings = host.run_settings(config.parameters) if host is not None else {}
+            proc = subprocess.Popen(trainer_command(root, name, settings), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=_child_env(), **popen_kw)
         job = {"name": name, "pid": proc.pid, "started": time.time()}
         atomic_write_text(_job_path(root), json.dumps(job))

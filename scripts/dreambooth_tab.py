@@ -12,7 +12,7 @@ from modules import paths, script_callbacks, sd_models, shared  # noqa: E402
 
 from dreambooth import jobs  # noqa: E402
 from dreambooth.access import Access, install  # noqa: E402
-from dreambooth.config import HOST_SETTINGS  # noqa: E402
+from dreambooth.config import HOST_SETTINGS, PARAMETER_SETTINGS  # noqa: E402
 from dreambooth.host import Host  # noqa: E402
 from dreambooth.store import DataRoot  # noqa: E402
 
@@ -76,7 +76,15 @@ def webui_host() -> Host:
         checkpoints_changed=shared.refresh_checkpoints,
         loras_changed=refresh_loras,
         access=webui_access(),
+        parameter_defaults=parameter_defaults,
     )
+
+
+def parameter_defaults() -> dict:
+    """The Settings page's values that fill a model's empty parameters of the same name (the scoring models)."""
+    names = {s.name for s in PARAMETER_SETTINGS}
+    return {s.name: str(shared.opts.data.get(f"dreambooth_{s.name}", "") or "").strip()
+            for s in HOST_SETTINGS if s.name in names}
 
 
 def refresh_loras() -> None:

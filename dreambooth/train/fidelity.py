@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UserError
 
+DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
 CONTEXTS = ("on the beach", "in the snow", "on a wooden table", "in a city street")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -113,8 +114,10 @@ class Scorers:
 
     @classmethod
     def load(cls, clip_source: str, dino_source: str, device) -> "Scorers":
+        """The two models from their settings (empty: the default ids)."""
         from transformers import AutoModel, CLIPModel, CLIPTokenizer
 
+        clip_source, dino_source = clip_source or DEFAULT_CLIP_MODEL, dino_source or DEFAULT_DINO_MODEL
         clip = _load(lambda s: CLIPModel.from_pretrained(s, use_safetensors=True), clip_source, "CLIP",
                      "Fidelity CLIP model")
         tokenizer = _load(CLIPTokenizer.from_pretrained, clip_source, "CLIP tokenizer of the", "Fidelity CLIP model")

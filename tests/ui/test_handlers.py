@@ -34,7 +34,7 @@ def tab(tmp_path, monkeypatch):
     Config(concepts=(Concept(instance_data_dir=str(images), instance_token="zwx"),)).with_parameters(
         learning_rate=3e-6).save(model.config_path)
     monkeypatch.setattr(jobs, "trainer_command",
-                        lambda r, name: [sys.executable, str(FAKE), str(r.model(name).path), "wait"])
+                        lambda r, name, settings: [sys.executable, str(FAKE), str(r.model(name).path), "wait"])
     yield Tab(root)
     job = jobs.running_job(root)
     if job:  # a failed test must not leave its trainer running

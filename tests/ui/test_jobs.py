@@ -29,7 +29,7 @@ def make_model(root: DataRoot, name: str, tmp_path: Path) -> None:
 def fake(monkeypatch, tmp_path):
     mode = {"value": "finish"}
     monkeypatch.setattr(jobs, "trainer_command",
-                        lambda root, name: [sys.executable, str(FAKE), str(root.model(name).path), mode["value"]])
+                        lambda root, name, settings: [sys.executable, str(FAKE), str(root.model(name).path), mode["value"]])
     yield mode
     job = jobs.running_job(DataRoot(tmp_path / "root"))
     if job:  # a failed test must not leave its trainer running

@@ -33,7 +33,7 @@ def api(tmp_path, monkeypatch):
     model.path.mkdir(parents=True)
     Config(concepts=(Concept(instance_data_dir=str(images)),)).save(model.config_path)
     monkeypatch.setattr(jobs, "trainer_command",
-                        lambda r, name: [sys.executable, str(FAKE), str(r.model(name).path), "wait"])
+                        lambda r, name, settings: [sys.executable, str(FAKE), str(r.model(name).path), "wait"])
     app = FastAPI()
     routes.add_routes(app, Host(root=root))
     yield TestClient(app, base_url=LOCAL), root

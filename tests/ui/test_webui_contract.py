@@ -107,8 +107,9 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     from dreambooth.config import HOST_SETTINGS
 
     ours = {key for key, info in shared.opts.data_labels.items() if info.section == ("dreambooth", "DreamBooth")}
-    assert ours == {f"dreambooth_{s.name}" for s in HOST_SETTINGS} == {"dreambooth_data_dir"}
-    assert shared.opts.dreambooth_data_dir == ""
+    assert ours == {f"dreambooth_{s.name}" for s in HOST_SETTINGS} == {
+        "dreambooth_data_dir", "dreambooth_fidelity_clip_model", "dreambooth_fidelity_dino_model"}
+    assert shared.opts.dreambooth_data_dir == "" and shared.opts.dreambooth_fidelity_clip_model == ""
 
     # the routes, behind the webui's API auth
     client = TestClient(app, base_url=LOCAL)
@@ -150,12 +151,15 @@ def test_tab_settings_routes_and_host_hooks(webui, monkeypatch, wait_for):
     assert client.post("/dreambooth/config/dog", auth=auth, json=config).json() == config
 
     # start over HTTP; the trainer is a stand-in here (the browser test runs the real one)
-    monkeypatch.setattr(jobs, "trainer_command",
-                        lambda r, name: [sys.executable, str(FAKE_TRAINER), str(r.model(name).path), "wait"])
+    run_settings = []
+    monkeypatch.setattr(jobs, "trainer_command", lambda r, name, settings: run_settings.append(settings) or [
+        sys.executable, str(FAKE_TRAINER), str(r.model(name).path), "wait"])
+    # the Settings page's scoring model fills the model's empty parameter for the run, read at the start
+    shared.opts.data["dreambooth_fidelity_clip_model"] = str(home / "clip")
     sd_models.calls.clear()
     try:
         job = client.post("/dreambooth/start/dog", auth=auth, json={}).json()
-        assert job["name"] == "dog"
+        assert job["name"] == "dog" and run_settings == [{"fidelity_clip_model": str(home / "clip")}]
         assert sd_models.calls[:1] == ["unload"] and sd_models.model_data.sd_model is None
         again = client.post("/dreambooth/start/dog", auth=auth, json={})
         assert again.status_code == 409 and "'dog'" in again.json()["detail"]
