@@ -49,6 +49,9 @@ GIB = 2**30
 HEADROOM_BYTES = int(0.8 * GIB)
 HEADROOM_FRACTION = 0.05
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "frozen", "cached")
+PLAN_PARTS = {"weights": "trained weights", "gradients": "their gradients", "optimizer": "optimizer state",
+              "activations": "activations (what the backward pass keeps)", "frozen": "frozen parts (VAE, text encoders)",
+              "cached": "cached latents and prompts"}
 
 
 @dataclass
@@ -655,7 +658,24 @@ def apply_preset(root, name: str, vram_gb: float) -> str:
         with model.lock("setting a VRAM preset"):
             save_config(model, config.with_parameters(**changes))
     what = describe(changes) or "nothing to change"
-    return f"{name}: {size:g} GiB preset for {config.model.family}: {what}"
+    return f"{name}: {size:g} GiB preset for {config.model.family}: {what}{on_a_cpu(settings, size)}"
+
+
+def on_a_cpu(settings: dict, size: float) -> str:
+    """What a GPU preset's settings do on a machine without a GPU, said with the preset (empty on a GPU)."""
+    from .precision import training_device
+
+    if training_device().type != "cpu":
+        return ""
+    effects = []
+    if settings.get("pure_bf16") or settings.get("mixed_precision") == "bf16":
+        effects.append("trains in bf16, which most CPUs compute slower than fp32")
+    if settings.get("optimizer") == "adamw_8bit":
+        effects.append("uses 8-bit AdamW only with bitsandbytes 0.50 or newer (else AdamW, said when it starts)")
+    if not effects:
+        return ""
+    return (f". Note: this machine has no GPU; the preset sizes a run for a {size:g} GiB GPU, and on this CPU it "
+            f"{' and '.join(effects)}")
 
 
 def plan_cli(root, name: str, vram_gb: float | None = None, preset_gb: float | None = None, params=None) -> str:
@@ -685,7 +705,10 @@ def plan_report(root, name: str, vram_gb: float | None = None, params=None) -> t
         return architecture_from_folder(model.working, config.model.family)
 
     plan = plan_architecture(arch(), params, n)
-    lines = [f"Memory plan: {plan.breakdown()}"] + [f"  note: {x}" for x in plan.notes]
+    how = "traced" if plan.traced else "activations not traced"
+    lines = [f"Memory plan: peak {gib(plan.peak)} ({how}), of which"]
+    lines += [f"  {PLAN_PARTS[c]}: {gib(getattr(plan, c))}" for c in CATEGORIES]
+    lines += [f"  note: {x}" for x in plan.notes]
     fits = None
     if vram_gb is not None:
         vram = vram_gb * GIB

@@ -14,23 +14,29 @@ from dreambooth.ui.views import fidelity_table
 from train_helpers import draw_images, make_model, read_events, wait_for
 
 
-@pytest.fixture(scope="session")
-def scorers(tmp_path_factory):
-    """A tiny CLIPModel (with an offline CLIP tokenizer) and a tiny ViT, saved as folders as a download would be."""
+def write_scorers(folder, init_scale: float = 1.0):
+    """A tiny CLIPModel (with an offline CLIP tokenizer) and a tiny ViT, saved as folders as a download would be.
+    At the default initialisation every image embeds nearly alike; ten times larger weights tell colours apart."""
     import torch
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
     from dreambooth.families import write_tokenizer
 
-    folder = tmp_path_factory.mktemp("scorers")
     torch.manual_seed(0)
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     clip = CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=49408, max_position_embeddings=77),
-                                vision_config=dict(small, image_size=32, patch_size=8), projection_dim=8))
+                                vision_config=dict(small, image_size=32, patch_size=8), projection_dim=8,
+                                initializer_factor=init_scale))
     clip.save_pretrained(folder / "clip", safe_serialization=True)
     write_tokenizer(folder / "clip")
-    ViTModel(ViTConfig(**small, image_size=32, patch_size=8)).save_pretrained(folder / "dino", safe_serialization=True)
+    ViTModel(ViTConfig(**small, image_size=32, patch_size=8, initializer_range=0.02 * init_scale)).save_pretrained(
+        folder / "dino", safe_serialization=True)
     return folder / "clip", folder / "dino"
+
+
+@pytest.fixture(scope="session")
+def scorers(tmp_path_factory):
+    return write_scorers(tmp_path_factory.mktemp("scorers"))
 
 
 def fidelity_model(tmp_path, tiny_source, scorers, **parameters):
@@ -142,3 +148,32 @@ def test_the_best_save_rule():
     assert best_save([], 0.02, 0.95) is None and best_save(history[:1], 0.0, 0.1) is None
     assert evaluation_prompts(["a zwx dog"], "zwx", "dog")[:2] == ["a zwx dog", "a photo of zwx dog on the beach"]
     assert evaluation_prompts(["a zwx dog"], "", "") == ["a zwx dog"]
+
+
+def test_the_scores_rank_the_subject_above_other_images(tmp_path):
+    """With scoring models that tell colours apart, the four numbers order images as the paper reads them: copies of
+    the photos above new images of the same subject, and those above other subjects and noise; the copy score is 1
+    for exact copies. (Whether a trained model's scores rise over its saves needs a model that can draw its
+    subject: the tiny random one cannot, so that is measured with real weights, not here.)"""
+    from PIL import Image, ImageDraw
+
+    from dreambooth.train.fidelity import Scorers
+
+    def disc(i, background=(20, 40, 200), colour=(230, 40, 30)):
+        image = Image.new("RGB", (64, 64), background)
+        ImageDraw.Draw(image).ellipse([6 + 3 * i, 8 + 2 * i, 52 - 2 * i, 56 - 3 * i], fill=colour)
+        return image
+
+    clip, dino = write_scorers(tmp_path, init_scale=10.0)
+    scorers = Scorers.load(str(clip), str(dino), "cpu")
+    photos = [disc(i) for i in range(3)]
+    real = scorers.real(0, lambda: photos)
+    prompts = ["a photo of a zwx disc"] * 2
+    copies = scorers.score(photos[:2], prompts, real)
+    subject = scorers.score([disc(4), disc(5)], prompts, real)
+    other = scorers.score([disc(4, (200, 200, 30), (20, 160, 40)), disc(5, (240, 240, 240), (10, 10, 10))], prompts,
+                          real)
+    noise = scorers.score([Image.effect_noise((64, 64), 80).convert("RGB") for _ in range(2)], prompts, real)
+    assert copies.copy == pytest.approx(1.0, abs=1e-5) and copies.copy > subject.copy > max(other.copy, noise.copy)
+    for score in ("dino", "clip_i"):
+        assert getattr(copies, score) > getattr(subject, score) > max(getattr(other, score), getattr(noise, score))

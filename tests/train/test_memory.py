@@ -399,8 +399,12 @@ def test_every_vram_preset_validates_and_larger_cards_get_faster_settings():
 
 
 @pytest.mark.slow
-def test_cli_plan_and_preset(tiny_source, tmp_path, capsys):
+def test_cli_plan_and_preset(tiny_source, tmp_path, capsys, monkeypatch):
+    import torch
+
     from dreambooth.cli import main
+    from dreambooth.train import precision
+    from dreambooth.train.memory import on_a_cpu
     from dreambooth.models import create_model
     from dreambooth.store import DataRoot
     from dreambooth.train.memory import preset_for
@@ -411,7 +415,11 @@ def test_cli_plan_and_preset(tiny_source, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Memory plan: peak" in out and "weights" in out and "fits 24 GiB" in out
     assert main(["--root", str(tmp_path), "preset", "tiny", "8"]) == 0
-    assert "8 GiB preset for v1" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "8 GiB preset for v1" in said and "8-bit AdamW" in said
+    assert "Note: this machine has no GPU; the preset sizes a run for a 8 GiB GPU, and on this CPU it trains in bf16" in said
+    monkeypatch.setattr(precision, "training_device", lambda: torch.device("cuda"))
+    assert on_a_cpu(preset_for("v1", 8)[1], 8) == ""  # on a GPU the preset is what it says
     saved = Config.load(root.model("tiny").config_path).parameters
     assert all(getattr(saved, k) == v for k, v in preset_for("v1", 8)[1].items())
     assert main(["--root", str(tmp_path), "plan", "nope"]) == 2
@@ -439,6 +447,8 @@ def test_the_tabs_plan_and_preset_run_in_a_child_process(tiny_source, tmp_path, 
     assert tight.fits is False and "does not fit 0.001 GiB" in tight.text
     config, said = actions.apply_preset(root, "tiny", 8)
     assert "8 GiB preset for v1" in said and config == Config.load(root.model("tiny").config_path)
+    # this machine has no GPU: the preset says what its bf16 and 8-bit AdamW mean here
+    assert config.parameters.pure_bf16 and "Note: this machine has no GPU" in said and "trains in bf16" in said
     with pytest.raises(UserError, match="model 'nope': not found"):
         actions.plan(root, "nope", None)
 
