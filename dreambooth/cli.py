@@ -187,7 +187,7 @@ def cmd_scores(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(_root(args) if args.root else None)
+    return run_demo(_root(args))
 
 
 def cmd_ui(args) -> int:
@@ -329,7 +329,7 @@ def add_training_verbs(verbs) -> None:
     p.add_argument("name")
     p.set_defaults(run=cmd_scores)
 
-    p = _verb(verbs, "demo", help="the whole flow on a built-in tiny model, a few minutes on a CPU")
+    p = _verb(verbs, "demo", help="the whole flow on a built-in tiny model (about a minute on a CPU), in the data root")
     p.set_defaults(run=cmd_demo)
 
     p = _verb(verbs, "ui", help="the DreamBooth tab as a standalone app")

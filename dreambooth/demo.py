@@ -11,10 +11,10 @@ import random
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .store import DataRoot
 
 DEMO_NAME = "demo"
-DEMO_ROOT = Path("data-demo")
 
 
 def draw_instance_images(folder: Path, count: int = 4, size: int = 64, seed: int = 0) -> Path:
@@ -61,10 +61,12 @@ def demo_config(instance_dir: Path, resolution: int) -> dict:
     }
 
 
-def run_demo(root: DataRoot | None) -> int:
+def run_demo(root: DataRoot) -> int:
+    """The demo in `root`, the data root the tab and the CLI use by default (./data), so that its model shows there.
+    A model named "demo" that the demo did not make is the user's: refused, never replaced."""
     from .checkpoint.tiny import write_tiny_checkpoint
     from .config import Config
-    from .models import create_model
+    from .models import create_model, load_config
     from .train import train_model
 
     import torch
@@ -72,10 +74,15 @@ def run_demo(root: DataRoot | None) -> int:
     started = time.time()
     # The demo model is tiny: starting threads costs more than the work, and several threads fight over a busy CPU.
     torch.set_num_threads(1)
-    root = (root or DataRoot(DEMO_ROOT.resolve())).ensure()
+    root = root.ensure()
     demo_dir = root.root / "demo-inputs"
+    source_path = demo_dir / "tiny-v1.safetensors"
+    existing = root.model(DEMO_NAME)
+    if existing.exists() and load_config(existing).model.source != str(source_path.resolve()):
+        raise UserError(f"a model named {DEMO_NAME!r} already exists in {root.dreambooth} and the demo did not make "
+                        f"it; run the demo with --root set to another folder (or delete that model)")
     print(f"demo: data root {root.root}")
-    source = write_tiny_checkpoint("v1", demo_dir / "tiny-v1.safetensors", seed=0)
+    source = write_tiny_checkpoint("v1", source_path, seed=0)
     print(f"demo: wrote the tiny v1 checkpoint {source}")
     model = create_model(root, DEMO_NAME, str(source), family="v1", overwrite=True)
     instance_dir = draw_instance_images(demo_dir / "instance")

@@ -76,18 +76,34 @@ def test_two_processes_train_data_parallel_and_only_rank0_writes(tmp_path, tiny_
     assert sorted(p.name for p in model.samples.iterdir()) == ["4-0-0.png"]
 
 
-def test_demo_runs_the_whole_flow(tmp_path):
+def test_demo_runs_the_whole_flow_in_the_default_data_root(tmp_path):
+    from dreambooth.store import ROOT_ENV
+
+    # no --root: ./data, the folder the tab and the CLI use by default, so the demo's model shows there
+    env = {k: v for k, v in child_env().items() if k != ROOT_ENV}
     started = time.time()
-    run = subprocess.run([sys.executable, "-m", "dreambooth", "--root", str(tmp_path), "demo"], env=child_env(),
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "dreambooth", "demo"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     checkpoints = [Path(line.split("checkpoint ", 1)[1]) for line in lines if line.startswith("demo: checkpoint ")]
-    assert checkpoints and all(p.is_file() for p in checkpoints)
-    previews = tmp_path / "models" / "dreambooth" / "demo" / "samples"
-    assert len(list(previews.glob("*.png"))) >= 2
-    assert len(list((tmp_path / "models" / "dreambooth" / "demo" / "class_images").rglob("*.png"))) == 4
+    assert checkpoints and all(p.is_file() and p.parent == tmp_path / "data" / "models" / "Stable-diffusion"
+                               for p in checkpoints)
+    model = tmp_path / "data" / "models" / "dreambooth" / "demo"
+    assert len(list((model / "samples").glob("*.png"))) >= 2
+    assert len(list((model / "class_images").rglob("*.png"))) == 4
     print(f"demo took {time.time() - started:.0f} s")
+
+    # a model named "demo" of the user's own is never replaced by the demo
+    other = tmp_path / "other"
+    create = subprocess.run([sys.executable, "-m", "dreambooth", "--root", str(other), "create", "demo", "--source",
+                             str(checkpoints[0])], env=env, capture_output=True, text=True, timeout=300)
+    assert create.returncode == 0, create.stderr[-3000:]
+    before = (other / "models" / "dreambooth" / "demo" / "config.json").read_bytes()
+    refused = subprocess.run([sys.executable, "-m", "dreambooth", "demo", "--root", str(other)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "a model named 'demo' already exists" in refused.stderr
+    assert (other / "models" / "dreambooth" / "demo" / "config.json").read_bytes() == before
 
 
 def test_sigterm_cancels_and_saves_for_resume(tmp_path, tiny_source):
