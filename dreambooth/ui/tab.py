@@ -135,7 +135,7 @@ def run_controls() -> dict:
                                       info="An earlier save goes on from its step (Parameters › Saving › Saves "
                                            "to go back to sets how many are kept).")
     c["db_run_message"] = gr.HTML(elem_id="db_run_message")
-    with gr.Accordion("Memory: plan and VRAM presets", open=False, elem_id="db_memory_box"):
+    with gr.Accordion("Memory: plan and VRAM presets", open=True, elem_id="db_memory_box"):
         with gr.Row():
             c["db_vram"] = gr.Textbox(label="GPU memory (GB)", value="", max_lines=1, elem_id="db_vram",
                                       info="Empty: the free memory of this machine's GPU, if it has one.")

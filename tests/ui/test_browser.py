@@ -158,8 +158,8 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     assert re.search(r"<lora:dog_24[^>]*:1>", tag), tag
     assert list((app.root / "models" / "Lora").glob("dog_24*.safetensors"))
 
-    # Memory: the plan under Train; a run it says will not fit is warned about once before it starts
-    page.click("#db_memory_box")
+    # Memory: the plan under Train, open from the start; a run it says will not fit is warned about once before it starts
+    assert page.is_visible("#db_vram") and page.is_visible("#db_plan")
     fill(page, "db_vram", 0.001)
     page.click("#db_plan")
     plan = wait_text(page, "db_plan_message", "does not fit|Error", timeout=240_000)
