@@ -6,7 +6,9 @@ Metadata the hosts read:
 - `ss_output_name`: the webui's default name for the prompt tag (`<lora:NAME:1>`), so it is the file's own name;
 - `sshs_model_hash`: the webui's LoRA hash (sha256 of everything after the safetensors header), read from the
   metadata instead of hashing the file; `sshs_legacy_hash`: the old additional-networks hash (8 hex digits of the
-  sha256 of the 64 KiB at 1 MiB of the file as it would be written with only its `ss_*` metadata).
+  sha256 of the 64 KiB at 1 MiB of the file as it would be written with only its `ss_*` metadata);
+- `ss_network_module` `networks.lora` for LoRA, `lycoris.kohya` with `"algo"` in `ss_network_args` for LoHa / LoKr
+  (the loaders tell the kinds apart by the tensor names; trainers and model sites read these).
 """
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ from ..store import atomic_path
 from .keys import KohyaNames
 from .weights import Adapter, LoraWeights
 
-NETWORK_MODULE = "networks.lora"
+NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}  # by adapter kind
 BASE_MODEL_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "v2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 LEGACY_HASH_AT, LEGACY_HASH_SIZE = 0x100000, 0x10000
 
 
 def kohya_state_dict(weights: LoraWeights, names: KohyaNames, half: bool = False) -> dict[str, torch.Tensor]:
-    """{kohya key: tensor}: lora_down / lora_up in the file's dtype, alpha as a float32 scalar."""
+    """{kohya key: tensor}: each adapter's tensors (lora_down / lora_up, or LyCORIS' hada_* / lokr_*) in the file's
+    dtype, alpha as a float32 scalar."""
     dtype = torch.float16 if half else torch.float32
     tensors = {}
     for part, adapters in weights.items():
@@ -38,8 +41,8 @@ def kohya_state_dict(weights: LoraWeights, names: KohyaNames, half: bool = False
             name = names(part, module_name)
             if f"{name}.alpha" in tensors:
                 raise ValueError(f"two modules map to the LoRA name {name}")
-            tensors[f"{name}.lora_down.weight"] = adapter.down.detach().to("cpu", dtype).contiguous()
-            tensors[f"{name}.lora_up.weight"] = adapter.up.detach().to("cpu", dtype).contiguous()
+            for factor, tensor in adapter.tensors().items():
+                tensors[f"{name}.{factor}"] = tensor.detach().to("cpu", dtype).contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(float(adapter.alpha), dtype=torch.float32)
     if not tensors:
         raise UserError("the LoRA has no adapters to write")
@@ -94,6 +97,10 @@ def lora_metadata(family_name: str, title: str, weights: LoraWeights, resolution
     unet = _ranks(weights.get("unet", {}))
     text = _ranks({k: a for part, adapters in weights.items() if part != "unet" for k, a in adapters.items()})
     dim, alpha = unet or text
+    kinds = {a.kind for adapters in weights.values() for a in adapters.values()}
+    if len(kinds) != 1:
+        raise UserError(f"a LoRA file holds one kind of adapter, not {', '.join(sorted(kinds)) or 'none'}")
+    kind = kinds.pop()
     meta = modelspec(family_name, title, training or None)
     meta.update({
         "modelspec.architecture": f"{fam.architecture}/lora",
@@ -101,7 +108,7 @@ def lora_metadata(family_name: str, title: str, weights: LoraWeights, resolution
         "ss_base_model_version": BASE_MODEL_VERSION[fam.name],
         "ss_v2": str(fam.name in ("v2", "v2-v")),
         "ss_v_parameterization": str(fam.prediction_type == "v_prediction"),
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": NETWORK_MODULE[kind],
         "ss_network_dim": str(dim),
         "ss_network_alpha": _number(alpha),
         "ss_resolution": f"({resolution}, {resolution})",
@@ -109,7 +116,7 @@ def lora_metadata(family_name: str, title: str, weights: LoraWeights, resolution
         "ss_steps": str(int(training.get("step", 0))),
         "ss_epoch": str(int(training.get("epoch", 0))),
     })
-    args = {}
+    args = {} if kind == "lora" else {"algo": kind}  # LyCORIS names its network type here
     if layers:
         args["layers"] = layers
         if layers != "attention" and unet:

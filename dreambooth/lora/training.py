@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .weights import ADAPTER, adapters_of, attach_adapters, lora_parameters
+from .weights import ADAPTER, PEFT_PARAMETERS, adapter_layers, adapters_of, attach_adapters, layer_factors, lora_parameters
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -32,7 +32,8 @@ def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_
         setting = f"lora_{which}_rank"
         with torch.random.fork_rng(devices=[]):  # the same seed gives the same adapters, whatever ran before
             torch.manual_seed(params.seed + len(part))
-            attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting)
+            attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting,
+                            kind=params.lora_type)
         for p in lora_parameters(module):
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -44,47 +45,43 @@ def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_
 
 
 def save_adapters(folder: Path, parts: dict) -> None:
-    """The adapters of every part into `folder` (one safetensors file per part, module names as in the model)."""
+    """The adapters of every part into `folder` (one safetensors file per part: `MODULE.FACTOR` as named in the model
+    and the LoRA file, and `MODULE.alpha`)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     for part, module in parts.items():
         tensors = {}
+        for name, layer in adapter_layers(module).items():
+            for factor, p in layer_factors(layer).items():
+                tensors[f"{name}.{factor}"] = p.detach().to("cpu", copy=True).contiguous()
         for name, adapter in adapters_of(module).items():
-            tensors[f"{name}.lora_down.weight"] = adapter.down.contiguous()
-            tensors[f"{name}.lora_up.weight"] = adapter.up.contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(adapter.alpha)
         save_file(tensors, str(folder / f"lora_{part}.safetensors"), metadata={"format": "pt"})
 
 
 def load_adapters(folder: Path, parts: dict) -> None:
     """Put saved adapter weights back into the adapters of `parts`; a UserError when they do not fit."""
-    from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
 
     for part, module in parts.items():
         path = Path(folder) / f"lora_{part}.safetensors"
-        layers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
-        saved = load_file(str(path)) if path.is_file() else {}
-        names = {k.rsplit(".", 2)[0] for k in saved if k.endswith(".lora_down.weight")}
-        if names != set(layers) or any(
-                saved[f"{n}.lora_down.weight"].shape != layers[n].lora_A[ADAPTER].weight.shape
-                or saved[f"{n}.lora_up.weight"].shape != layers[n].lora_B[ADAPTER].weight.shape for n in names):
-            raise UserError(f"{folder}: the saved LoRA adapters of the {part} do not fit the current settings (LoRA "
-                            "rank, layers or text-encoder training changed); put the settings back, or delete that "
-                            "folder to start a new run")
+        saved = {k: v for k, v in (load_file(str(path)) if path.is_file() else {}).items() if not k.endswith(".alpha")}
+        wanted = {f"{name}.{factor}": p for name, layer in adapter_layers(module).items()
+                  for factor, p in layer_factors(layer).items()}
+        if set(saved) != set(wanted) or any(saved[k].shape != p.shape for k, p in wanted.items()):
+            raise UserError(f"{folder}: the saved LoRA adapters of the {part} do not fit the current settings (adapter "
+                            "type, rank, layers or text-encoder training changed); put the settings back, or delete "
+                            "that folder to start a new run")
         with torch.no_grad():
-            for name, layer in layers.items():
-                layer.lora_A[ADAPTER].weight.copy_(saved[f"{name}.lora_down.weight"])
-                layer.lora_B[ADAPTER].weight.copy_(saved[f"{name}.lora_up.weight"])
+            for key, p in wanted.items():
+                p.copy_(saved[key])
 
 
 @contextlib.contextmanager
 def adapter_weight(parts: dict, weight: float):
     """Apply the adapters at `weight` (as `<lora:NAME:weight>` would) inside the block."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for module in parts.values() for m in module.modules() if isinstance(m, LoraLayer)]
+    layers = [layer for module in parts.values() for layer in adapter_layers(module).values()]
     before = [layer.scaling[ADAPTER] for layer in layers]
     try:
         for layer, scale in zip(layers, before):
@@ -106,7 +103,7 @@ def merged_state_dicts(parts: dict) -> dict:
     result = {}
     for part, module in parts.items():
         state = {k.replace(".base_layer.", "."): v.detach().float() for k, v in module.state_dict().items()
-                 if ".lora_A." not in k and ".lora_B." not in k}
+                 if not any(p in k for p in PEFT_PARAMETERS)}
         for name, adapter in adapters_of(module).items():
             state[f"{name}.weight"] = state[f"{name}.weight"] + adapter.delta()
         result[part] = state
@@ -158,7 +155,7 @@ class LoraRun:
 
     def summary(self) -> dict:
         p = self.params
-        return {"lora": {"unet_rank": p.lora_unet_rank, "unet_alpha": p.lora_unet_alpha,
+        return {"lora": {"type": p.lora_type, "unet_rank": p.lora_unet_rank, "unet_alpha": p.lora_unet_alpha,
                          "text_encoder_rank": p.lora_text_encoder_rank, "text_encoder_alpha": p.lora_text_encoder_alpha,
                          "layers": p.lora_layers, "dropout": p.lora_dropout, "parts": list(self.parts)},
                 "learning_rate": p.lora_unet_learning_rate,

@@ -1,8 +1,17 @@
 """The adapters of a model as plain tensors, and peft adapters put on (and read back from) the model's modules.
 
-A LoRA adapter adds (alpha / rank) x up @ down to a module's weight. For a Linear layer down is (rank, in) and up
-(out, rank); for a convolution down is a convolution of the layer's kernel size (rank, in, kh, kw) and up a 1x1 one
-(out, rank, 1, 1) - the layout peft trains and kohya files store.
+Three kinds, each trained by peft and written under the names the LyCORIS file format gives them (which the webui's
+built-in Lora extension, Forge and ComfyUI read):
+
+  lora  (alpha / rank) x up @ down. For a Linear layer down is (rank, in) and up (out, rank); for a convolution down
+        is a convolution of the layer's kernel size (rank, in, kh, kw) and up a 1x1 one (out, rank, 1, 1): kohya's
+        `lora_down.weight` / `lora_up.weight`.
+  loha  (alpha / rank) x (w1_a @ w1_b) * (w2_a @ w2_b), an element-wise (Hadamard) product of two low-rank pairs,
+        each a (out, rank) and a (rank, in x kh x kw) matrix: `hada_w1_a` ... `hada_w2_b`.
+  lokr  (alpha / rank) x kron(w1, w2), a Kronecker product whose factors are full matrices or low-rank pairs
+        (`lokr_w1` or `lokr_w1_a` @ `lokr_w1_b`, the same for w2; a convolution's full w2 keeps its kernel).
+        Loaders scale by alpha / rank only where a factor is a low-rank pair (they read the rank from it); with both
+        factors full they apply kron(w1, w2) as it is, so such a file carries the scale inside w1.
 """
 from __future__ import annotations
 
@@ -10,17 +19,25 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ADAPTER_TYPES
 from ..errors import UserError
 from .keys import target_modules
 
 ADAPTER = "default"  # peft's adapter name
+# The names of each kind's trained tensors: peft's parameter names are the file's (LoRA's are kohya's lora_down/up).
+HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+PEFT_PARAMETERS = (".lora_A.", ".lora_B.", ".hada_", ".lokr_")
 
 
 @dataclass
 class Adapter:
+    """A LoRA adapter (kind "lora")."""
+
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    kind = "lora"
 
     @property
     def rank(self) -> int:
@@ -30,10 +47,45 @@ class Adapter:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a file stores for this adapter (besides alpha), by their name in the file."""
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up}
+
     def delta(self) -> torch.Tensor:
         """The change this adapter makes to the module's weight, in the weight's shape (float32)."""
         product = self.up.flatten(1).float() @ self.down.flatten(1).float()
         return (product * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass
+class Lycoris:
+    """A LoHa or LoKr adapter: its factors by their LyCORIS names, alpha, the rank it was made with, and the shape of
+    the weight it changes."""
+
+    kind: str
+    factors: dict[str, torch.Tensor]
+    alpha: float
+    rank: int
+    shape: tuple
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.kind == "lokr" and "lokr_w1_b" not in self.factors and "lokr_w2_b" not in self.factors:
+            return {**self.factors, "lokr_w1": self.factors["lokr_w1"] * self.scale}  # loaders apply no scale here
+        return dict(self.factors)
+
+    def delta(self) -> torch.Tensor:
+        f = {k: v.float() for k, v in self.factors.items()}
+        if self.kind == "loha":
+            product = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+        else:
+            w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+            w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+            product = torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2)
+        return (product * self.scale).reshape(self.shape)
 
 
 # part ("unet", "text_encoder", "text_encoder_2") -> module name (diffusers / transformers) -> adapter
@@ -60,36 +112,67 @@ def check_rank(setting: str, rank: int, model: torch.nn.Module, names: list[str]
 
 
 def attach_adapters(model: torch.nn.Module, part: str, rank: int, alpha: float, layers: str,
-                    dropout: float = 0.0, setting: str = "rank") -> list[str]:
-    """Put fresh peft LoRA adapters on the target layers of `model` (in place); returns the adapted module names.
+                    dropout: float = 0.0, setting: str = "rank", kind: str = "lora") -> list[str]:
+    """Put fresh peft adapters of `kind` (lora, loha, lokr) on the target layers of `model` (in place); returns the
+    adapted module names.
 
-    Fresh adapters change nothing (up starts at zero); only their parameters should be trained.
+    Fresh adapters change nothing (one factor starts at zero); only their parameters should be trained.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
     names = target_modules(part, model, layers)
     check_rank(setting, rank, model, names)
     if not alpha > 0:
         raise UserError(f"{setting.replace('rank', 'alpha')}: must be above 0, got {alpha!r}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    if kind == "lora":
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    elif kind == "loha":
+        config = LoHaConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+    elif kind == "lokr":
+        config = LoKrConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+    else:
+        raise UserError(f"lora_type: one of {', '.join(ADAPTER_TYPES)}, got {kind!r}")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     return names
 
 
-def adapters_of(model: torch.nn.Module) -> dict[str, Adapter]:
-    """The peft LoRA adapters on `model`'s modules, by module name (copies on the CPU)."""
-    from peft.tuners.lora import LoraLayer
+def adapter_layers(model: torch.nn.Module) -> dict:
+    """{module name: peft layer} of the modules of `model` that carry our adapter (any kind)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, BaseTunerLayer) and ADAPTER in getattr(m, "scaling", {})}
+
+
+def layer_kind(layer) -> str:
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+
+    return "loha" if isinstance(layer, LoHaLayer) else "lokr" if isinstance(layer, LoKrLayer) else "lora"
+
+
+def layer_factors(layer) -> dict[str, torch.nn.Parameter]:
+    """The trained tensors of a peft layer by their file names (see the module doc)."""
+    kind = layer_kind(layer)
+    if kind == "lora":
+        return {"lora_down.weight": layer.lora_A[ADAPTER].weight, "lora_up.weight": layer.lora_B[ADAPTER].weight}
+    return {k: getattr(layer, k)[ADAPTER] for k in (HADA if kind == "loha" else LOKR) if ADAPTER in getattr(layer, k)}
+
+
+def adapters_of(model: torch.nn.Module) -> dict:
+    """The peft adapters on `model`'s modules, by module name (copies on the CPU): Adapter or Lycoris."""
     found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            rank = module.r[ADAPTER]
-            found[name] = Adapter(down=module.lora_A[ADAPTER].weight.detach().to("cpu", copy=True),
-                                  up=module.lora_B[ADAPTER].weight.detach().to("cpu", copy=True),
-                                  alpha=float(module.scaling[ADAPTER]) * rank)
+    for name, layer in adapter_layers(model).items():
+        kind, rank = layer_kind(layer), layer.r[ADAPTER]
+        alpha = float(layer.scaling[ADAPTER]) * rank
+        factors = {k: p.detach().to("cpu", copy=True) for k, p in layer_factors(layer).items()}
+        if kind == "lora":
+            found[name] = Adapter(down=factors["lora_down.weight"], up=factors["lora_up.weight"], alpha=alpha)
+        else:
+            found[name] = Lycoris(kind, factors, alpha, rank, tuple(layer.get_base_layer().weight.shape))
     return found
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable adapter parameters of `model` (what the optimizer should see)."""
-    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    return [p for n, p in model.named_parameters() if any(k in n for k in PEFT_PARAMETERS)]

@@ -1,5 +1,5 @@
-"""The trainer's LoRA pieces on small modules: what trains, the learning rates, saving and resuming adapters, the
-preview weight, and the merged weights."""
+"""The trainer's LoRA pieces on small modules, for each adapter type (LoRA, LoHa, LoKr): what trains, the learning
+rates, saving and resuming adapters, the preview weight, and the merged weights."""
 from __future__ import annotations
 
 import pytest
@@ -33,80 +33,95 @@ def _run(unet, te):
         return unet(torch.randn(1, 4, 8, 8, generator=g), 10, context).sample
 
 
+def _adapter(name: str) -> bool:
+    from dreambooth.lora.weights import PEFT_PARAMETERS
+
+    return any(k in name for k in PEFT_PARAMETERS)
+
+
 def _randomise(parts, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in parts.values():
             for n, p in module.named_parameters():
-                if ".lora_" in n:
+                if _adapter(n):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 P = Parameters(lora_unet_rank=4, lora_unet_alpha=2.0, lora_text_encoder_rank=2, lora_text_encoder_alpha=2.0,
                lora_unet_learning_rate=3e-4, lora_text_encoder_learning_rate=7e-5, lora_layers="attention+ff+conv")
+KINDS = pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
 
 
-def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op():
+def _p(kind: str, **changes) -> Parameters:
+    return Parameters(**{**vars(P), "lora_type": kind, **changes})
+
+
+@KINDS
+def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op(kind):
     from dreambooth.lora.training import add_adapters
     from dreambooth.train.optim import param_groups
 
-    lora = Parameters(**{**vars(P), "use_lora": True})
+    lora = _p(kind, use_lora=True)
 
     unet, te = _modules()
     before = _run(unet, te)
-    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    parts = add_adapters(unet, (te,), _p(kind), train_text_encoders=True)
     assert list(parts) == ["unet", "text_encoder"]
-    assert torch.equal(_run(unet, te), before)  # fresh adapters (up = 0) change nothing
+    assert torch.equal(_run(unet, te), before)  # fresh adapters (one factor 0) change nothing
     trainable = {n for m in (unet, te) for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert trainable and all({"lora": ".lora_", "loha": ".hada_w", "lokr": ".lokr_w"}[kind] in n for n in trainable)
     groups = param_groups(lora, unet, [te])
     assert [g["lr"] for g in groups] == [3e-4, 7e-5]
     assert sum(len(g["params"]) for g in groups) == len(trainable)
     assert all(p.dtype == torch.float32 for g in groups for p in g["params"])
 
     unet2, te2 = _modules()
-    parts2 = add_adapters(unet2, (te2,), P, train_text_encoders=False)
+    parts2 = add_adapters(unet2, (te2,), _p(kind), train_text_encoders=False)
     assert list(parts2) == ["unet"] and not any(p.requires_grad for p in te2.parameters())
     assert len(param_groups(lora, unet2, [te2])) == 1
 
 
-def test_frozen_weights_are_kept_in_the_training_precision():
+@KINDS
+def test_frozen_weights_are_kept_in_the_training_precision(kind):
     from dreambooth.lora.training import add_adapters
 
     unet, te = _modules()
-    parts = add_adapters(unet, (te,), P, train_text_encoders=True, weight_dtype=torch.bfloat16)
+    parts = add_adapters(unet, (te,), _p(kind), train_text_encoders=True, weight_dtype=torch.bfloat16)
     for module in parts.values():
         for n, p in module.named_parameters():
-            assert p.dtype == (torch.float32 if ".lora_" in n else torch.bfloat16), n
+            assert p.dtype == (torch.float32 if _adapter(n) else torch.bfloat16), n
 
 
-def test_adapters_are_saved_and_resumed_exactly(tmp_path):
+@KINDS
+def test_adapters_are_saved_and_resumed_exactly(tmp_path, kind):
     from dreambooth.lora.training import add_adapters, load_adapters, save_adapters
 
     unet, te = _modules()
-    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    parts = add_adapters(unet, (te,), _p(kind), train_text_encoders=True)
     _randomise(parts)
     expected = _run(unet, te)
     save_adapters(tmp_path / "state", parts)
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["lora_text_encoder.safetensors",
                                                                        "lora_unet.safetensors"]
     unet2, te2 = _modules()
-    parts2 = add_adapters(unet2, (te2,), P, train_text_encoders=True)
+    parts2 = add_adapters(unet2, (te2,), _p(kind), train_text_encoders=True)
     load_adapters(tmp_path / "state", parts2)
     assert torch.equal(_run(unet2, te2), expected)
 
-    unet3, te3 = _modules()
-    other = Parameters(**{**vars(P), "lora_unet_rank": 2})
-    with pytest.raises(UserError, match="saved LoRA adapters of the unet do not fit the current settings"):
-        load_adapters(tmp_path / "state", add_adapters(unet3, (te3,), other, train_text_encoders=True))
+    for other in (_p(kind, lora_unet_rank=2), _p("loha" if kind == "lora" else "lora")):
+        unet3, te3 = _modules()
+        with pytest.raises(UserError, match="saved LoRA adapters of the unet do not fit the current settings"):
+            load_adapters(tmp_path / "state", add_adapters(unet3, (te3,), other, train_text_encoders=True))
 
 
-def test_preview_weight_scales_the_adapters_and_is_undone():
+@KINDS
+def test_preview_weight_scales_the_adapters_and_is_undone(kind):
     from dreambooth.lora.training import adapter_weight, add_adapters
 
     unet, te = _modules()
     base = _run(unet, te)
-    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    parts = add_adapters(unet, (te,), _p(kind), train_text_encoders=True)
     _randomise(parts)
     full = _run(unet, te)
     with adapter_weight(parts, 0.0):
@@ -117,11 +132,12 @@ def test_preview_weight_scales_the_adapters_and_is_undone():
     assert torch.equal(_run(unet, te), full)
 
 
-def test_merged_weights_give_the_adapted_model():
+@KINDS
+def test_merged_weights_give_the_adapted_model(kind):
     from dreambooth.lora.training import add_adapters, merged_state_dicts
 
     unet, te = _modules()
-    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    parts = add_adapters(unet, (te,), _p(kind), train_text_encoders=True)
     _randomise(parts)
     expected = _run(unet, te)
     merged = merged_state_dicts(parts)
