@@ -301,7 +301,7 @@ class Parameters:
     lora_text_encoder_alpha: float = setting(8.0, 'Text encoder LoRA alpha', 'The text-encoder adapters are scaled by alpha / rank.', group='lora', min=0.01, max=1024, step=0.5)
     lora_unet_learning_rate: float = setting(1e-4, 'UNet LoRA learning rate', 'Learning rate of the UNet adapters (replaces the UNet learning rate when LoRA is on).', group='lora', min=0, max=1, kind='scientific')
     lora_text_encoder_learning_rate: float = setting(5e-5, 'Text encoder LoRA learning rate', 'Learning rate of the text-encoder adapters.', group='lora', min=0, max=1, kind='scientific')
-    lora_dropout: float = setting(0.0, 'LoRA dropout', "Dropout on the adapters' input during training; 0.05-0.1 can curb overfitting.", group='lora', min=0, max=0.9, step=0.01)
+    lora_dropout: float = setting(0.0, 'LoRA dropout', "Dropout on the adapters' input during training (LoHa, LoKr: on rows of their change); 0.05-0.1 can curb overfitting.", group='lora', min=0, max=0.9, step=0.01)
     lora_layers: str = setting('attention', 'LoRA layers', 'attention: the attention projections only (the usual LoRA); attention+ff+conv: also feed-forward, transformer in/out projections and resnet convolutions (more capacity, bigger file).', group='lora', choices=('attention', 'attention+ff+conv'))
     lora_preview_weight: float = setting(1.0, 'LoRA preview weight', 'Weight of the adapters in preview images, like <lora:NAME:weight> in the webui.', group='lora', min=0, max=2, step=0.05)
     lora_export_merged: bool = setting(False, 'Also export the merged checkpoint', 'Besides the LoRA file, write the model with the adapters merged in as a full checkpoint (models/Stable-diffusion), on the same schedule.', group='lora')

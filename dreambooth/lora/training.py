@@ -150,6 +150,10 @@ class LoraRun:
         with adapter_weight(self.parts, self.params.lora_preview_weight), autocast:
             yield
 
+    def layers(self) -> list:
+        """The peft layers that carry the adapters, of every part."""
+        return [layer for module in self.parts.values() for layer in adapter_layers(module).values()]
+
     def write_state(self, folder: Path) -> None:
         save_adapters(folder, self.parts)
 

@@ -126,14 +126,41 @@ def attach_adapters(model: torch.nn.Module, part: str, rank: int, alpha: float, 
         raise UserError(f"{setting.replace('rank', 'alpha')}: must be above 0, got {alpha!r}")
     if kind == "lora":
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
-    elif kind == "loha":
-        config = LoHaConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+    elif kind == "loha":  # no input dropout in peft's LyCORIS layers: rank dropout drops rows of the change
+        config = LoHaConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=names)
     elif kind == "lokr":
-        config = LoKrConfig(r=rank, alpha=alpha, module_dropout=dropout, target_modules=names)
+        config = LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=names)
     else:
         raise UserError(f"lora_type: one of {', '.join(ADAPTER_TYPES)}, got {kind!r}")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    if kind == "lokr" and not _lokr_delta_is_scaled():
+        for layer in adapter_layers(model).values():
+            _scale_lokr_delta(layer)
     return names
+
+
+def _lokr_delta_is_scaled() -> bool:
+    """Does this peft scale a LoKr delta by alpha / rank? peft before 0.14 (the one that runs with the webui 1.10's
+    transformers) leaves the scale out of LoKr, though it keeps it in `scaling`."""
+    from peft import LoKrConfig, inject_adapter_in_model
+
+    probe = inject_adapter_in_model(LoKrConfig(r=1, alpha=2, target_modules=["0"]), torch.nn.Sequential(
+        torch.nn.Linear(4, 4)), adapter_name=ADAPTER)[0]
+    with torch.no_grad():
+        for p in layer_factors(probe).values():
+            p.fill_(1.0)
+        return bool(probe.get_delta_weight(ADAPTER).flatten()[0] == 2.0)
+
+
+def _scale_lokr_delta(layer) -> None:
+    """Make a LoKr layer of such a peft apply its `scaling`, as later peft does: the trained model then is what the
+    file says (alpha / rank), and the preview weight works."""
+    unscaled = layer.get_delta_weight
+
+    def get_delta_weight(adapter_name, *args, **kwargs):
+        return unscaled(adapter_name, *args, **kwargs) * layer.scaling[adapter_name]
+
+    layer.get_delta_weight = get_delta_weight
 
 
 def adapter_layers(model: torch.nn.Module) -> dict:

@@ -421,8 +421,13 @@ def _prepare_on_meta(arch: Architecture, params, dtypes) -> bool:
         if params.use_lora:  # as the trainer: float32 adapters on the model frozen in the training precision
             from ..lora.training import LoraRun
 
-            LoraRun.start(unet, encoders, params, "sdxl" if arch.sdxl else "v1", trainable,
-                          weight_dtype=torch.bfloat16 if dtypes.mixed_precision != "no" else torch.float32)
+            run = LoraRun.start(unet, encoders, params, "sdxl" if arch.sdxl else "v1", trainable,
+                                weight_dtype=torch.bfloat16 if dtypes.mixed_precision != "no" else torch.float32)
+            if params.lora_type != "lora":
+                # LoHa and LoKr draw a random number to decide on module dropout, which fake tensors cannot decide;
+                # in eval mode they skip that draw and compute the same tensors
+                for layer in run.layers():
+                    layer.train(False)
     return trainable
 
 

@@ -27,17 +27,18 @@ def load_pipeline(working: Path, family: str):
     return pipeline_class(family).from_pretrained(str(working), torch_dtype=torch.float32)
 
 
-def add_random_adapters(pipe, family: str, layers: str, unet=(4, 8.0), text=(2, 1.0), seed: int = 0) -> dict:
-    """Our peft adapters on every part, with random (non-zero) weights, as a trained LoRA would have."""
-    from dreambooth.lora.weights import attach_adapters
+def add_random_adapters(pipe, family: str, layers: str, unet=(4, 8.0), text=(2, 1.0), seed: int = 0,
+                        kind: str = "lora") -> dict:
+    """Our peft adapters of `kind` on every part, with random (non-zero) weights, as trained ones would have."""
+    from dreambooth.lora.weights import PEFT_PARAMETERS, attach_adapters
 
     parts = parts_of(pipe, family)
     generator = torch.Generator().manual_seed(seed)
     for part, module in parts.items():
         rank, alpha = unet if part == "unet" else text
-        attach_adapters(module, part, rank, alpha, layers)
+        attach_adapters(module, part, rank, alpha, layers, kind=kind)
         for name, p in module.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
+            if any(k in name for k in PEFT_PARAMETERS):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     return parts
@@ -63,12 +64,14 @@ def unet_output(pipe, family: str, seed: int = 1) -> tuple[torch.Tensor, torch.T
 
 def peft_merged_state_dict(module: torch.nn.Module) -> dict:
     """The module's weights with peft's own delta (get_delta_weight) added: what merging the adapters gives."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from dreambooth.lora.weights import PEFT_PARAMETERS
 
     state = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in module.state_dict().items()
-             if ".lora_" not in k}
+             if not any(p in k for p in PEFT_PARAMETERS)}
     for name, layer in module.named_modules():
-        if isinstance(layer, LoraLayer):
+        if isinstance(layer, BaseTunerLayer):
             state[f"{name}.weight"] += layer.get_delta_weight("default").detach()
     return state
 

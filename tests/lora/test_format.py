@@ -105,6 +105,27 @@ def test_metadata(family, version, v2, arch, resolution):
     assert json.loads(meta["dreambooth.training"])["learning_rate"] == 1e-4
 
 
+def test_loha_and_lokr_files_say_their_network_type():
+    from dreambooth.errors import UserError
+    from dreambooth.lora.files import lora_metadata
+    from dreambooth.lora.weights import Lycoris
+
+    g = torch.Generator().manual_seed(0)
+    loha = Lycoris("loha", {k: torch.randn(8, 4, generator=g) for k in ("hada_w1_a", "hada_w2_a")}
+                   | {k: torch.randn(4, 8, generator=g) for k in ("hada_w1_b", "hada_w2_b")}, 8.0, 4, (8, 8))
+    meta = lora_metadata("v1", "dog_10", {"unet": {"a": loha}})
+    assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"]) == {"algo": "loha"}
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "8")
+    with pytest.raises(UserError, match="one kind of adapter, not loha, lora"):
+        lora_metadata("v1", "dog_10", {"unet": {"a": loha}, "text_encoder": {"b": _adapters(4)}})
+    # LoKr with both factors full: loaders apply kron(w1, w2) unscaled, so the file's w1 carries alpha / rank
+    w1, w2 = torch.randn(2, 2, generator=g), torch.randn(4, 4, generator=g)
+    lokr = Lycoris("lokr", {"lokr_w1": w1, "lokr_w2": w2}, alpha=2.0, rank=4, shape=(8, 8))
+    assert torch.equal(lokr.tensors()["lokr_w1"], w1 * 0.5) and torch.allclose(lokr.delta(), torch.kron(w1, w2) * 0.5)
+    pair = Lycoris("lokr", {"lokr_w1": w1, "lokr_w2_a": w2[:, :1], "lokr_w2_b": w2[:1]}, alpha=2.0, rank=1, shape=(8, 8))
+    assert torch.equal(pair.tensors()["lokr_w1"], w1)  # a low-rank factor: loaders scale by alpha / its rank
+
+
 def _independent_hashes(path):
     """The webui's LoRA hash and kohya's legacy hash, computed here from their definitions."""
     from safetensors import safe_open
@@ -183,7 +204,8 @@ def test_settings_are_declared_in_their_group():
     assert "lora" in GROUPS
     assert set(lora) == {"use_lora", "lora_unet_rank", "lora_unet_alpha", "lora_text_encoder_rank",
                          "lora_text_encoder_alpha", "lora_unet_learning_rate", "lora_text_encoder_learning_rate",
-                         "lora_dropout", "lora_layers", "lora_preview_weight", "lora_export_merged"}
+                         "lora_dropout", "lora_layers", "lora_preview_weight", "lora_export_merged", "lora_type"}
+    assert lora["lora_type"].choices == ("lora", "loha", "lokr") and lora["lora_type"].default == "lora"
     assert (lora["lora_unet_learning_rate"].default, lora["lora_text_encoder_learning_rate"].default) == (1e-4, 5e-5)
     assert lora["lora_layers"].choices == ("attention", "attention+ff+conv")
     with pytest.raises(UserError) as e:

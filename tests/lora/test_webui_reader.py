@@ -1,6 +1,6 @@
-"""Our LoRA files through an independent reader written from the webui 1.10.1 Lora extension's matching rules
-(webui_reader.py): every key lands on a module of the exported single-file model, and applying the file the webui's
-way to the base checkpoint gives the checkpoint exported from the peft-merged model."""
+"""Our LoRA, LoHa and LoKr files through an independent reader written from the webui 1.10.1 Lora extension's
+matching rules (webui_reader.py): every key lands on a module of the exported single-file model, and applying the
+file the webui's way to the base checkpoint gives the checkpoint exported from the peft-merged model."""
 from __future__ import annotations
 
 import pytest
@@ -19,12 +19,17 @@ def _load(path) -> dict:
     return load_file(str(path))
 
 
+FACTORS = {"lora": {"lora_up.weight", "lora_down.weight"}, "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family,layers", [
-    ("v1", "attention"), ("v1", "attention+ff+conv"), ("v2", "attention"), ("v2", "attention+ff+conv"),
-    ("sdxl", "attention"), ("sdxl", "attention+ff+conv"),
+@pytest.mark.parametrize("family,layers,kind", [
+    ("v1", "attention", "lora"), ("v1", "attention+ff+conv", "lora"), ("v2", "attention", "lora"),
+    ("v2", "attention+ff+conv", "lora"), ("sdxl", "attention", "lora"), ("sdxl", "attention+ff+conv", "lora"),
+    ("v1", "attention+ff+conv", "loha"), ("v2", "attention", "loha"), ("sdxl", "attention+ff+conv", "loha"),
+    ("v1", "attention+ff+conv", "lokr"), ("v2", "attention+ff+conv", "lokr"), ("sdxl", "attention", "lokr"),
 ])
-def test_every_key_maps_to_a_module_and_applies_like_the_merged_model(lora_models, tmp_path, family, layers):
+def test_every_key_maps_to_a_module_and_applies_like_the_merged_model(lora_models, tmp_path, family, layers, kind):
     from dreambooth.checkpoint.convert import read_configs
     from dreambooth.checkpoint.export import write_single_file
     from dreambooth.lora.files import save_lora
@@ -36,7 +41,7 @@ def test_every_key_maps_to_a_module_and_applies_like_the_merged_model(lora_model
     base_file = export_model(root, name, out=tmp_path / "base.safetensors")  # `python -m dreambooth export`
 
     pipe = load_pipeline(working, family)
-    parts = add_random_adapters(pipe, family, layers, seed=11)
+    parts = add_random_adapters(pipe, family, layers, seed=11, kind=kind)
     weights = {part: adapters_of(module) for part, module in parts.items()}
     lora_file = save_lora(tmp_path / "lora.safetensors", family, read_configs(working, family)["unet"], weights,
                           half=False, layers=layers)
@@ -47,7 +52,11 @@ def test_every_key_maps_to_a_module_and_applies_like_the_merged_model(lora_model
     modules, unmatched = webui_reader.read(lora, base.keys())
     assert unmatched == []
     assert len(modules) == sum(len(a) for a in weights.values())
-    assert all(set(parts_) == {"lora_up.weight", "lora_down.weight", "alpha"} for _, parts_ in modules.values())
+    for _, found in modules.values():
+        if kind == "lokr":  # each factor full or a low-rank pair, as the layer's shape made it
+            assert "alpha" in found and {"lokr_w1", "lokr_w1_a"} & set(found) and {"lokr_w2", "lokr_w2_a"} & set(found)
+        else:
+            assert set(found) == FACTORS[kind] | {"alpha"}
 
     applied = webui_reader.apply(lora, base)
     assert applied.keys() == merged.keys()

@@ -12,9 +12,16 @@ It shares no code with dreambooth/lora. The rules, as the webui applies them:
    SDXL's second encoder), then looked up; if absent, a trailing `_q_proj` / `_k_proj` / `_v_proj` is dropped and the
    rest looked up (the fused attention); if still absent, `lora_unet` becomes `diffusion_model`, or
    `lora_te1_text_model` becomes `0_transformer_text_model` (then `transformer_text_model`). Else: unmatched.
-3. A LoRA module changes its layer's weight by up @ down x alpha / rank (alpha 1.0 x rank when missing, i.e. scale
-   1), reshaped to the weight; a MultiheadAttention gets its q, k, v changes stacked into in_proj_weight and is
-   changed only when q, k, v and out_proj all have modules.
+3. A module's change to its layer's weight (network_lora.py, network_hada.py, network_lokr.py, network.py
+   finalize_updown), times its scale: alpha / dim where the module has a dim and an alpha, else 1.
+   - LoRA (`lora_up.weight`, `lora_down.weight`): up @ down; dim = down's rows.
+   - LoHa (`hada_w1_a` ... `hada_w2_b`): (w1_a @ w1_b) * (w2_a @ w2_b) as a (w1_a rows, w1_b columns) matrix;
+     dim = w1_b's rows.
+   - LoKr (`lokr_w1` or `lokr_w1_a` @ `lokr_w1_b`, the same for w2): kron(w1, w2) (w1 with two trailing axes when
+     w2 is a 4-d kernel), shaped as the weight for a convolution, else (w1 rows x w2 rows, w1 cols x w2 cols);
+     dim = w2_b's rows, else w1_b's, else none (scale 1 whatever alpha says).
+   The product is reshaped to the weight when their sizes agree. A MultiheadAttention gets its q, k, v changes
+   stacked into in_proj_weight and is changed only when q, k, v and out_proj all have modules.
 """
 from __future__ import annotations
 
@@ -145,10 +152,22 @@ def read(lora: dict[str, torch.Tensor], checkpoint_keys) -> tuple[dict, list[str
 
 
 def _updown(parts: dict, shape) -> torch.Tensor:
-    up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
-    rank = down.shape[0]
-    scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-    product = up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)
+    w = {k: v.float() for k, v in parts.items()}
+    if "lora_up.weight" in w:
+        up, down = w["lora_up.weight"], w["lora_down.weight"]
+        dim = down.shape[0]
+        product = up.reshape(up.shape[0], -1) @ down.reshape(dim, -1)
+    elif "hada_w1_a" in w:
+        dim = w["hada_w1_b"].shape[0]
+        product = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+    else:
+        w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+        w2 = w["lokr_w2"] if "lokr_w2" in w else w["lokr_w2_a"] @ w["lokr_w2_b"]
+        dim = (w["lokr_w2_b"].shape[0] if "lokr_w2_b" in w else w["lokr_w1_b"].shape[0] if "lokr_w1_b" in w
+               else None)
+        output = tuple(shape) if len(shape) == 4 else (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
+        product = torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2).reshape(output)
+    scale = float(w["alpha"]) / dim if "alpha" in w and dim is not None else 1.0
     assert product.numel() == torch.Size(shape).numel(), (product.shape, shape)
     return product.reshape(shape) * scale
 

@@ -92,6 +92,33 @@ def test_lora_run_prior_previews_ratio_exports_and_the_base_untouched(tmp_path, 
     torch.testing.assert_close(merged[key], source[key] + delta, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_and_lokr_runs_write_files_the_webui_applies_as_the_trained_model(tmp_path, kind):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "lora"))
+    import webui_reader
+
+    from dreambooth.checkpoint.tiny import write_tiny_checkpoint
+
+    # the real models' UNet depth (2 res blocks a level), which the webui's names for SD1 assume
+    tiny_source = write_tiny_checkpoint("v1", tmp_path / "deep.safetensors", seed=0, unet_layers_per_block=2)
+    root, model = make_model(tmp_path / "root", tiny_source, concepts=[concept(tmp_path)], num_train_epochs=2,
+                             save_every_n_epochs=2, train_text_encoder_ratio=1.0, lora_layers="attention+ff+conv",
+                             lora_export_merged=True, lora_type=kind, **LORA)
+    result = train_model(root, "m")
+    assert result.ok and result.step == 4, result.summary()
+    tensors, meta = lora_file(root.lora / "m_4.safetensors")
+    assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{kind}"' in meta["ss_network_args"]
+    assert any(k.endswith(".hada_w1_a" if kind == "loha" else ".lokr_w1") for k in tensors)
+    assert not any("lora_down" in k for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    # the file applied the webui's way to the source checkpoint is the trained model (its merged export)
+    applied = webui_reader.apply(tensors, load_file(tiny_source))
+    merged = load_file(root.checkpoints / "m_4.safetensors")
+    changed = [k for k in merged if not torch.equal(merged[k], load_file(tiny_source)[k])]
+    assert changed and all(torch.allclose(applied[k], merged[k].float(), atol=1e-5, rtol=1e-5) for k in merged)
+
+
 def test_previews_show_the_adapters_at_the_preview_weight(tmp_path, tiny_source):
     """Weight 0 previews the base model exactly; weight 1 differs."""
     concepts = [concept(tmp_path, num_samples=1, sample_infer_steps=2, sample_seed=5)]
@@ -216,3 +243,8 @@ def test_the_memory_plan_of_a_lora_run_trains_only_the_adapters():
     assert 0 < lora.weights < full.weights / 20 and 0 < lora.optimizer < full.optimizer / 20
     assert lora.created["gradients"] == lora.weights  # a float32 gradient per adapter weight, nothing else
     assert lora.peak < full.peak / 2
+    for kind in ("loha", "lokr"):  # their own factors are what the plan counts as trained
+        plan = plan_architecture(tiny_architecture(), replace(base, use_lora=True, lora_unet_rank=4,
+                                                              lora_text_encoder_rank=4, lora_type=kind))
+        assert plan.traced and 0 < plan.weights < full.weights / 5 and plan.weights != lora.weights, (kind, plan.notes)
+        assert plan.created["gradients"] == plan.weights
