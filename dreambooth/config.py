@@ -28,7 +28,7 @@ MAX_JSON_DEPTH = 8  # config.json nests three levels deep
 MAX_TEXT = {"prompt": 2000, "path": 4096, "": 200}
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "prodigy", "lion", "schedulefree_adamw", "came")
 LOSS_TYPES = ("mse", "huber", "smooth_l1")
-ADAPTER_TYPES = ("lora", "loha", "lokr")
+ADAPTER_TYPES = ("lora", "loha", "lokr", "dora")
 HUBER_SCHEDULES = ("constant", "snr")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -294,7 +294,7 @@ class Parameters:
     fidelity_patience: int = setting(0, 'Stop after saves without a better one', 'Stop training when this many scored saves in a row did not give a better best save; 0: never stop early.', group='fidelity', min=0, max=1000)
     # lora
     use_lora: bool = setting(False, 'Use LoRA', "Train small low-rank adapters instead of the whole model: far less memory, a few-MB file (models/Lora) for the webui's <lora:NAME:1>.", group='lora')
-    lora_type: str = setting('lora', 'Adapter type', "lora: the usual low-rank adapter, read by every LoRA loader; loha: a Hadamard product of two low-rank pairs, more expressive at the same rank; lokr: a Kronecker product, the smallest files. LoHa and LoKr are written as LyCORIS files, which the webui's built-in Lora extension, Forge and ComfyUI load like a LoRA.", group='lora', choices=ADAPTER_TYPES)
+    lora_type: str = setting('lora', 'Adapter type', "lora: the usual low-rank adapter, read by every LoRA loader; loha: a Hadamard product of two low-rank pairs, more expressive at the same rank; lokr: a Kronecker product, the smallest files; dora: a LoRA with a trained magnitude per input column (closer to a full fine-tune, a little slower). LoHa, LoKr and DoRA are written as LyCORIS files, which the webui's built-in Lora extension, Forge and ComfyUI load like a LoRA.", group='lora', choices=ADAPTER_TYPES)
     lora_unet_rank: int = setting(16, 'UNet LoRA rank', 'Rank (dim) of the UNet adapters: 4-32 is usual; higher learns more detail and makes a bigger file.', group='lora', min=1, max=1024)
     lora_unet_alpha: float = setting(16.0, 'UNet LoRA alpha', 'The adapters are scaled by alpha / rank; alpha = rank applies them as trained.', group='lora', min=0.01, max=1024, step=0.5)
     lora_text_encoder_rank: int = setting(8, 'Text encoder LoRA rank', 'Rank of the text-encoder adapters (both encoders for SDXL); they train for the text-encoder step ratio.', group='lora', min=1, max=1024)

@@ -8,7 +8,8 @@ Metadata the hosts read:
   metadata instead of hashing the file; `sshs_legacy_hash`: the old additional-networks hash (8 hex digits of the
   sha256 of the 64 KiB at 1 MiB of the file as it would be written with only its `ss_*` metadata);
 - `ss_network_module` `networks.lora` for LoRA, `lycoris.kohya` with `"algo"` in `ss_network_args` for LoHa / LoKr
-  (the loaders tell the kinds apart by the tensor names; trainers and model sites read these).
+  and DoRA (`"algo": "lora", "dora_wd": "True"`): the loaders tell the kinds apart by the tensor names; trainers and
+  model sites read these.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..store import atomic_path
 from .keys import KohyaNames
 from .weights import Adapter, LoraWeights
 
-NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}  # by adapter kind
+NETWORK_MODULE = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya", "dora": "lycoris.kohya"}
 BASE_MODEL_VERSION = {"v1": "sd_v1", "v2": "sd_v2", "v2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 LEGACY_HASH_AT, LEGACY_HASH_SIZE = 0x100000, 0x10000
 
@@ -98,6 +99,8 @@ def lora_metadata(family_name: str, title: str, weights: LoraWeights, resolution
     text = _ranks({k: a for part, adapters in weights.items() if part != "unet" for k, a in adapters.items()})
     dim, alpha = unet or text
     kinds = {a.kind for adapters in weights.values() for a in adapters.values()}
+    if kinds == {"dora", "lora"}:
+        kinds = {"dora"}  # a DoRA file's fused OpenCLIP attention layers are plain LoRA (weights.py)
     if len(kinds) != 1:
         raise UserError(f"a LoRA file holds one kind of adapter, not {', '.join(sorted(kinds)) or 'none'}")
     kind = kinds.pop()
@@ -116,7 +119,8 @@ def lora_metadata(family_name: str, title: str, weights: LoraWeights, resolution
         "ss_steps": str(int(training.get("step", 0))),
         "ss_epoch": str(int(training.get("epoch", 0))),
     })
-    args = {} if kind == "lora" else {"algo": kind}  # LyCORIS names its network type here
+    # LyCORIS names its network type here; its DoRA is a LoRA with weight decomposition
+    args = {"lora": {}, "dora": {"algo": "lora", "dora_wd": "True"}}.get(kind, {"algo": kind})
     if layers:
         args["layers"] = layers
         if layers != "attention" and unet:

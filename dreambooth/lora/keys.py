@@ -53,6 +53,11 @@ def is_target(part: str, module_name: str, layers: str) -> bool:
     return bool(attention.search(name) or (layers != "attention" and more.search(name)))
 
 
+def is_attention(part: str, module_name: str) -> bool:
+    """Whether the module is one of an attention layer's projections."""
+    return bool((_UNET_ATTENTION if part == "unet" else _TEXT_ATTENTION).search("." + module_name))
+
+
 def target_modules(part: str, model: torch.nn.Module, layers: str) -> list[str]:
     """Names of the Linear / Conv2d modules of `model` that get adapters, in the model's order."""
     return [name for name, module in model.named_modules()

@@ -18,8 +18,11 @@ from .weights import ADAPTER, PEFT_PARAMETERS, adapter_layers, adapters_of, atta
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 
-def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_dtype=torch.float32) -> dict:
+def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_dtype=torch.float32,
+                 family_name: str = "v1") -> dict:
     """Freeze the model, put adapters on the UNet (and the text encoders when they train); {part: module}."""
+    from ..families import family
+
     parts = {"unet": unet}
     if train_text_encoders:
         parts.update(zip(TEXT_PARTS, text_encoders))
@@ -33,7 +36,7 @@ def add_adapters(unet, text_encoders, params, train_text_encoders: bool, weight_
         with torch.random.fork_rng(devices=[]):  # the same seed gives the same adapters, whatever ran before
             torch.manual_seed(params.seed + len(part))
             attach_adapters(module, part, rank, alpha, params.lora_layers, params.lora_dropout, setting=setting,
-                            kind=params.lora_type)
+                            kind=params.lora_type, fused_attention=family(family_name).is_openclip(part))
         for p in lora_parameters(module):
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -82,14 +85,20 @@ def load_adapters(folder: Path, parts: dict) -> None:
 def adapter_weight(parts: dict, weight: float):
     """Apply the adapters at `weight` (as `<lora:NAME:weight>` would) inside the block."""
     layers = [layer for module in parts.values() for layer in adapter_layers(module).values()]
-    before = [layer.scaling[ADAPTER] for layer in layers]
+    dora_layers = [layer for layer in layers if hasattr(layer, "dora_weight")]  # blend, as loaders apply DoRA
+    scaled = [layer for layer in layers if not hasattr(layer, "dora_weight")]
+    before = [layer.scaling[ADAPTER] for layer in scaled]
     try:
-        for layer, scale in zip(layers, before):
+        for layer, scale in zip(scaled, before):
             layer.scaling[ADAPTER] = scale * weight
+        for layer in dora_layers:
+            layer.dora_weight = weight
         yield
     finally:
-        for layer, scale in zip(layers, before):
+        for layer, scale in zip(scaled, before):
             layer.scaling[ADAPTER] = scale
+        for layer in dora_layers:
+            layer.dora_weight = 1.0
 
 
 def lora_weights(parts: dict) -> dict:
@@ -105,7 +114,7 @@ def merged_state_dicts(parts: dict) -> dict:
         state = {k.replace(".base_layer.", "."): v.detach().float() for k, v in module.state_dict().items()
                  if not any(p in k for p in PEFT_PARAMETERS)}
         for name, adapter in adapters_of(module).items():
-            state[f"{name}.weight"] = state[f"{name}.weight"] + adapter.delta()
+            state[f"{name}.weight"] = adapter.merged(state[f"{name}.weight"])
         result[part] = state
     return result
 
@@ -137,7 +146,7 @@ class LoraRun:
               resume_from: Path | None = None, weight_dtype=torch.float32) -> "LoraRun | None":
         if not params.use_lora:
             return None
-        parts = add_adapters(unet, text_encoders, params, train_text_encoders, weight_dtype)
+        parts = add_adapters(unet, text_encoders, params, train_text_encoders, weight_dtype, family_name)
         if resume_from is not None:
             load_adapters(resume_from, parts)
         return cls(parts, params, family_name, dict(unet.config), weight_dtype)

@@ -12,6 +12,9 @@ built-in Lora extension, Forge and ComfyUI read):
         (`lokr_w1` or `lokr_w1_a` @ `lokr_w1_b`, the same for w2; a convolution's full w2 keeps its kernel).
         Loaders scale by alpha / rank only where a factor is a low-rank pair (they read the rank from it); with both
         factors full they apply kron(w1, w2) as it is, so such a file carries the scale inside w1.
+  dora  a LoRA renormalised per input column with a trained magnitude `dora_scale` (dora.py). The webui keeps an
+        OpenCLIP text encoder's attention as one fused layer, to which it cannot apply a magnitude: those four
+        projections stay plain LoRA adapters.
 """
 from __future__ import annotations
 
@@ -21,23 +24,28 @@ import torch
 
 from ..config import ADAPTER_TYPES
 from ..errors import UserError
-from .keys import target_modules
+from . import dora
+from .keys import is_attention, target_modules
 
 ADAPTER = "default"  # peft's adapter name
 # The names of each kind's trained tensors: peft's parameter names are the file's (LoRA's are kohya's lora_down/up).
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-PEFT_PARAMETERS = (".lora_A.", ".lora_B.", ".hada_", ".lokr_")
+PEFT_PARAMETERS = (".lora_A.", ".lora_B.", ".hada_", ".lokr_", f".{dora.MAGNITUDE}")
 
 
 @dataclass
 class Adapter:
-    """A LoRA adapter (kind "lora")."""
+    """A LoRA adapter, or a DoRA one with its magnitude."""
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
-    kind = "lora"
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.magnitude is None else "dora"
 
     @property
     def rank(self) -> int:
@@ -49,12 +57,18 @@ class Adapter:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a file stores for this adapter (besides alpha), by their name in the file."""
-        return {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        extra = {} if self.magnitude is None else {dora.MAGNITUDE: self.magnitude}
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up, **extra}
 
     def delta(self) -> torch.Tensor:
-        """The change this adapter makes to the module's weight, in the weight's shape (float32)."""
+        """The low-rank change to the module's weight, in the weight's shape (float32)."""
         product = self.up.flatten(1).float() @ self.down.flatten(1).float()
         return (product * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """The module's weight with this adapter applied (float32)."""
+        changed = weight.float() + self.delta()
+        return changed if self.magnitude is None else dora.renormalised(changed, self.magnitude.float())
 
 
 @dataclass
@@ -87,6 +101,9 @@ class Lycoris:
             product = torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2)
         return (product * self.scale).reshape(self.shape)
 
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float() + self.delta()
+
 
 # part ("unet", "text_encoder", "text_encoder_2") -> module name (diffusers / transformers) -> adapter
 LoraWeights = dict
@@ -112,9 +129,11 @@ def check_rank(setting: str, rank: int, model: torch.nn.Module, names: list[str]
 
 
 def attach_adapters(model: torch.nn.Module, part: str, rank: int, alpha: float, layers: str,
-                    dropout: float = 0.0, setting: str = "rank", kind: str = "lora") -> list[str]:
-    """Put fresh peft adapters of `kind` (lora, loha, lokr) on the target layers of `model` (in place); returns the
-    adapted module names.
+                    dropout: float = 0.0, setting: str = "rank", kind: str = "lora",
+                    fused_attention: bool = False) -> list[str]:
+    """Put fresh peft adapters of `kind` (lora, loha, lokr, dora) on the target layers of `model` (in place); returns
+    the adapted module names. `fused_attention`: the webui keeps this text encoder's attention as one layer (OpenCLIP),
+    so DoRA leaves its projections plain LoRA.
 
     Fresh adapters change nothing (one factor starts at zero); only their parameters should be trained.
     """
@@ -124,7 +143,7 @@ def attach_adapters(model: torch.nn.Module, part: str, rank: int, alpha: float, 
     check_rank(setting, rank, model, names)
     if not alpha > 0:
         raise UserError(f"{setting.replace('rank', 'alpha')}: must be above 0, got {alpha!r}")
-    if kind == "lora":
+    if kind in ("lora", "dora"):
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
     elif kind == "loha":  # no input dropout in peft's LyCORIS layers: rank dropout drops rows of the change
         config = LoHaConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=names)
@@ -133,6 +152,9 @@ def attach_adapters(model: torch.nn.Module, part: str, rank: int, alpha: float, 
     else:
         raise UserError(f"lora_type: one of {', '.join(ADAPTER_TYPES)}, got {kind!r}")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    if kind == "dora":
+        layers = adapter_layers(model)
+        dora.add_magnitudes(layers[n] for n in names if not (fused_attention and is_attention(part, n)))
     if kind == "lokr" and not _lokr_delta_is_scaled():
         for layer in adapter_layers(model).values():
             _scale_lokr_delta(layer)
@@ -175,14 +197,18 @@ def layer_kind(layer) -> str:
     from peft.tuners.loha import LoHaLayer
     from peft.tuners.lokr import LoKrLayer
 
-    return "loha" if isinstance(layer, LoHaLayer) else "lokr" if isinstance(layer, LoKrLayer) else "lora"
+    if isinstance(layer, (LoHaLayer, LoKrLayer)):
+        return "loha" if isinstance(layer, LoHaLayer) else "lokr"
+    return "dora" if hasattr(layer, dora.MAGNITUDE) else "lora"
 
 
 def layer_factors(layer) -> dict[str, torch.nn.Parameter]:
     """The trained tensors of a peft layer by their file names (see the module doc)."""
     kind = layer_kind(layer)
-    if kind == "lora":
-        return {"lora_down.weight": layer.lora_A[ADAPTER].weight, "lora_up.weight": layer.lora_B[ADAPTER].weight}
+    if kind in ("lora", "dora"):
+        magnitude = {dora.MAGNITUDE: getattr(layer, dora.MAGNITUDE)} if kind == "dora" else {}
+        return {"lora_down.weight": layer.lora_A[ADAPTER].weight, "lora_up.weight": layer.lora_B[ADAPTER].weight,
+                **magnitude}
     return {k: getattr(layer, k)[ADAPTER] for k in (HADA if kind == "loha" else LOKR) if ADAPTER in getattr(layer, k)}
 
 
@@ -193,8 +219,9 @@ def adapters_of(model: torch.nn.Module) -> dict:
         kind, rank = layer_kind(layer), layer.r[ADAPTER]
         alpha = float(layer.scaling[ADAPTER]) * rank
         factors = {k: p.detach().to("cpu", copy=True) for k, p in layer_factors(layer).items()}
-        if kind == "lora":
-            found[name] = Adapter(down=factors["lora_down.weight"], up=factors["lora_up.weight"], alpha=alpha)
+        if kind in ("lora", "dora"):
+            found[name] = Adapter(down=factors["lora_down.weight"], up=factors["lora_up.weight"], alpha=alpha,
+                                  magnitude=factors.get(dora.MAGNITUDE))
         else:
             found[name] = Lycoris(kind, factors, alpha, rank, tuple(layer.get_base_layer().weight.shape))
     return found

@@ -30,13 +30,15 @@ def load_pipeline(working: Path, family: str):
 def add_random_adapters(pipe, family: str, layers: str, unet=(4, 8.0), text=(2, 1.0), seed: int = 0,
                         kind: str = "lora") -> dict:
     """Our peft adapters of `kind` on every part, with random (non-zero) weights, as trained ones would have."""
+    from dreambooth.families import family as family_facts
     from dreambooth.lora.weights import PEFT_PARAMETERS, attach_adapters
 
     parts = parts_of(pipe, family)
     generator = torch.Generator().manual_seed(seed)
     for part, module in parts.items():
         rank, alpha = unet if part == "unet" else text
-        attach_adapters(module, part, rank, alpha, layers, kind=kind)
+        attach_adapters(module, part, rank, alpha, layers, kind=kind,
+                        fused_attention=family_facts(family).is_openclip(part))
         for name, p in module.named_parameters():
             if any(k in name for k in PEFT_PARAMETERS):
                 with torch.no_grad():

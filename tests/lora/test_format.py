@@ -205,7 +205,7 @@ def test_settings_are_declared_in_their_group():
     assert set(lora) == {"use_lora", "lora_unet_rank", "lora_unet_alpha", "lora_text_encoder_rank",
                          "lora_text_encoder_alpha", "lora_unet_learning_rate", "lora_text_encoder_learning_rate",
                          "lora_dropout", "lora_layers", "lora_preview_weight", "lora_export_merged", "lora_type"}
-    assert lora["lora_type"].choices == ("lora", "loha", "lokr") and lora["lora_type"].default == "lora"
+    assert lora["lora_type"].choices == ("lora", "loha", "lokr", "dora") and lora["lora_type"].default == "lora"
     assert (lora["lora_unet_learning_rate"].default, lora["lora_text_encoder_learning_rate"].default) == (1e-4, 5e-5)
     assert lora["lora_layers"].choices == ("attention", "attention+ff+conv")
     with pytest.raises(UserError) as e:

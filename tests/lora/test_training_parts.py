@@ -50,7 +50,7 @@ def _randomise(parts, seed=1):
 
 P = Parameters(lora_unet_rank=4, lora_unet_alpha=2.0, lora_text_encoder_rank=2, lora_text_encoder_alpha=2.0,
                lora_unet_learning_rate=3e-4, lora_text_encoder_learning_rate=7e-5, lora_layers="attention+ff+conv")
-KINDS = pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+KINDS = pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
 
 
 def _p(kind: str, **changes) -> Parameters:
@@ -70,7 +70,9 @@ def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op(kind):
     assert list(parts) == ["unet", "text_encoder"]
     assert torch.equal(_run(unet, te), before)  # fresh adapters (one factor 0) change nothing
     trainable = {n for m in (unet, te) for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable and all({"lora": ".lora_", "loha": ".hada_w", "lokr": ".lokr_w"}[kind] in n for n in trainable)
+    assert trainable and all(any(k in n for k in {"lora": [".lora_"], "loha": [".hada_w"], "lokr": [".lokr_w"],
+                                                  "dora": [".lora_", ".dora_scale"]}[kind]) for n in trainable)
+    assert (kind == "dora") == any(n.endswith(".dora_scale") for n in trainable)  # DoRA's magnitudes train too
     groups = param_groups(lora, unet, [te])
     assert [g["lr"] for g in groups] == [3e-4, 7e-5]
     assert sum(len(g["params"]) for g in groups) == len(trainable)
@@ -80,6 +82,19 @@ def test_only_the_adapters_train_at_their_own_rates_and_start_as_a_no_op(kind):
     parts2 = add_adapters(unet2, (te2,), _p(kind), train_text_encoders=False)
     assert list(parts2) == ["unet"] and not any(p.requires_grad for p in te2.parameters())
     assert len(param_groups(lora, unet2, [te2])) == 1
+
+
+def test_dora_leaves_the_attention_of_an_openclip_text_encoder_plain():
+    """The webui applies an OpenCLIP encoder's attention as one fused layer, which cannot take a magnitude."""
+    from dreambooth.lora.training import add_adapters
+
+    for family, plain in (("v1", False), ("v2", True)):
+        unet, te = _modules()
+        add_adapters(unet, (te,), _p("dora"), train_text_encoders=True, family_name=family)
+        magnitudes = {n.rsplit(".", 1)[0] for n, _ in te.named_parameters() if n.endswith(".dora_scale")}
+        assert any(".mlp.fc1" in n for n in magnitudes) and any(n.endswith(".dora_scale")
+                                                                 for n, _ in unet.named_parameters())
+        assert any(".self_attn." in n for n in magnitudes) != plain
 
 
 @KINDS
@@ -147,8 +162,10 @@ def test_merged_weights_give_the_adapted_model(kind):
     assert torch.allclose(_run(unet2, te2), expected, atol=1e-5)
 
 
-def test_every_adapter_gets_a_gradient_with_gradient_checkpointing():
-    """transformers 4.30 checkpoints re-entrantly: without care the text encoder's adapters would get no gradient."""
+@KINDS
+def test_every_adapter_gets_a_gradient_with_gradient_checkpointing(kind):
+    """transformers 4.30 checkpoints re-entrantly: without care the text encoder's adapters would get no gradient.
+    Every trained tensor gets one (DoRA's magnitudes too)."""
     from dreambooth.lora.training import add_adapters
 
     unet, te = _modules()
@@ -156,10 +173,11 @@ def test_every_adapter_gets_a_gradient_with_gradient_checkpointing():
     te.gradient_checkpointing_enable()
     unet.train()
     te.train()
-    parts = add_adapters(unet, (te,), P, train_text_encoders=True)
+    parts = add_adapters(unet, (te,), _p(kind), train_text_encoders=True)
     _randomise(parts)
     ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     unet(torch.randn(1, 4, 8, 8), 10, te(ids)[0]).sample.square().mean().backward()
     for part, module in parts.items():
-        grads = [p.grad for n, p in module.named_parameters() if ".lora_A." in n]
-        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), part
+        grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), (part, [
+            n for n, g in grads.items() if g is None or not g.abs().sum() > 0][:3])

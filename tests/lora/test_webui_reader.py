@@ -28,11 +28,13 @@ FACTORS = {"lora": {"lora_up.weight", "lora_down.weight"}, "loha": {"hada_w1_a",
     ("v2", "attention+ff+conv", "lora"), ("sdxl", "attention", "lora"), ("sdxl", "attention+ff+conv", "lora"),
     ("v1", "attention+ff+conv", "loha"), ("v2", "attention", "loha"), ("sdxl", "attention+ff+conv", "loha"),
     ("v1", "attention+ff+conv", "lokr"), ("v2", "attention+ff+conv", "lokr"), ("sdxl", "attention", "lokr"),
+    ("v1", "attention+ff+conv", "dora"), ("v2", "attention+ff+conv", "dora"), ("sdxl", "attention+ff+conv", "dora"),
 ])
 def test_every_key_maps_to_a_module_and_applies_like_the_merged_model(lora_models, tmp_path, family, layers, kind):
     from dreambooth.checkpoint.convert import read_configs
     from dreambooth.checkpoint.export import write_single_file
     from dreambooth.lora.files import save_lora
+    from dreambooth.lora.training import merged_state_dicts
     from dreambooth.lora.weights import adapters_of
     from dreambooth.models import export_model
 
@@ -45,15 +47,21 @@ def test_every_key_maps_to_a_module_and_applies_like_the_merged_model(lora_model
     weights = {part: adapters_of(module) for part, module in parts.items()}
     lora_file = save_lora(tmp_path / "lora.safetensors", family, read_configs(working, family)["unet"], weights,
                           half=False, layers=layers)
-    merged_file = write_single_file(working, tmp_path / "merged.safetensors",
-                                    state_dicts={p: peft_merged_state_dict(m) for p, m in parts.items()})
+    # peft's own merge for its adapter types; DoRA's magnitude is ours (its merge is checked against the adapted
+    # model's output in test_training_parts)
+    merged = merged_state_dicts(parts) if kind == "dora" else {p: peft_merged_state_dict(m) for p, m in parts.items()}
+    merged_file = write_single_file(working, tmp_path / "merged.safetensors", state_dicts=merged)
 
     lora, base, merged = _load(lora_file), _load(base_file), _load(merged_file)
     modules, unmatched = webui_reader.read(lora, base.keys())
     assert unmatched == []
     assert len(modules) == sum(len(a) for a in weights.values())
+    magnitudes = [layer for layer, found in modules.values() if "dora_scale" in found]
+    assert bool(magnitudes) == (kind == "dora")
     for _, found in modules.values():
-        if kind == "lokr":  # each factor full or a low-rank pair, as the layer's shape made it
+        if kind == "dora":  # OpenCLIP's fused attention projections stay plain LoRA
+            assert set(found) - {"dora_scale"} == FACTORS["lora"] | {"alpha"}
+        elif kind == "lokr":  # each factor full or a low-rank pair, as the layer's shape made it
             assert "alpha" in found and {"lokr_w1", "lokr_w1_a"} & set(found) and {"lokr_w2", "lokr_w2_a"} & set(found)
         else:
             assert set(found) == FACTORS[kind] | {"alpha"}

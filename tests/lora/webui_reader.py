@@ -22,6 +22,9 @@ It shares no code with dreambooth/lora. The rules, as the webui applies them:
      dim = w2_b's rows, else w1_b's, else none (scale 1 whatever alpha says).
    The product is reshaped to the weight when their sizes agree. A MultiheadAttention gets its q, k, v changes
    stacked into in_proj_weight and is changed only when q, k, v and out_proj all have modules.
+4. A module with a `dora_scale` (network.py apply_weight_decompose): with M = W + change, its change becomes
+   M x dora_scale / ||M|| - W, ||M|| the norm of each input column (over the outputs and the kernel); the
+   multiplier scales that. (On a fused attention the shapes do not fit and the webui fails.)
 """
 from __future__ import annotations
 
@@ -188,9 +191,16 @@ def apply(lora: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor], mu
         if layer.endswith("_out_proj") and layers.get(parent, ("", ""))[1] == "in_proj":
             fused.setdefault(parent, {})["out_proj"] = parts  # applied by the attention, with q, k, v
             continue
-        out[weight_key] += multiplier * _updown(parts, out[weight_key].shape)
+        change = _updown(parts, out[weight_key].shape)
+        if "dora_scale" in parts:
+            merged = out[weight_key] + change
+            norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+            norm = norm.reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+            change = merged * (parts["dora_scale"].float() / norm) - out[weight_key]
+        out[weight_key] += multiplier * change
     for layer, projections in fused.items():
         assert set(projections) == {"q_proj", "k_proj", "v_proj", "out_proj"}, sorted(projections)
+        assert not any("dora_scale" in p for p in projections.values()), f"{layer}: DoRA on a fused attention"
         weight_key, _ = layers[layer]
         third = out[weight_key].shape[0] // 3
         stacked = torch.cat([_updown(projections[p], (third, out[weight_key].shape[1]))

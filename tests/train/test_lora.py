@@ -92,8 +92,9 @@ def test_lora_run_prior_previews_ratio_exports_and_the_base_untouched(tmp_path, 
     torch.testing.assert_close(merged[key], source[key] + delta, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
-def test_loha_and_lokr_runs_write_files_the_webui_applies_as_the_trained_model(tmp_path, kind):
+@pytest.mark.parametrize("kind,algo,tensor", [("loha", "loha", ".hada_w1_a"), ("lokr", "lokr", ".lokr_w1"),
+                                               ("dora", "lora", ".dora_scale")])
+def test_loha_lokr_and_dora_runs_write_files_the_webui_applies_as_the_trained_model(tmp_path, kind, algo, tensor):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "lora"))
@@ -109,9 +110,9 @@ def test_loha_and_lokr_runs_write_files_the_webui_applies_as_the_trained_model(t
     result = train_model(root, "m")
     assert result.ok and result.step == 4, result.summary()
     tensors, meta = lora_file(root.lora / "m_4.safetensors")
-    assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{kind}"' in meta["ss_network_args"]
-    assert any(k.endswith(".hada_w1_a" if kind == "loha" else ".lokr_w1") for k in tensors)
-    assert not any("lora_down" in k for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{algo}"' in meta["ss_network_args"]
+    assert any(k.endswith(tensor) for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    assert any("lora_down" in k for k in tensors) == (kind == "dora")
     # the file applied the webui's way to the source checkpoint is the trained model (its merged export)
     applied = webui_reader.apply(tensors, load_file(tiny_source))
     merged = load_file(root.checkpoints / "m_4.safetensors")
@@ -243,7 +244,7 @@ def test_the_memory_plan_of_a_lora_run_trains_only_the_adapters():
     assert 0 < lora.weights < full.weights / 20 and 0 < lora.optimizer < full.optimizer / 20
     assert lora.created["gradients"] == lora.weights  # a float32 gradient per adapter weight, nothing else
     assert lora.peak < full.peak / 2
-    for kind in ("loha", "lokr"):  # their own factors are what the plan counts as trained
+    for kind in ("loha", "lokr", "dora"):  # their own factors (and DoRA's magnitudes) are what the plan counts
         plan = plan_architecture(tiny_architecture(), replace(base, use_lora=True, lora_unet_rank=4,
                                                               lora_text_encoder_rank=4, lora_type=kind))
         assert plan.traced and 0 < plan.weights < full.weights / 5 and plan.weights != lora.weights, (kind, plan.notes)
