@@ -23,6 +23,8 @@ MAX_ENTRIES = 10_000
 # step for nothing a model can learn; a 100-megapixel file takes most of a gigabyte to decode.
 MAX_ASPECT = 8.0
 MAX_PIXELS = 100_000_000
+# What PIL raises on a damaged, truncated, odd or oversized image file.
+UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class ImageWarning(UserWarning):
@@ -131,7 +133,7 @@ def load_mask(image: Path, max_side: int = MAX_SIDE) -> Image.Image | None:
             with Image.open(path) as m:
                 m.load()
                 mask = ImageOps.exif_transpose(m).convert("L")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except UNREADABLE_IMAGE as e:
             raise UserError(f"mask {path}: not a readable image ({e})") from None
         if mask.size != size:
             raise UserError(f"mask {path}: {mask.size[0]}x{mask.size[1]} pixels, but its image {image.name} is "
@@ -164,7 +166,7 @@ def readable_images(paths: list[Path], max_side: int = MAX_SIDE) -> list[Path]:
                                      "crop it")
                 img.load()  # decodes everything: truncated files fail here
             good.append(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except UNREADABLE_IMAGE as e:
             warnings.warn(f"skipping {path}: not a usable image ({e})", ImageWarning, stacklevel=2)
     return good
 

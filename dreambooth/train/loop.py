@@ -26,7 +26,7 @@ from .. import prompt_files
 from ..data import captions
 from ..data import class_images as class_data
 from ..data.buckets import nearest_bucket
-from ..data.images import load_image, png_parameters, save_png
+from ..data.images import UNREADABLE_IMAGE, load_image, png_parameters, save_png
 from ..data.dataset import (Example, TrainingData, class_examples_from, collect_instances, load_fixed,
                             split_validation, stable_int, tokenize)
 from ..errors import UserError, WriteError
@@ -177,7 +177,7 @@ def read_item(data: TrainingData, item, epoch: int, last_save_step: int | None =
     """An image of a batch, read now: one deleted or broken since the run started stops the run, named."""
     try:
         return data.load_item(item, epoch)
-    except (OSError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         log.debug("reading %s failed", item.example.path, exc_info=True)
         kind = "class image" if item.is_prior else "instance image"
         happened = "was deleted" if isinstance(e, FileNotFoundError) else f"was changed and cannot be read ({e})"
@@ -506,34 +506,36 @@ class Trainer:
             self.requests.handled("cancel")  # the images made so far are kept and reused next time
             return StopTraining("cancelled", f"cancelled while generating class images ({count} made)")
 
-        for index, concept, folder, pairs, missing, wanted in plans:
-            if not missing:
-                continue
-            settings = (concept.class_negative_prompt, concept.class_infer_steps, concept.class_guidance_scale)
+        try:  # the bar ends its line however generation ends (a cancel, an error)
+            for index, concept, folder, pairs, missing, wanted in plans:
+                if not missing:
+                    continue
+                settings = (concept.class_negative_prompt, concept.class_infer_steps, concept.class_guidance_scale)
 
-            def make(prompts, numbers, settings=settings):
-                negative, steps, guidance = settings
-                try:  # asked between denoising steps, so a cancel or SIGTERM stops within one step
-                    return gen.generate_batch(pipe, prompts, negative, steps, guidance, numbers, res, res,
-                                              stop=cancelled)
-                except gen.Stopped:
-                    raise stop(made[0]) from None
+                def make(prompts, numbers, settings=settings):
+                    negative, steps, guidance = settings
+                    try:  # asked between denoising steps, so a cancel or SIGTERM stops within one step
+                        return gen.generate_batch(pipe, prompts, negative, steps, guidance, numbers, res, res,
+                                                  stop=cancelled)
+                    except gen.Stopped:
+                        raise stop(made[0]) from None
 
-            def parameters(prompt, number, settings=settings):
-                return png_parameters(prompt, *settings, number, res, res)
+                def parameters(prompt, number, settings=settings):
+                    return png_parameters(prompt, *settings, number, res, res)
 
-            def progress(n, _total, offset=done):
-                bar.update(offset + n - made[0])
-                made[0] = offset + n
-                eta = (time.time() - started) / made[0] * (total_missing - made[0])
-                self.emit(ClassImages(made[0], total_missing, round(eta, 1)))
-                if cancelled():
-                    raise stop(made[0])
+                def progress(n, _total, offset=done):
+                    bar.update(offset + n - made[0])
+                    made[0] = offset + n
+                    eta = (time.time() - started) / made[0] * (total_missing - made[0])
+                    self.emit(ClassImages(made[0], total_missing, round(eta, 1)))
+                    if cancelled():
+                        raise stop(made[0])
 
-            with writing(folder):
-                class_data.generate_missing(folder, missing, make, parameters, progress, self.p.class_batch_size)
-            done += len(missing)
-        bar.close()
+                with writing(folder):
+                    class_data.generate_missing(folder, missing, make, parameters, progress, self.p.class_batch_size)
+                done += len(missing)
+        finally:
+            bar.close()
 
     def sample_prompts(self, s: TrainingState, every_concept: bool = False):
         """(concept position, concept, prompts) for each active concept with previews (`every_concept`: each active

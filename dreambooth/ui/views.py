@@ -245,11 +245,11 @@ def _thumbnail(path, side: int = 96) -> str:
     import base64
     import io
 
-    from ..data.images import load_image
+    from ..data.images import UNREADABLE_IMAGE, load_image
 
     try:
         image = load_image(path)
-    except (OSError, ValueError, UserError):
+    except (*UNREADABLE_IMAGE, UserError):
         return ""
     image.thumbnail((side, side))
     out = io.BytesIO()
@@ -263,11 +263,13 @@ def preview_caption(path) -> str:
 
     from PIL import Image
 
+    from ..data.images import UNREADABLE_IMAGE
+
     step = Path(path).stem.split("-")[0]
     try:
         with Image.open(path) as image:
             text = image.info.get("parameters", "") if hasattr(image, "info") else ""
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):  # a damaged or odd PNG
+    except UNREADABLE_IMAGE:
         text = ""
     text = text[:2000] if isinstance(text, str) else ""
     lines = text.splitlines()
