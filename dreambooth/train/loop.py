@@ -683,10 +683,11 @@ class Trainer:
             for pos, concept, prompts in self.sample_prompts(s, every_concept=True):
                 images, texts = [], []
                 for prompt in fidelity.evaluation_prompts(prompts, concept.instance_token, concept.class_token):
-                    for i in range(p.fidelity_images_per_prompt):
-                        images.append(gen.generate(pipe, prompt, concept.sample_negative_prompt, p.fidelity_infer_steps,
-                                                   concept.sample_guidance_scale, p.seed + i, res, res))
-                        texts.append(captions.remove_instance_token(prompt, concept.instance_token))
+                    n = p.fidelity_images_per_prompt  # one batch per prompt, each image from its own fixed seed
+                    images += gen.generate_batch(pipe, [prompt] * n, concept.sample_negative_prompt,
+                                                 p.fidelity_infer_steps, concept.sample_guidance_scale,
+                                                 [p.seed + i for i in range(n)], res, res)
+                    texts += [captions.remove_instance_token(prompt, concept.instance_token)] * n
                 real = s.scorers.real(pos, lambda pos=pos: [load_image(e.path) for e in s.instances[pos]])
                 per_concept.append(s.scorers.score(images, texts, real))
         scores = fidelity.mean_scores(per_concept)

@@ -77,7 +77,8 @@ def test_every_save_is_scored_and_the_best_one_named(tmp_path, tiny_source, scor
 
 
 def test_a_model_that_does_not_learn_scores_the_same_at_every_save(tmp_path, tiny_source, scorers):
-    root, model = fidelity_model(tmp_path, tiny_source, scorers, learning_rate=0.0, text_encoder_learning_rate=0.0)
+    root, model = fidelity_model(tmp_path, tiny_source, scorers, learning_rate=0.0, text_encoder_learning_rate=0.0,
+                                 fidelity_images_per_prompt=2)  # a prompt's images made in one batch
     assert train_model(root, "m").ok
     scores = [tuple(e[k] for k in ("dino", "clip_i", "clip_t", "copy")) for e in fidelity_events(model)]
     assert len(scores) == 3 and len(set(scores)) == 1  # nothing learnt: the same images, the same scores
