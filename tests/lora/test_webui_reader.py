@@ -1,6 +1,6 @@
-"""Our LoRA, LoHa and LoKr files through an independent reader written from the webui 1.10.1 Lora extension's
+"""Our LoRA, LoHa, LoKr and DoRA files through an independent reader written from the webui 1.10.1 Lora extension's
 matching rules (webui_reader.py): every key lands on a module of the exported single-file model, and applying the
-file the webui's way to the base checkpoint gives the checkpoint exported from the peft-merged model."""
+file the webui's way to the base checkpoint gives the checkpoint exported from the merged model."""
 from __future__ import annotations
 
 import pytest

@@ -114,9 +114,10 @@ def test_loha_lokr_and_dora_runs_write_files_the_webui_applies_as_the_trained_mo
     assert any(k.endswith(tensor) for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
     assert any("lora_down" in k for k in tensors) == (kind == "dora")
     # the file applied the webui's way to the source checkpoint is the trained model (its merged export)
-    applied = webui_reader.apply(tensors, load_file(tiny_source))
+    source = load_file(tiny_source)
+    applied = webui_reader.apply(tensors, source)
     merged = load_file(root.checkpoints / "m_4.safetensors")
-    changed = [k for k in merged if not torch.equal(merged[k], load_file(tiny_source)[k])]
+    changed = [k for k in merged if not torch.equal(merged[k], source[k])]
     assert changed and all(torch.allclose(applied[k], merged[k].float(), atol=1e-5, rtol=1e-5) for k in merged)
 
 
