@@ -30,9 +30,9 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 PRESET_SIZES = (8, 12, 16, 24)
-BENCH_CASES = ["sd15-512-b1-bf16-adamw", "sd15-512-b1-bf16-adamw-cached", "sd15-512-b8-bf16-adamw-cached",
-               "sd15-512-b8-bf16-adamw-cached-compiled", "sdxl-1024-b1-bf16-adamw8bit-gc-cached",
-               "sd15-512-b1-fp16-lora16-cached"]
+BENCH_CASES = ["sd15-512-b1-bf16-adamw-cached", "sd15-512-b8-bf16-adamw-cached", "sd15-512-b8-bf16-adamw8bit-cached",
+               "sd15-512-b8-bf16-adamw-cached-compiled", "sd15-512-b8-bf16-adamw-cached-cl",
+               "sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sd15-512-b1-fp16-lora16-cached"]
 
 
 def flows(dry: bool) -> dict:
@@ -243,7 +243,7 @@ def job_bench(out: Path, dry: bool, timeout: float) -> dict:
     if dry:
         args += ["--case", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"]
     else:
-        args += ["--case", ",".join(BENCH_CASES), "--steps", "10", "--warmup", "3"]
+        args += ["--case", ",".join(BENCH_CASES), "--steps", "10", "--warmup", "3", "--profile"]
     proc = subprocess.run([sys.executable, str(BENCH / "train_bench.py"), *args], capture_output=True, text=True,
                           timeout=timeout)
     table = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("|"))

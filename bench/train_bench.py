@@ -89,6 +89,11 @@ CASES = {c.name: c for c in (
          settings=(("compile_unet", True),)),
     Case("sd15-512-b8-bf16-adamw-cached-compiled", "sd15", 512, 8, "bf16", "adamw", True, True,
          settings=(("compile_unet", True),)),
+    # The same in channels-last layout (channels_last: tensor-core convolutions without layout conversions).
+    Case("sd15-512-b1-bf16-adamw-cached-cl", "sd15", 512, 1, "bf16", "adamw", True, True,
+         settings=(("channels_last", True),)),
+    Case("sd15-512-b8-bf16-adamw-cached-cl", "sd15", 512, 8, "bf16", "adamw", True, True,
+         settings=(("channels_last", True),)),
     # SDXL at 1024, UNet only (text encoders frozen, embeddings cached), 8-bit AdamW, gradient checkpointing.
     Case("sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sdxl", 1024, 1, "bf16", "adamw_8bit", True, False, True),
     Case("sdxl-1024-b1-bf16-adamw8bit-gc", "sdxl", 1024, 1, "bf16", "adamw_8bit", False, False, True),
@@ -394,9 +399,49 @@ def count_ops(run) -> dict:
     return {"total": sum(counter.counts.values()), "top": counter.counts.most_common(12)}
 
 
-def measure(case: Case, loop: str, steps: int, warmup: int, device: str, ops: bool = False) -> dict:
-    """Build the models, run `warmup` untimed steps then `steps` timed ones (and with `ops` one more, counting its
-    aten operations); return the numbers."""
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def profile_steps(run, cuda: bool, steps: int = 2, top: int = 15) -> dict:
+    """torch.profiler over `steps` calls of `run`, per step: the aten ops and their host (CPU) time, the top ops by
+    self CPU time and, on a GPU, the kernel launches, the GPU's kernel time and the top kernels by GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+
+    def device_us(e) -> float:  # the name changed in torch 2.4 (cuda -> device)
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    aten = [e for e in table if e.key.startswith("aten::")]
+    result = {"steps": steps,
+              "aten_ops_per_step": sum(e.count for e in aten) / steps,
+              "cpu_ms_per_step": sum(e.self_cpu_time_total for e in table) / 1000 / steps,
+              "top_cpu_ops": [[e.key, e.count / steps, e.self_cpu_time_total / 1000 / steps]
+                              for e in sorted(aten, key=lambda e: -e.self_cpu_time_total)[:top]]}
+    if cuda:
+        kernels = [e for e in table if device_us(e) > 0 and not e.key.startswith(("aten::", "cuda", "cu"))
+                   and getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU]
+        result.update(
+            kernel_launches_per_step=sum(e.count for e in table if e.key in LAUNCHES) / steps,
+            kernel_ms_per_step=sum(device_us(e) for e in kernels) / 1000 / steps,
+            top_kernels=[[e.key[:120], e.count / steps, device_us(e) / 1000 / steps]
+                         for e in sorted(kernels, key=lambda e: -device_us(e))[:top]])
+    return result
+
+
+def measure(case: Case, loop: str, steps: int, warmup: int, device: str, ops: bool = False,
+            profile: bool = False) -> dict:
+    """Build the models, run `warmup` untimed steps then `steps` timed ones (with `ops` one more, counting its aten
+    operations; with `profile` two more under torch.profiler); return the numbers."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -431,6 +476,7 @@ def measure(case: Case, loop: str, steps: int, warmup: int, device: str, ops: bo
     median = statistics.median(step_seconds)
     loss_value = float(loss.detach().float().item())
     op_counts = count_ops(run) if ops else None
+    profiled = profile_steps(run, cuda) if profile else None
     if cuda:
         peak, peak_kind = torch.cuda.max_memory_allocated(device), "VRAM"
     else:
@@ -439,7 +485,7 @@ def measure(case: Case, loop: str, steps: int, warmup: int, device: str, ops: bo
                 steps_per_s=1 / median, samples_per_s=case.batch / median,
                 mean_steps_per_s=steps / sum(step_seconds), peak_bytes=peak,
                 peak_kind=peak_kind, loss=loss_value, setup_s=setup_s, device=_device_name(device),
-                torch=torch.__version__, ops=op_counts)
+                torch=torch.__version__, ops=op_counts, profile=profiled)
 
 
 def measure_matmul_peak(device: str, n: int = 8192, iters: int = 50) -> float:
@@ -476,7 +522,8 @@ def _child_main(args) -> int:
     if args.child == "matmul-peak":
         result = {"matmul_peak_flops": measure_matmul_peak(args.device)}
     else:
-        result = measure(CASES[args.case[0]], args.child, args.steps, args.warmup, args.device, args.count_ops)
+        result = measure(CASES[args.case[0]], args.child, args.steps, args.warmup, args.device, args.count_ops,
+                         args.profile)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 
@@ -531,6 +578,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_profile(case: str, loop: str, p: dict) -> str:
+    """A profile in a few lines: per step totals, then the top kernels (GPU) or the top ops (CPU)."""
+    head = f"profile {case} / {loop}: {p['aten_ops_per_step']:.0f} aten ops, {p['cpu_ms_per_step']:.1f} ms host time"
+    if "kernel_launches_per_step" in p:
+        head += (f", {p['kernel_launches_per_step']:.0f} kernel launches, {p['kernel_ms_per_step']:.1f} ms of kernels"
+                 " per step")
+        top = p["top_kernels"]
+    else:
+        head += " per step"
+        top = p["top_cpu_ops"]
+    return "\n".join([head] + [f"    {ms:8.2f} ms  {count:6.0f}x  {name}" for name, count, ms in top[:8]])
+
+
 def _default_device() -> str:
     import torch
 
@@ -550,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--count-ops", action="store_true",
                    help="also count the aten operations of one step per loop (a CPU proxy of host work per step)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile two steps per loop (torch.profiler): host time and ops per step; on a GPU the "
+                        "kernel launches, kernel time and top kernels per step")
     p.add_argument("--child", choices=LOOPS + ("matmul-peak",), help=argparse.SUPPRESS)
     return p
 
@@ -586,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = ["--device", device, "--steps", str(steps), "--warmup", str(warmup)]
     common += ["--count-ops"] if args.count_ops else []
+    common += ["--profile"] if args.profile else []
     peak_flops = None
     if cuda:
         peak = _run_child(["--child", "matmul-peak", *common], args.timeout)
@@ -618,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
         if counts:
             print(f"aten ops per step, {row['case']}: "
                   + ", ".join(f"{loop} {c['total']}" for loop, c in counts.items()))
+        for loop in LOOPS:
+            if row[loop].get("profile"):
+                print(format_profile(row["case"], loop, row[loop]["profile"]))
     if args.json:
         from dreambooth.store import atomic_write_text
 

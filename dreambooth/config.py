@@ -234,6 +234,7 @@ class Parameters:
     mixed_precision: str = setting('fp16', 'Mixed precision', 'fp16 for most cards, bf16 for RTX 30xx and newer; no for full fp32.', group='performance', choices=PRECISIONS)
     attention: str = setting('sdpa', 'Attention backend', 'PyTorch SDPA (default), xformers (when installed, GPU only) or the plain implementation.', group='performance', choices=ATTENTION)
     compile_unet: bool = setting(False, 'Compile the UNet', 'torch.compile the UNet for faster steps on a GPU. The first step of each image size (each aspect bucket) compiles first, a minute or more; needs PyTorch 2.2+ and a working compiler, else it trains as usual with a warning.', group='performance')
+    channels_last: bool = setting(False, 'Channels-last layout', "Hold the UNet's and VAE's convolution weights in channels-last memory layout, the one NVIDIA tensor cores run fp16/bf16 convolutions in (PyTorch otherwise converts around each one). The weights and files are the same either way.", group='performance')
     gradient_checkpointing: bool = setting(False, 'Gradient checkpointing', 'Trade about 20% speed for much less memory.', group='performance')
     cache_latents: bool = setting(True, 'Cache latents', 'Encode images once with the VAE and keep the latents; faster, disables random crop and flip variety.', group='performance')
     adam_beta1: float = setting(0.9, 'Adam beta1', 'First-moment decay of AdamW.', group='performance', min=0, max=1, step=0.01)

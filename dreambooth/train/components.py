@@ -80,6 +80,25 @@ def eager(module):
         module._compiled_call_impl = compiled
 
 
+def is_channels_last(module) -> bool:
+    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in module.parameters())
+
+
+@contextlib.contextmanager
+def default_layout(module):
+    """The module's weights in PyTorch's default (contiguous) layout inside the block, channels-last again after it:
+    safetensors before 0.4.3 (the webui's) refuses to write a channels-last tensor. Same values, same parameters."""
+    if not is_channels_last(module):
+        yield
+        return
+    module.to(memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        module.to(memory_format=torch.channels_last)
+
+
 def training_scheduler(scheduler, params):
     """The noise schedule training draws from: the model's own, or with zero_terminal_snr its betas rescaled so the
     last timestep is pure noise (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
@@ -151,6 +170,9 @@ def prepare_for_training(unet, vae, text_encoders, params, device, dtypes: Dtype
     for te in text_encoders:
         te.requires_grad_(trainable).train(trainable).to(device, dtypes.weights if trainable else dtypes.frozen)
     vae.requires_grad_(False).eval().to(device, dtypes.vae)
+    if params.channels_last:  # the parameters keep their identity: hooks and optimizer see the same tensors
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if trainable:

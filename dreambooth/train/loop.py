@@ -40,7 +40,7 @@ from ..store import DataRoot, ModelDir, atomic_write_text, reclaim_leftovers
 from . import fidelity
 from . import pipeline as gen
 from . import precision
-from .components import Components, compile_unet, eager, load_components
+from .components import Components, compile_unet, default_layout, eager, load_components
 from .precision import DtypePlan, Hardware
 from .optim import (eval_weights, make_fused_step, make_lr_scheduler, make_optimizer, runnable_optimizer,
                     train_weights)
@@ -646,7 +646,8 @@ class Trainer:
                     s.lora.write_state(tmp)
                     return
                 for name, module in trained.items():
-                    module.save_pretrained(tmp / name, safe_serialization=True)
+                    with default_layout(module):
+                        module.save_pretrained(tmp / name, safe_serialization=True)
 
             with eval_weights(s.optimizer):  # schedule-free: its averaged weights are the ones saved
                 with writing(self.model.state, s.last_save_step):
@@ -802,7 +803,7 @@ class Trainer:
     def _ema_unet(s: TrainingState, unet):
         import copy
 
-        ema_unet = copy.deepcopy(unet)
+        ema_unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)  # a copy to write, not to train
         s.ema.copy_to(ema_unet.parameters())
         return ema_unet
 

@@ -29,7 +29,8 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = run_script("--case", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--json", str(out))
+    proc = run_script("--case", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--json", str(out),
+                      "--count-ops", "--profile")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
 
@@ -134,6 +135,25 @@ def test_the_product_cli_has_no_bench_verb():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_ops_and_profile_per_loop(tiny_run):
+    """The CPU proxies of host work: aten ops counted per step, and a profile of two steps (host time, top ops)."""
+    stdout, results = tiny_run
+    (row,) = results["rows"]
+    for loop in ("ours", "reference"):
+        ops, prof = row[loop]["ops"], row[loop]["profile"]
+        assert ops["total"] > 100 and ops["top"][0][1] > 1
+        assert prof["steps"] == 2 and prof["cpu_ms_per_step"] > 0
+        # the profiler also records the ops that composite ops call, so it counts at least what the dispatcher sees
+        assert prof["aten_ops_per_step"] >= ops["total"]
+        names = [name for name, _, _ in prof["top_cpu_ops"]]
+        assert any(n in names for n in ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::addmm",
+                                        "aten::mm", "aten::bmm")), names
+        assert "kernel_launches_per_step" not in prof  # GPU figures only where a GPU ran
+        assert f"profile tiny / {loop}: " in stdout
+    assert "aten ops per step, tiny: ours " in stdout
+
+
 def test_lora_cases_run_both_loops_at_tiny_size(tmp_path):
     out = tmp_path / "lora.json"
     proc = run_script("--case", "tiny-lora", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out))

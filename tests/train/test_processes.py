@@ -25,12 +25,14 @@ CAPTION_OPTIONS = dict(caption_dropout=0.3, shuffle_tags=True, keep_tokens=1, ta
                        train_text_encoder_ratio=0.5)  # prompts that change every step, the text encoder frozen half way
 
 
-@pytest.mark.parametrize("options", [{}, CAPTION_OPTIONS], ids=["plain", "caption-options"])
+@pytest.mark.parametrize("options", [{}, CAPTION_OPTIONS, {"channels_last": True}],
+                         ids=["plain", "caption-options", "channels-last"])
 def test_resume_after_kill_continues_like_an_uninterrupted_run(tmp_path, tiny_source, options):
     settings = dict(num_train_epochs=4, save_every_n_epochs=1, use_ema=True, lr_scheduler="linear", seed=3, **options)
     concepts = [{"instance_data_dir": str(draw_images(tmp_path / "instance", count=2)), "instance_token": "zwx",
                  "class_token": "dog", "num_samples": 0,
-                 "instance_prompt": "zwx dog, [filewords], a photo, outdoors" if options else "[filewords]"}]
+                 "instance_prompt": "zwx dog, [filewords], a photo, outdoors" if "shuffle_tags" in options
+                 else "[filewords]"}]
     root, model = make_model(tmp_path / "a", tiny_source, concepts=concepts, **settings)
 
     saved = kill_after_checkpoint(root, model, 4)

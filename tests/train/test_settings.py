@@ -378,3 +378,43 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_one_warning(monkeypatch)
                                          "training without compiling"):
         losses, unet = compiled_losses(monkeypatch, True, backend=broken)
     assert not is_compiled(unet) and len(losses) == 3 and all(loss == loss for loss in losses)
+
+
+def test_channels_last_trains_the_same_weights_and_writes_files_in_the_default_layout(tmp_path):
+    """channels_last changes the memory layout of the UNet's and VAE's convolution weights, nothing else: the same
+    losses and weights as the default layout (float rounding apart), the layout kept through the optimizer steps, and
+    the files written in the default layout (the webui's safetensors refuses a channels-last tensor)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from safetensors.torch import load_file
+
+    from dreambooth.train.components import default_layout, is_channels_last, prepare_for_training
+    from dreambooth.train.optim import make_fused_step
+    from dreambooth.train.precision import DtypePlan, detect
+
+    losses, weights = {}, {}
+    for layout in (False, True):
+        unet, te = tiny_unet(), tiny_text_encoder()
+        vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
+        params = Parameters(optimizer="adamw", learning_rate=1e-3, channels_last=layout, train_text_encoder_ratio=0)
+        prepare_for_training(unet, vae, [te], params, "cpu", DtypePlan.decide(params, detect("cpu"), False))
+        assert is_channels_last(unet) == layout and is_channels_last(vae) == layout
+        opt = make_optimizer(params, unet, ())
+        trained = list(unet.parameters())
+        step = TrainStep(unet, (te,), DDPMScheduler(), params, sdxl=False, optimizer=opt, trainable_params=trained,
+                         fused=make_fused_step(params, opt, trained))
+        torch.manual_seed(1)
+        batches = [Batch(latents=torch.randn(2, 4, 8, 8), input_ids=(torch.randint(0, 1000, (2, 77)),))
+                   for _ in range(3)]
+        losses[layout] = [step(b, train_text_encoder=False).loss.item() for b in batches]
+        assert is_channels_last(unet) == layout  # the optimizer's updates keep the layout
+        with default_layout(unet):
+            assert not is_channels_last(unet)
+            unet.save_pretrained(tmp_path / str(layout), safe_serialization=True)
+        assert is_channels_last(unet) == layout and all(p is q for p, q in zip(trained, unet.parameters()))
+        weights[layout] = load_file(tmp_path / str(layout) / "diffusion_pytorch_model.safetensors")
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert weights[True].keys() == weights[False].keys()
+    for key, value in weights[False].items():
+        # within a tenth of one step (1e-3): AdamW normalises near-zero gradients, whose float noise it magnifies
+        torch.testing.assert_close(weights[True][key], value, rtol=0, atol=1e-4)

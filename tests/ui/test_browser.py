@@ -118,7 +118,7 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
     assert re.search(r"step \d+ · a zwx disc · seed 420", captions), captions
 
     # Train again: nothing to do, and the checkpoints, chart and previews stay, with how to continue
-    from dreambooth import jobs
+    from dreambooth import actions, jobs
     from dreambooth.store import DataRoot
 
     wait_for(lambda: not jobs.running_job(DataRoot(app.root)), timeout=60)
@@ -202,12 +202,13 @@ def test_first_run_messages_errors_resume_export(start_app, page, tmp_path, wait
 
     # Go back: an earlier kept save becomes the one the run goes on from
     wait_for(lambda: not jobs.running_job(DataRoot(app.root)), timeout=60)
-    wait_js(page, "document.querySelector('#db_resume_from')?.innerText.includes('latest save, step') "
-                           "|| document.querySelector('#db_resume_from input')?.value.includes('latest save, step')",
-                           timeout=TIMEOUT)
-    open_panel(page, "Parameters")
     kept = {p.name for p in (app.root / "models/dreambooth/dog/saves").iterdir()}
     assert len(kept) == 3 and "step-24" in kept  # the last three saves: 24, then the long run's
+    # the list as the cancel's save left it (a poll that lands after the choice would put "latest" back)
+    latest = f"the latest save, step {actions.kept_saves(DataRoot(app.root), 'dog')[0]}"
+    wait_js(page, "(want) => document.querySelector('#db_resume_from input')?.value === want", latest,
+            timeout=TIMEOUT, what=f"Resume from to show {latest!r}")
+    open_panel(page, "Parameters")
     fill(page, "db_p_num_train_epochs", 9)
     choose(page, "db_resume_from", "the save at step 24")
     page.click("#db_train")
