@@ -89,6 +89,9 @@ CASES = {c.name: c for c in (
          settings=(("compile_unet", True),)),
     Case("sd15-512-b8-bf16-adamw-cached-compiled", "sd15", 512, 8, "bf16", "adamw", True, True,
          settings=(("compile_unet", True),)),
+    # Ours with the plain optimizer step (all gradients, one optimizer call): what the fused step's buckets cost.
+    Case("sd15-512-b1-bf16-adamw-cached-plain", "sd15", 512, 1, "bf16", "adamw", True, True,
+         settings=(("fused_backward_step", False),)),
     # The same in channels-last layout (channels_last: tensor-core convolutions without layout conversions).
     Case("sd15-512-b1-bf16-adamw-cached-cl", "sd15", 512, 1, "bf16", "adamw", True, True,
          settings=(("channels_last", True),)),
