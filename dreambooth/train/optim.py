@@ -89,9 +89,9 @@ def make_optimizer(params, unet, text_encoders):
         return packaged_optimizer("came")(groups, lr=groups[0]["lr"], betas=(*betas, 0.9999),
                                           weight_decay=params.weight_decay)
     if params.optimizer == "adamw":
-        # On a GPU the fused kernel: one launch for all parameters, no temporaries.
+        # The fused kernel where this PyTorch has one for the device: one launch for all parameters, no temporaries.
         devices = {p.device for g in groups for p in g["params"]}
-        fused = {"fused": True} if len(devices) == 1 and precision.detect(devices.pop()).gpu else {}
+        fused = {"fused": True} if len(devices) == 1 and has_fused_adamw(devices.pop()) else {}
         return torch.optim.AdamW(groups, betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_epsilon,
                                  weight_decay=params.weight_decay, **fused)
     if params.optimizer == "adamw_8bit":
@@ -175,6 +175,17 @@ def make_lr_scheduler(params, optimizer, total_steps: int):
     if params.lr_scheduler == "constant":
         kwargs = {}
     return get_scheduler(params.lr_scheduler, optimizer, **kwargs)
+
+
+def has_fused_adamw(device: torch.device) -> bool:
+    """Whether torch's fused AdamW runs on `device`: CUDA GPUs, and from PyTorch 2.4 the CPU too."""
+    if precision.detect(device).gpu:
+        return True
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # an older PyTorch: CUDA only
+        return False
+    return device.type in _get_fused_kernels_supported_devices()
 
 
 # -- memory-lean optimizer steps ---------------------------------------------------------------------------------
