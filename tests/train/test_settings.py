@@ -332,10 +332,7 @@ def test_checkpoint_name():
 
 def compiled_losses(monkeypatch, compiled: bool, backend: str | None = None, steps: int = 3) -> tuple[list, object]:
     """Losses of `steps` fused AdamW steps of the tiny UNet, with compile_unet on or off."""
-    from diffusers import DDPMScheduler
-
     from dreambooth.train import components
-    from dreambooth.train.optim import make_fused_step
 
     if backend is not None:
         monkeypatch.setattr(components, "COMPILE_BACKEND", backend)
@@ -344,6 +341,15 @@ def compiled_losses(monkeypatch, compiled: bool, backend: str | None = None, ste
     params = Parameters(optimizer="adamw", learning_rate=1e-3, compile_unet=compiled)
     if params.compile_unet:
         assert components.compile_unet(unet)
+    return fused_adamw_losses(unet, te, params, steps), unet
+
+
+def fused_adamw_losses(unet, te, params, steps: int = 3) -> list[float]:
+    """Losses of `steps` fused optimizer steps of the UNet (text encoder frozen) on fixed random batches."""
+    from diffusers import DDPMScheduler
+
+    from dreambooth.train.optim import make_fused_step
+
     opt = make_optimizer(params, unet, ())
     trained = list(unet.parameters())
     step = TrainStep(unet, (te,), DDPMScheduler(), params, sdxl=False, optimizer=opt, trainable_params=trained,
@@ -351,7 +357,7 @@ def compiled_losses(monkeypatch, compiled: bool, backend: str | None = None, ste
     torch.manual_seed(1)
     batches = [Batch(latents=torch.randn(2, 4, 8, 8), input_ids=(torch.randint(0, 1000, (2, 77)),))
                for _ in range(steps)]
-    return [step(b, train_text_encoder=False).loss.item() for b in batches], unet
+    return [step(b, train_text_encoder=False).loss.item() for b in batches]
 
 
 @pytest.mark.slow
@@ -384,11 +390,10 @@ def test_channels_last_trains_the_same_weights_and_writes_files_in_the_default_l
     """channels_last changes the memory layout of the UNet's and VAE's convolution weights, nothing else: the same
     losses and weights as the default layout (float rounding apart), the layout kept through the optimizer steps, and
     the files written in the default layout (the webui's safetensors refuses a channels-last tensor)."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     from dreambooth.train.components import default_layout, is_channels_last, prepare_for_training
-    from dreambooth.train.optim import make_fused_step
     from dreambooth.train.precision import DtypePlan, detect
 
     losses, weights = {}, {}
@@ -399,14 +404,8 @@ def test_channels_last_trains_the_same_weights_and_writes_files_in_the_default_l
         params = Parameters(optimizer="adamw", learning_rate=1e-3, channels_last=layout, train_text_encoder_ratio=0)
         prepare_for_training(unet, vae, [te], params, "cpu", DtypePlan.decide(params, detect("cpu"), False))
         assert is_channels_last(unet) == layout and is_channels_last(vae) == layout
-        opt = make_optimizer(params, unet, ())
         trained = list(unet.parameters())
-        step = TrainStep(unet, (te,), DDPMScheduler(), params, sdxl=False, optimizer=opt, trainable_params=trained,
-                         fused=make_fused_step(params, opt, trained))
-        torch.manual_seed(1)
-        batches = [Batch(latents=torch.randn(2, 4, 8, 8), input_ids=(torch.randint(0, 1000, (2, 77)),))
-                   for _ in range(3)]
-        losses[layout] = [step(b, train_text_encoder=False).loss.item() for b in batches]
+        losses[layout] = fused_adamw_losses(unet, te, params)
         assert is_channels_last(unet) == layout  # the optimizer's updates keep the layout
         with default_layout(unet):
             assert not is_channels_last(unet)
