@@ -82,10 +82,12 @@ def test_a_model_that_does_not_learn_scores_the_same_at_every_save(tmp_path, tin
     assert train_model(root, "m").ok
     scores = [tuple(e[k] for k in ("dino", "clip_i", "clip_t", "copy")) for e in fidelity_events(model)]
     assert len(scores) == 3 and len(set(scores)) == 1  # nothing learnt: the same images, the same scores
-    learning_root, learning = fidelity_model(tmp_path / "learns", tiny_source, scorers, learning_rate=1e-3)
+    learning_root, learning = fidelity_model(tmp_path / "learns", tiny_source, scorers, learning_rate=5e-3)
     assert train_model(learning_root, "m").ok
-    moved = [e["dino"] for e in fidelity_events(learning)]
-    assert len(set(moved)) == 3  # a model that trains is judged differently at each save
+    moved = [tuple(e[k] for k in ("dino", "clip_i", "clip_t", "copy")) for e in fidelity_events(learning)]
+    # a model that trains is judged differently at each save (random scoring models find its images nearly alike,
+    # so one score alone may repeat at four decimals; the four together do not)
+    assert len(set(moved)) == 3, moved
 
 
 def test_sample_now_scores_the_working_weights_without_making_them_the_best_save(tmp_path, tiny_source, scorers,
