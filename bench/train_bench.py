@@ -421,9 +421,6 @@ def profile_steps(run, cuda: bool, steps: int = 2, top: int = 15) -> dict:
             torch.cuda.synchronize()
     table = prof.key_averages()
 
-    def device_us(e) -> float:  # the name changed in torch 2.4 (cuda -> device)
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
-
     aten = [e for e in table if e.key.startswith("aten::")]
     result = {"steps": steps,
               "aten_ops_per_step": sum(e.count for e in aten) / steps,
@@ -431,14 +428,24 @@ def profile_steps(run, cuda: bool, steps: int = 2, top: int = 15) -> dict:
               "top_cpu_ops": [[e.key, e.count / steps, e.self_cpu_time_total / 1000 / steps]
                               for e in sorted(aten, key=lambda e: -e.self_cpu_time_total)[:top]]}
     if cuda:
-        kernels = [e for e in table if device_us(e) > 0 and not e.key.startswith(("aten::", "cuda", "cu"))
-                   and getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU]
-        result.update(
-            kernel_launches_per_step=sum(e.count for e in table if e.key in LAUNCHES) / steps,
-            kernel_ms_per_step=sum(device_us(e) for e in kernels) / 1000 / steps,
-            top_kernels=[[e.key[:120], e.count / steps, device_us(e) / 1000 / steps]
-                         for e in sorted(kernels, key=lambda e: -device_us(e))[:top]])
+        result.update(kernel_summary(table, steps, top))
     return result
+
+
+def kernel_summary(table, steps: int, top: int = 15) -> dict:
+    """From a profile's averaged events: the kernel launches the host made, and the GPU's own activities (kernels,
+    copies, fills) with their time, per step."""
+    import torch
+
+    def device_us(e) -> float:  # the name changed in torch 2.4 (cuda -> device)
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    on_gpu = [e for e in table if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    return dict(
+        kernel_launches_per_step=sum(e.count for e in table if e.key in LAUNCHES) / steps,
+        kernel_ms_per_step=sum(device_us(e) for e in on_gpu) / 1000 / steps,
+        top_kernels=[[e.key[:120], e.count / steps, device_us(e) / 1000 / steps]
+                     for e in sorted(on_gpu, key=lambda e: -device_us(e))[:top]])
 
 
 def measure(case: Case, loop: str, steps: int, warmup: int, device: str, ops: bool = False,

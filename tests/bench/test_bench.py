@@ -154,6 +154,29 @@ def test_ops_and_profile_per_loop(tiny_run):
     assert "aten ops per step, tiny: ours " in stdout
 
 
+def test_the_kernel_summary_reads_what_a_gpu_profile_holds():
+    """The GPU half of --profile, on events shaped as torch.profiler averages them on a GPU: host launches (CPU
+    events), kernels and copies (CUDA events); an aten op's own CUDA time is not counted twice."""
+    from types import SimpleNamespace
+
+    import torch
+
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(key, count, device_type, us=0.0):
+        return SimpleNamespace(key=key, count=count, device_type=device_type, self_device_time_total=us)
+
+    table = [event("aten::mm", 20, cpu, 900.0), event("cudaLaunchKernel", 30, cpu), event("cuLaunchKernelEx", 10, cpu),
+             event("sm90_xmma_gemm_bf16", 20, gpu, 900.0), event("cudnn::conv2d_fprop", 6, gpu, 300.0),
+             event("Memcpy HtoD (Pageable -> Device)", 2, gpu, 20.0)]
+    summary = bench.kernel_summary(table, steps=2)
+    assert summary["kernel_launches_per_step"] == 20 and summary["kernel_ms_per_step"] == pytest.approx(0.61)
+    assert [name for name, _, _ in summary["top_kernels"]][:2] == ["sm90_xmma_gemm_bf16", "cudnn::conv2d_fprop"]
+    assert summary["top_kernels"][0][1:] == [10, pytest.approx(0.45)]
+    shown = bench.format_profile("c", "ours", {"aten_ops_per_step": 10, "cpu_ms_per_step": 1.0, **summary})
+    assert "20 kernel launches, 0.6 ms of kernels per step" in shown and "sm90_xmma_gemm_bf16" in shown
+
+
 def test_lora_cases_run_both_loops_at_tiny_size(tmp_path):
     out = tmp_path / "lora.json"
     proc = run_script("--case", "tiny-lora", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out))
