@@ -174,7 +174,10 @@ def cmd_scores(args) -> int:
     print("  step    DINO  CLIP-I  CLIP-T    copy")
     for save in scores["saves"]:
         values = "".join(f"  {save[k]:6.3f}" for k in ("dino", "clip_i", "clip_t", "copy"))
-        mark = "  best" if save["saved"] and save["step"] == best else "" if save["saved"] else "  (Sample now, not saved)"
+        if not save["saved"]:
+            mark = "  (Sample now, not saved)"
+        else:
+            mark = "  best" if save["step"] == best else ""
         print(f"{save['step']:>6}{values}{mark}")
     if best is None:
         print("no save qualifies as the best yet (see fidelity_prompt_margin and fidelity_copy_limit)")

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .weights import ADAPTER, PEFT_PARAMETERS, adapter_layers, adapters_of, attach_adapters, layer_factors, lora_parameters
+from .weights import (ADAPTER, PEFT_PARAMETERS, adapter_layers, adapters_of, attach_adapters, layer_factors,
+                      layer_kind, lora_parameters)
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
@@ -81,12 +82,17 @@ def load_adapters(folder: Path, parts: dict) -> None:
                 p.copy_(saved[key])
 
 
+def all_layers(parts: dict) -> list:
+    """The peft layers that carry the adapters, of every part."""
+    return [layer for module in parts.values() for layer in adapter_layers(module).values()]
+
+
 @contextlib.contextmanager
 def adapter_weight(parts: dict, weight: float):
     """Apply the adapters at `weight` (as `<lora:NAME:weight>` would) inside the block."""
-    layers = [layer for module in parts.values() for layer in adapter_layers(module).values()]
-    dora_layers = [layer for layer in layers if hasattr(layer, "dora_weight")]  # blend, as loaders apply DoRA
-    scaled = [layer for layer in layers if not hasattr(layer, "dora_weight")]
+    layers = all_layers(parts)
+    dora_layers = [layer for layer in layers if layer_kind(layer) == "dora"]  # blended, as loaders apply DoRA
+    scaled = [layer for layer in layers if layer_kind(layer) != "dora"]
     before = [layer.scaling[ADAPTER] for layer in scaled]
     try:
         for layer, scale in zip(scaled, before):
@@ -161,7 +167,7 @@ class LoraRun:
 
     def layers(self) -> list:
         """The peft layers that carry the adapters, of every part."""
-        return [layer for module in self.parts.values() for layer in adapter_layers(module).values()]
+        return all_layers(self.parts)
 
     def write_state(self, folder: Path) -> None:
         save_adapters(folder, self.parts)
