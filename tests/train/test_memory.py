@@ -113,6 +113,48 @@ def test_fused_backward_step_8bit_adamw_matches_the_plain_step():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_8bit_adamw_is_bitsandbytes_step_without_its_waits_for_the_device(monkeypatch):
+    """The trainer's 8-bit AdamW takes bitsandbytes' own step (the same weights and state, bit for bit, for tensors
+    with 8-bit and with 32-bit state) without the wait for the whole device that bitsandbytes runs after each
+    parameter; on the plain step and inside the fused step's buckets alike."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+    from dreambooth.train.optim import param_groups
+
+    waits = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: waits.append(t))
+    params = Parameters(optimizer="adamw_8bit", learning_rate=1e-3, text_encoder_learning_rate=5e-4)
+    torch.manual_seed(0)
+    unet, te = tiny_unet(), tiny_text_encoder()
+    te.requires_grad_(True)
+    theirs_unet, theirs_te = tiny_unet(), tiny_text_encoder()
+    theirs_unet.load_state_dict(unet.state_dict())
+    theirs_te.load_state_dict(te.state_dict())
+    theirs_te.requires_grad_(True)
+    ours = make_optimizer(params, unet, (te,))
+    theirs = bnb.optim.AdamW8bit(param_groups(params, theirs_unet, (theirs_te,)), betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=1e-2)
+    mine = [p for g in ours.param_groups for p in g["params"]]
+    other = [p for g in theirs.param_groups for p in g["params"]]
+    assert any(p.numel() >= 4096 for p in mine) and any(p.numel() < 4096 for p in mine)  # 8-bit and 32-bit state
+    for _ in range(3):
+        for a, b in zip(mine, other):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours.step()
+        assert not waits
+        theirs.step()
+        assert len(waits) == len(other)  # bitsandbytes' own step waits once per parameter
+        waits.clear()
+    assert all(torch.equal(a, b) for a, b in zip(mine, other))
+    for a, b in zip(mine, other):
+        assert ours.state[a].keys() == theirs.state[b].keys()
+        assert all(torch.equal(torch.as_tensor(ours.state[a][k]), torch.as_tensor(theirs.state[b][k]))
+                   for k in ours.state[a])
+    train_tiny(replace(params, fused_backward_step=True))
+    assert not waits
+
+
 def test_fused_backward_step_adafactor_trains():
     kw = dict(optimizer="adafactor", learning_rate=1e-3, max_grad_norm=0.0)
     plain, _ = train_tiny(Parameters(fused_backward_step=False, **kw))
