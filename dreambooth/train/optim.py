@@ -115,12 +115,12 @@ def adamw_8bit_class(bnb):
     """bitsandbytes' 8-bit AdamW, its step taken without the wait for the whole device that its own step runs after
     every parameter (`torch.cuda.synchronize()`, bitsandbytes 0.42 to 0.50 at least).
 
-    Those waits cost a few microseconds each at the end of a plain step (about 900 for SD1.5), but inside the fused
-    step they are ruinous: each bucket's first wait stops the host until the GPU has run every kernel queued before
-    it, so the backward pass's launches no longer run ahead of its kernels. They are not needed here: the update
-    kernels run on the default stream, as the trainer does, so the stream's order keeps each update after the
-    gradient it reads and before any later use of that gradient's memory. Same state, same arithmetic, same
-    per-parameter loop as bitsandbytes' step (a paged optimizer, whose state moves on its own, keeps that step).
+    Those waits are about 900 round trips to the GPU per SD1.5 step, each with nothing else queued behind it: tens of
+    milliseconds a step, and inside the fused step each bucket's first wait also drains the queue the backward pass
+    had built up. They are not needed here: the update kernels run on the default stream, as the trainer does, so
+    the stream's order keeps each update after the gradient it reads and before any later use of that gradient's
+    memory. Same state, same arithmetic, same per-parameter loop as bitsandbytes' step (a paged optimizer, whose
+    state moves on its own, keeps that step).
     """
 
     class AdamW8bit(bnb.optim.AdamW8bit):
@@ -253,7 +253,14 @@ class ParamStepper:
         self.optimizer = optimizer
         self.group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
 
-    def step(self, params: list) -> None:
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether the optimizer's step takes a `found_inf` flag and skips the update on the device when it is set
+        (torch's fused Adam and AdamW): an overflowed fp16 step then needs no host sync."""
+        return getattr(self.optimizer, "_step_supports_amp_scaling", False)
+
+    def step(self, params: list, found_inf: torch.Tensor | None = None) -> None:
+        """One step of `params`; with `found_inf` (only where `skips_on_device`), none where it holds 1."""
         groups = self.optimizer.param_groups
         saved = [g["params"] for g in groups]
         narrowed = [[] for _ in groups]
@@ -265,10 +272,14 @@ class ParamStepper:
                 g["params"] = mine
             for p, data, grad in low:
                 p.data, p.grad = data.float(), grad.float()
+            if found_inf is not None:
+                self.optimizer.found_inf = found_inf  # read by the step as GradScaler hands it over
             self.optimizer.step()
             for p, data, _grad in low:
                 data.copy_(stochastic_round_to_bf16(p.data))
         finally:
+            if found_inf is not None:
+                del self.optimizer.found_inf
             for p, data, grad in low:
                 p.data, p.grad = data, grad
             for g, mine in zip(groups, saved):
@@ -288,8 +299,9 @@ class FusedBackwardStep:
 
     What cannot be done exactly without all gradients at hand:
     - clipping by the global norm: each gradient is clipped to `max_grad_norm` by its own norm instead;
-    - fp16 loss scaling: each gradient is unscaled on its own and a parameter whose gradient overflowed is not
-      updated this step (the plain step skips all of them); the loss scale then backs off as usual;
+    - fp16 loss scaling: each bucket's gradients are unscaled together and a bucket with an overflowed gradient is
+      not updated this step (the plain step skips all of them); the loss scale then backs off as usual. With torch's
+      fused AdamW the skip happens on the device; other optimizers read each bucket's overflow flag (a host sync);
     - gradient accumulation > 1: not served (make_fused_step falls back to the plain step).
     """
 
@@ -300,8 +312,8 @@ class FusedBackwardStep:
         trained = [p for p in params if p.requires_grad]
         self.bucket_bytes = min(bucket_bytes, max(1, sum(p.numel() * p.element_size() for p in trained) // BUCKETS))
         self.bucket, self.bucket_size = [], 0
-        self.inv_scale = None
-        self.overflow = False
+        self.scale, self.inv_scale = None, None  # the loss scale; its inverse, a 0-d tensor on the gradients' device
+        self.overflows = []  # the step's overflow flags, one per bucket (device tensors)
         self._growth = 0
         self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in trained]
 
@@ -318,19 +330,16 @@ class FusedBackwardStep:
         if not params:
             return
         grads = [p.grad for p in params]
+        found_inf = None
         if self.scaler is not None and self.scaler.is_enabled():
-            if self.inv_scale is None:
-                self.inv_scale = 1.0 / self.scaler.get_scale()
-            torch._foreach_mul_(grads, self.inv_scale)
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).tolist()  # one host sync per bucket
-            if not all(finite):
-                self.overflow = True
-                for p, ok in zip(params, finite):
-                    if not ok:
+            found_inf = self._unscale(grads)
+            if not self.stepper.skips_on_device:
+                if found_inf.item():  # one host sync per bucket
+                    for p in params:
                         p.grad = None
-                params = [p for p, ok in zip(params, finite) if ok]
-                grads = [p.grad for p in params]
-        if self.max_grad_norm > 0 and grads:  # per tensor: scale down to max_grad_norm when its own norm is above
+                    return
+                found_inf = None
+        if self.max_grad_norm > 0:  # per tensor: scale down to max_grad_norm when its own norm is above
             if all(g.dtype == torch.float32 for g in grads):
                 norms = list(torch._foreach_norm(grads))
             else:  # bf16 gradients (pure bf16): their norms in fp32
@@ -340,31 +349,46 @@ class FusedBackwardStep:
             torch._foreach_mul_(factors, self.max_grad_norm)
             torch._foreach_clamp_max_(factors, 1.0)
             torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors, grads)])
-        if params:
-            self.stepper.step(params)
+        self.stepper.step(params, found_inf)
         for p in params:
             p.grad = None
 
+    def _unscale(self, grads: list) -> torch.Tensor:
+        """Divide the gradients by the loss scale in place (one multi-tensor kernel, as GradScaler does); returns a
+        0-d flag on their device, 1 when any of them overflowed. The scale is read from the scaler once per run
+        (the first bucket; then `finish_step` keeps it), not at every step: reading it waits for the device."""
+        device = grads[0].device
+        if self.inv_scale is None:
+            self.scale = self.scaler.get_scale()
+            self.inv_scale = torch.full((), 1.0 / self.scale, dtype=torch.float32, device=device)
+        found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.inv_scale)
+        self.overflows.append(found_inf)
+        return found_inf
+
     def finish_step(self) -> None:
         """After backward: the last bucket; the loss scale backs off after an overflow, grows after
-        `growth_interval` clean steps."""
+        `growth_interval` clean steps (one host sync per step, for the overflow flags)."""
         self._step_bucket()
         scaler = self.scaler
-        if scaler is not None and scaler.is_enabled():
-            scale = scaler.get_scale()
-            if self.overflow:
+        if scaler is not None and scaler.is_enabled() and self.inv_scale is not None:
+            scale = self.scale
+            if self.overflows and bool(torch.stack(self.overflows).any()):
                 scale, self._growth = scale * scaler.get_backoff_factor(), 0
             else:
                 self._growth += 1
                 if self._growth >= scaler.get_growth_interval():
                     scale, self._growth = scale * scaler.get_growth_factor(), 0
             scaler.update(scale)
-        self.inv_scale, self.overflow = None, False
+            if scale != self.scale:
+                self.scale = scale
+                self.inv_scale.fill_(1.0 / scale)
+        self.overflows = []
 
     def discard(self) -> None:
         """Forget the gradients waiting in the bucket (a step that failed half-way is run again)."""
         self.bucket, self.bucket_size = [], 0
-        self.inv_scale, self.overflow = None, False
+        self.scale, self.inv_scale, self.overflows = None, None, []
 
     def remove(self) -> None:
         for h in self.handles:

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dreambooth.config import Config, Parameters
 from dreambooth.train.components import prepare_for_training
@@ -220,39 +221,106 @@ def test_fused_backward_step_steps_buckets_of_parameters_with_one_optimizer_call
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
 
 
-def test_fused_backward_step_fp16_skips_an_overflowed_tensor_and_backs_off():
-    class Scaler:  # the part of torch's GradScaler the fused step uses
-        def __init__(self):
-            self.scale, self.updated = 1024.0, None
+class StandInScaler:
+    """The part of torch's GradScaler the fused step uses."""
 
-        def is_enabled(self):
-            return True
+    def __init__(self):
+        self.scale, self.updated = 1024.0, None
 
-        def get_scale(self):
-            return self.scale
+    def is_enabled(self):
+        return True
 
-        def get_backoff_factor(self):
-            return 0.5
+    def get_scale(self):
+        return self.scale
 
-        def get_growth_factor(self):
-            return 2.0
+    def get_backoff_factor(self):
+        return 0.5
 
-        def get_growth_interval(self):
-            return 2000
+    def get_growth_factor(self):
+        return 2.0
 
-        def update(self, new_scale):
-            self.updated = new_scale
+    def get_growth_interval(self):
+        return 2000
 
+    def update(self, new_scale):
+        self.updated = new_scale
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host's reads of a tensor's value (`.item()`, `bool(t)`, `.tolist()`): on a GPU each waits for the
+    device. (On a CPU `tolist` reads memory without dispatching an operation: it is counted by a wrapper.)"""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t):
+            self.count += 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "fused adamw"])
+def test_fused_backward_step_fp16_skips_an_overflowed_bucket_and_backs_off(optimizer, monkeypatch):
+    """A bucket whose gradients overflowed is skipped; the others are unscaled and applied; the scale backs off.
+    torch's fused AdamW skips on the device, without reading anything back while the backward pass runs; another
+    optimizer reads each bucket's overflow flag."""
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([a, b], lr=1.0)
-    scaler = Scaler()
-    fused = FusedBackwardStep(opt, [a, b], scaler=scaler)
+    opt = (torch.optim.SGD([a, b], lr=1.0) if optimizer == "sgd"
+           else torch.optim.AdamW([a, b], lr=1.0, weight_decay=0.0, fused=True))
+    scaler = StandInScaler()
+    fused = FusedBackwardStep(opt, [a, b], scaler=scaler, bucket_bytes=1)  # one tensor per bucket
     loss = (a * torch.tensor([1024.0, 2048.0, 0.0])).sum() + (b * torch.tensor([float("inf"), 0.0, 0.0])).sum()
-    loss.backward()
+    with HostReads(monkeypatch) as reads:
+        loss.backward()
     fused.finish_step()
-    assert torch.equal(a.detach(), torch.tensor([0.0, -1.0, 1.0]))  # unscaled gradient (1, 2, 0) applied
+    if optimizer == "sgd":
+        assert torch.equal(a.detach(), torch.tensor([0.0, -1.0, 1.0]))  # unscaled gradient (1, 2, 0) applied
+        assert reads.count == 2
+    else:
+        torch.testing.assert_close(a.detach(), torch.tensor([0.0, 0.0, 1.0]))  # AdamW's first step: lr x sign(g)
+        assert opt.state[b]["step"] == 0 and reads.count == 0
     assert torch.equal(b.detach(), torch.ones(3))  # overflowed: skipped
     assert scaler.updated == 512.0
+    loss = (a * torch.tensor([512.0, 0.0, 0.0])).sum() + (b * torch.tensor([0.0, 512.0, 0.0])).sum()
+    loss.backward()
+    fused.finish_step()
+    assert scaler.updated == 512.0 and not torch.equal(b.detach(), torch.ones(3))  # a clean step: all applied
+
+
+@pytest.mark.parametrize("optimizer,precision", [("adamw", "no"), ("adamw", "fp16"), ("adamw_8bit", "no")])
+def test_the_fused_step_reads_nothing_back_from_the_device_during_the_backward_pass(optimizer, precision,
+                                                                                   monkeypatch):
+    """With torch's fused AdamW (fp32, and fp16 with its loss scale) and with 8-bit AdamW, the backward pass with
+    every bucket's update and the loss scale's update reads no tensor value back on the host but the overflow flags
+    at its end, so on a GPU the host never waits for the device inside it."""
+    from diffusers import DDPMScheduler
+
+    if optimizer == "adamw_8bit":
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    unet, te = tiny_unet(), tiny_text_encoder()
+    te.requires_grad_(True)
+    params = Parameters(optimizer=optimizer, max_grad_norm=1.0)
+    opt = make_optimizer(params, unet, (te,))
+    trained = [p for m in (unet, te) for p in m.parameters()]
+    fused = make_fused_step(params, opt, trained)
+    if precision == "fp16":
+        fused.scaler = StandInScaler()
+    step = TrainStep(unet, (te,), DDPMScheduler(), params, sdxl=False, optimizer=opt, trainable_params=trained,
+                     fused=fused)
+    step(batch(2), train_text_encoder=True)  # the optimizer state is made
+    out = step.compute_loss(batch(2))  # the models' forward (transformers 4.30's CLIP reads a value there)
+    with HostReads(monkeypatch) as reads:
+        out.loss.backward()
+        fused.finish_step()
+    assert reads.count == (1 if precision == "fp16" else 0)
 
 
 # -- pure bf16 -----------------------------------------------------------------------------------------------------
