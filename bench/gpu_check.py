@@ -30,8 +30,10 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 PRESET_SIZES = (8, 12, 16, 24)
-BENCH_CASES = ["sd15-512-b1-bf16-adamw-cached", "sd15-512-b8-bf16-adamw-cached", "sd15-512-b8-bf16-adamw8bit-cached",
-               "sd15-512-b8-bf16-adamw-cached-compiled", "sd15-512-b8-bf16-adamw-cached-cl",
+# The product's defaults first, then the fastest settings at batch 1 and 8, compiled, channels-last, SDXL and LoRA.
+BENCH_CASES = ["sd15-512-b1-fp16-adamw8bit-cached", "sd15-512-b1-bf16-adamw-cached", "sd15-512-b8-bf16-adamw-cached",
+               "sd15-512-b8-bf16-adamw8bit-cached", "sd15-512-b8-bf16-adamw-cached-compiled",
+               "sd15-512-b8-bf16-adamw-cached-cl",
                "sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sd15-512-b1-fp16-lora16-cached"]
 
 

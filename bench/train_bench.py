@@ -80,6 +80,8 @@ CASES = {c.name: c for c in (
     _sd15("sd15-512-b1-fp16-adamw-cached", 512, 1, "fp16", "adamw", True),
     _sd15("sd15-512-b1-bf16-adamw8bit-cached", 512, 1, "bf16", "adamw_8bit", True),
     _sd15("sd15-512-b1-fp16-adamw8bit-gc-cached", 512, 1, "fp16", "adamw_8bit", True, gc=True),
+    # The product's default settings (fp16, 8-bit AdamW, cached latents, the fused step) with the text encoder trained.
+    _sd15("sd15-512-b1-fp16-adamw8bit-cached", 512, 1, "fp16", "adamw_8bit", True),
     _sd15("sd15-512-b8-bf16-adamw", 512, 8, "bf16", "adamw", False),
     _sd15("sd15-512-b8-bf16-adamw-cached", 512, 8, "bf16", "adamw", True),
     _sd15("sd15-512-b8-fp16-adamw-cached", 512, 8, "fp16", "adamw", True),
