@@ -685,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in row["ours"] and "error" not in row["reference"]:
             row["ratio"] = row["ours"]["steps_per_s"] / row["reference"]["steps_per_s"]
         rows.append(row)
-    dev = next((r[loop]["device"] for r in rows for loop in LOOPS if "device" in r[loop]), device)
+        if args.json:  # after every case: a run cut short keeps what it measured
+            write_json(Path(args.json), rows, device, peak_flops)
+    dev = device_of(rows, device)
     print(f"\n{time.strftime('%Y-%m-%d', time.gmtime())}, {dev}, {steps} timed steps after {warmup} warm-up"
           + (f", bf16 matmul peak {peak_flops / 1e12:.1f} TFLOP/s" if peak_flops else ""))
     print(format_table(rows), flush=True)
@@ -697,13 +699,19 @@ def main(argv: list[str] | None = None) -> int:
         for loop in LOOPS:
             if row[loop].get("profile"):
                 print(format_profile(row["case"], loop, row[loop]["profile"]))
-    if args.json:
-        from dreambooth.store import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps({"device": dev, "peak_flops": peak_flops, "rows": rows},
-                                                      indent=2) + "\n")
     failed = [r["case"] for r in rows if any("error" in r[loop] and loop in loops for loop in LOOPS)]
     return 1 if failed else 0
+
+
+def device_of(rows: list[dict], default: str) -> str:
+    return next((r[loop]["device"] for r in rows for loop in LOOPS if "device" in r[loop]), default)
+
+
+def write_json(path: Path, rows: list[dict], device: str, peak_flops: float | None) -> None:
+    from dreambooth.store import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"device": device_of(rows, device), "peak_flops": peak_flops, "rows": rows},
+                                       indent=2) + "\n")
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -189,6 +189,58 @@ def test_lora_cases_run_both_loops_at_tiny_size(tmp_path):
     assert {"sd15-512-b1-fp16-lora16-cached", "sdxl-1024-b1-bf16-lora16-gc-cached"} <= set(bench.DEFAULT_CASES["cuda"])
 
 
+def measured(case: str) -> dict:
+    """A (case, loop) result as train_bench's child process reports it."""
+    return {"case": case, "steps_per_s": 2.0, "samples_per_s": 4.0, "peak_bytes": 2**30, "peak_kind": "RSS",
+            "device": "CPU"}
+
+
+def test_the_bench_writes_its_results_after_every_case(tmp_path, monkeypatch):
+    """A bench stopped part way (killed at the end of its time on a GPU) leaves the cases it measured in its JSON."""
+    out = tmp_path / "bench.json"
+    calls = []
+
+    def child(extra, timeout):
+        case = extra[extra.index("--case") + 1]
+        calls.append(case)
+        if case == "tiny-lora":
+            raise KeyboardInterrupt  # the process ends here, as when it is killed
+        return measured(case)
+
+    monkeypatch.setattr(bench, "_run_child", child)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--case", "tiny,tiny-lora", "--device", "cpu", "--json", str(out)])
+    assert calls == ["tiny", "tiny", "tiny-lora"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["tiny"] and rows[0]["ratio"] == 1.0
+
+
+def test_the_gpu_check_keeps_the_bench_cases_measured_when_its_time_runs_out(tmp_path, monkeypatch):
+    import gpu_check
+
+    def run(command, **kwargs):  # train_bench measured one case, then the job's time ran out
+        assert kwargs["timeout"] < 300
+        out = Path(command[command.index("--json") + 1])
+        out.write_text(json.dumps({"rows": [{"case": "tiny", "ours": measured("tiny"),
+                                             "reference": measured("tiny"), "ratio": 1.0}]}))
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": [{"case": "stale"}]}))
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    result = gpu_check.job_bench(tmp_path, dry=True, timeout=300)
+    assert result["cut_short"] == "1 of 1 cases measured before the time ran out"
+    assert "| tiny | tiny | 64 | 2 | no | adamw | full | encoded | trained | off | ours | 2 | 4 | 1.00 GiB RSS | - | 1.00x |" \
+        in result["table"]
+
+    def nothing(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": [{"case": "stale"}]}))
+    monkeypatch.setattr(gpu_check.subprocess, "run", nothing)
+    with pytest.raises(RuntimeError, match="train_bench measured nothing before the time ran out"):
+        gpu_check.job_bench(tmp_path, dry=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_the_gpu_check_dry_run_runs_every_part_and_writes_the_table(tmp_path):
     """bench/gpu_check.py --dry-run: the GPU check's own code on tiny models on the CPU, so it cannot rot."""
