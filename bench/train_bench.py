@@ -99,6 +99,11 @@ CASES = {c.name: c for c in (
          settings=(("channels_last", True),)),
     Case("sd15-512-b8-bf16-adamw-cached-cl", "sd15", 512, 8, "bf16", "adamw", True, True,
          settings=(("channels_last", True),)),
+    # With cuDNN's autotuning (autotune_convolutions), alone and with channels-last.
+    Case("sd15-512-b8-bf16-adamw-cached-tuned", "sd15", 512, 8, "bf16", "adamw", True, True,
+         settings=(("autotune_convolutions", True),)),
+    Case("sd15-512-b8-bf16-adamw-cached-cl-tuned", "sd15", 512, 8, "bf16", "adamw", True, True,
+         settings=(("channels_last", True), ("autotune_convolutions", True))),
     # SDXL at 1024, UNet only (text encoders frozen, embeddings cached), 8-bit AdamW, gradient checkpointing.
     Case("sdxl-1024-b1-bf16-adamw8bit-gc-cached", "sdxl", 1024, 1, "bf16", "adamw_8bit", True, False, True),
     Case("sdxl-1024-b1-bf16-adamw8bit-gc", "sdxl", 1024, 1, "bf16", "adamw_8bit", False, False, True),

@@ -60,6 +60,15 @@ def compile_unet(unet) -> bool:
     return True
 
 
+def autotune_convolutions(on: bool, device) -> None:
+    """cuDNN times the candidate algorithms of each convolution at its first run with a new shape (each aspect
+    bucket) and keeps the fastest, instead of choosing by its heuristics. A switch for the whole process, so it is
+    set only for a CUDA device, which only the training process trains on (the memory plan, traced in the webui's
+    process, leaves it alone)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = on
+
+
 def is_compiled(module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 

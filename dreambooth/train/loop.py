@@ -40,7 +40,7 @@ from ..store import DataRoot, ModelDir, atomic_write_text, reclaim_leftovers
 from . import fidelity
 from . import pipeline as gen
 from . import precision
-from .components import Components, compile_unet, default_layout, eager, load_components
+from .components import Components, autotune_convolutions, compile_unet, default_layout, eager, load_components
 from .precision import DtypePlan, Hardware
 from .optim import (eval_weights, make_fused_step, make_lr_scheduler, make_optimizer, runnable_optimizer,
                     train_weights)
@@ -142,6 +142,7 @@ def build_step(params, parts: Components, accelerator, total_steps: int, train_t
     encoders = list(parts.text_encoders)
     if params.compile_unet:
         compile_unet(parts.unet)
+    autotune_convolutions(params.autotune_convolutions, acc.device)
     optimizer = optimizer_factory(params, parts.unet, encoders if train_text_encoder else ())
     lr_scheduler = make_lr_scheduler(params, optimizer, total_steps)
     unet, optimizer = acc.prepare(parts.unet, optimizer)

@@ -386,6 +386,30 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_one_warning(monkeypatch)
     assert not is_compiled(unet) and len(losses) == 3 and all(loss == loss for loss in losses)
 
 
+def test_autotune_convolutions_switches_cudnn_for_a_gpu_run_only(monkeypatch):
+    """The trainer's step on a CUDA device (decided as there, the tensors on the CPU) switches cuDNN's autotuning as
+    the setting says; a step set up for the CPU (the memory plan, in the webui's process) leaves the switch alone."""
+    from diffusers import DDPMScheduler
+
+    from dreambooth.train.components import Components
+    from dreambooth.train.loop import build_step
+    from dreambooth.train.memory import _PlanAccelerator
+    from dreambooth.train.precision import DtypePlan, detect
+
+    def build(on: bool, device: str) -> None:
+        params = Parameters(optimizer="adamw", autotune_convolutions=on, train_text_encoder_ratio=0)
+        parts = Components(tiny_unet(), None, (tiny_text_encoder(),), (), DDPMScheduler(), False)
+        build_step(params, parts, _PlanAccelerator(device), 10, False, DtypePlan.decide(params, detect("cpu"), False))
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    build(True, "cpu")
+    assert torch.backends.cudnn.benchmark is False
+    build(True, "cuda")
+    assert torch.backends.cudnn.benchmark is True
+    build(False, "cuda")
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_channels_last_trains_the_same_weights_and_writes_files_in_the_default_layout(tmp_path):
     """channels_last changes the memory layout of the UNet's and VAE's convolution weights, nothing else: the same
     losses and weights as the default layout (float rounding apart), the layout kept through the optimizer steps, and
