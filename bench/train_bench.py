@@ -209,7 +209,7 @@ def _weight_dtype(precision: str):
 def build_ours(case: Case, models: Models, inputs: dict, device):
     """The trainer's TrainStep built by the trainer's own functions (prepare_for_training as load_components calls it,
     then build_step as Trainer.setup calls it) and what its loop does around each step (Trainer.make_batch: per-image
-    VAE encode unless cached; the loss read back)."""
+    VAE encode unless cached, frozen text encoders run once per prompt; the loss read back)."""
     import torch
     from accelerate import Accelerator
 
@@ -217,7 +217,7 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     from dreambooth.train.components import Components, prepare_for_training
     from dreambooth.train.loop import build_step
     from dreambooth.train.precision import DtypePlan, detect
-    from dreambooth.train.step import Batch
+    from dreambooth.train.step import Batch, encode_prompt
 
     from dreambooth.lora.training import LoraRun
 
@@ -250,6 +250,22 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
                        * vae.config.scaling_factor for px in pixels]
         return torch.stack(latents).float().to(device)
 
+    embeddings = []
+
+    def conditioning() -> dict:
+        if trainable:
+            return {"input_ids": inputs["input_ids"]}
+        # As Trainer.frozen_text_embeddings: frozen text encoders run once per prompt, one prompt at a time (first
+        # step only; a warm-up step here), and their outputs are reused.
+        if not embeddings:
+            with torch.no_grad():
+                for row in range(case.batch):
+                    hidden, pooled = encode_prompt(step.text_encoders, [i[row:row + 1] for i in inputs["input_ids"]],
+                                                   models.sdxl)
+                    embeddings.append((hidden[0], None if pooled is None else pooled[0]))
+        return {"prompt_embeds": torch.stack([hidden for hidden, _ in embeddings]),
+                "pooled_embeds": torch.stack([pooled for _, pooled in embeddings]) if models.sdxl else None}
+
     def run():
         if case.cache_latents:
             if not cache:
@@ -257,8 +273,7 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
             latents = cache[0]
         else:
             latents = encode()
-        batch = Batch(latents=latents, input_ids=inputs["input_ids"], add_time_ids=inputs.get("add_time_ids"),
-                      is_prior=is_prior)
+        batch = Batch(latents=latents, add_time_ids=inputs.get("add_time_ids"), is_prior=is_prior, **conditioning())
         out = step(batch, train_text_encoder=trainable)
         acc.reduce(out.loss.detach().float(), reduction="mean").item()  # the loop reads the loss every step
         return out.loss
@@ -581,7 +596,7 @@ def format_table(rows: list[dict]) -> str:
             settings = [c.name, ARCH_LABEL[c.arch], str(c.resolution), str(c.batch), c.precision, c.optimizer,
                         f"LoRA r{c.lora_rank}" if c.lora_rank else "full",
                         ("cached" if c.cache_latents else "encoded") if loop == "ours" else "encoded",
-                        "trained" if c.train_text_encoder else ("cached" if loop == "reference" and c.arch == "sdxl"
+                        "trained" if c.train_text_encoder else ("cached" if loop == "ours" or c.arch == "sdxl"
                                                                  else "frozen"),
                         "on" if c.gradient_checkpointing else "off", loop]
             if "error" in r:

@@ -177,6 +177,22 @@ def test_the_kernel_summary_reads_what_a_gpu_profile_holds():
     assert "20 kernel launches, 0.6 ms of kernels per step" in shown and "sm90_xmma_gemm_bf16" in shown
 
 
+def test_ours_runs_frozen_text_encoders_once_per_prompt_as_the_trainer_does():
+    """Frozen text encoders: the bench's loop, as the trainer's, encodes each prompt once (one at a time) and reuses
+    the embeddings, where the reference precomputes them (SDXL) or runs the encoder every step."""
+    import torch
+
+    case = bench.Case("tiny-frozen", "tiny", 64, 2, "no", "adamw", True, False)
+    models = bench.build_models("tiny", "cpu")
+    calls = []
+    for encoder in models.text_encoders:
+        encoder.register_forward_hook(lambda *args: calls.append(1))
+    run = bench.build_ours(case, models, bench.make_inputs(case, "cpu"), "cpu")
+    losses = [run() for _ in range(3)]
+    assert len(calls) == case.batch * len(models.text_encoders)  # the first step's, one prompt at a time
+    assert all(torch.isfinite(loss) for loss in losses)
+
+
 def test_lora_cases_run_both_loops_at_tiny_size(tmp_path):
     out = tmp_path / "lora.json"
     proc = run_script("--case", "tiny-lora", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out))
