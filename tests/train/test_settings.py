@@ -255,6 +255,43 @@ def test_ema_decay():
                 p.sub_(3.0)
 
 
+def test_the_ema_update_is_diffusers_update_in_one_multi_tensor_kernel():
+    """The trainer's EMA follows diffusers' EMAModel (decay schedule, frozen tensors copied) to float rounding, and its
+    update dispatches one multi-tensor operation, not three per tensor."""
+    import collections
+
+    from diffusers.training_utils import EMAModel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    frozen = next(unet.parameters())
+    frozen.requires_grad_(False)
+    ours, theirs = make_ema(Parameters(use_ema=True, ema_decay=0.9), unet), EMAModel(unet.parameters(), decay=0.9)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn_like(p))
+        with Ops() as ops:
+            ours.step(unet.parameters())
+        theirs.step(unet.parameters())
+    assert ops.counts["aten._foreach_lerp_"] == 1 and sum(ops.counts.values()) == 2  # and the frozen tensor's copy
+    assert ours.cur_decay_value == theirs.cur_decay_value == pytest.approx(4 / 13)  # (1 + 3) / (10 + 3): warm-up
+    assert torch.equal(ours.shadow_params[0], frozen)
+    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
 def item_pixels(data, item, epoch=0):
     return data.load_item(item, epoch)[0]
 
