@@ -231,6 +231,31 @@ def test_the_bench_writes_its_results_after_every_case(tmp_path, monkeypatch):
     assert [r["case"] for r in rows] == ["tiny"] and rows[0]["ratio"] == 1.0
 
 
+def test_cases_that_differ_only_in_the_trainers_settings_share_one_reference_measurement(tmp_path, monkeypatch):
+    """The reference ignores the trainer's settings and latent caching: measured once for the cases that share its
+    setup (a GPU's minutes go to ours), shown as such in the table."""
+    import dataclasses
+
+    for name, changes in (("tiny-plain", dict(settings=(("fused_backward_step", False),))),
+                          ("tiny-cached", dict(cache_latents=True)), ("tiny-b1", dict(batch=1))):
+        monkeypatch.setitem(bench.CASES, name, dataclasses.replace(bench.CASES["tiny"], name=name, **changes))
+    runs = []
+
+    def child(extra, timeout):
+        runs.append((extra[extra.index("--case") + 1], extra[1]))
+        return measured(extra[extra.index("--case") + 1])
+
+    monkeypatch.setattr(bench, "_run_child", child)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--case", "tiny,tiny-plain,tiny-cached,tiny-b1", "--device", "cpu", "--json", str(out)]) == 0
+    assert [case for case, loop in runs if loop == "reference"] == ["tiny", "tiny-b1"]
+    assert [case for case, loop in runs if loop == "ours"] == ["tiny", "tiny-plain", "tiny-cached", "tiny-b1"]
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["tiny-plain"]["reference"]["shared_with"] == "tiny" and "shared_with" not in rows["tiny-b1"]["reference"]
+    assert rows["tiny-cached"]["ratio"] == 1.0
+    assert "| reference (as tiny) |" in bench.format_table(list(rows.values()))
+
+
 def test_the_gpu_check_keeps_the_bench_cases_measured_when_its_time_runs_out(tmp_path, monkeypatch):
     import gpu_check
 
