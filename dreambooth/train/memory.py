@@ -48,8 +48,9 @@ GIB = 2**30
 # What a GPU needs besides the tensors: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation.
 HEADROOM_BYTES = int(0.8 * GIB)
 HEADROOM_FRACTION = 0.05
-CATEGORIES = ("weights", "gradients", "optimizer", "activations", "frozen", "cached")
+CATEGORIES = ("weights", "gradients", "optimizer", "ema", "activations", "frozen", "cached")
 PLAN_PARTS = {"weights": "trained weights", "gradients": "their gradients", "optimizer": "optimizer state",
+              "ema": "EMA copy of the UNet",
               "activations": "activations (what the backward pass keeps)", "frozen": "frozen parts (VAE, text encoders)",
               "cached": "cached latents and prompts"}
 
@@ -59,6 +60,7 @@ class MemoryPlan:
     weights: int = 0
     gradients: int = 0
     optimizer: int = 0
+    ema: int = 0
     activations: int = 0
     frozen: int = 0
     cached: int = 0
@@ -333,7 +335,7 @@ def plan_architecture(arch: Architecture, params, n_images: int = 0, target: str
 
 def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorMode) -> MemoryPlan:
     from .components import Components
-    from .loop import build_step
+    from .loop import build_step, make_ema
     from .optim import ParamStepper, make_optimizer, param_groups
 
     rounding = CUDA_BLOCK if target == "cuda" else 1
@@ -376,6 +378,9 @@ def _trace(arch: Architecture, params, n_images, target, batch_size, FakeTensorM
                                                                           arch.sdxl),
                           _PlanAccelerator("cpu"), 1000, bool(te_steps), traced, optimizer_factory)
         optimizer = step.optimizer
+        ema = make_ema(params, unet)  # kept on the device beside the weights, for the whole run
+        for t in ema.shadow_params if ema is not None else ():
+            tracker.track(t, "ema")
         # A run's steps after the first find the optimizer state in place: create it first (one parameter at a
         # time, as the trainer's own steps would), then trace a step of the steady state.
         stepper = ParamStepper(optimizer)
@@ -500,6 +505,8 @@ def arithmetic_plan(arch: Architecture, params, n_images: int = 0, target: str =
     if params.optimizer == "adamw_8bit" and any(p.numel() >= _Bnb8bitStandIn.MIN_8BIT for p in trained):
         plan.optimizer += 2 * block_bytes(256 * 4, rounding)  # the two quantisation maps, shared
     plan.frozen = sum(block_bytes(p.numel() * half, rounding) for p in frozen)
+    if params.use_ema and not params.use_lora:  # a copy of every UNet weight, in its dtype
+        plan.ema = sum(block_bytes(p.numel() * wbytes, rounding) for p in arch.unet.parameters())
     plan.cached = _cached_bytes(params, n_images, rounding, arch.sdxl)
     return plan
 
@@ -535,7 +542,7 @@ def plan_model(root, name: str, params=None, target: str = "cuda") -> MemoryPlan
 # Ordered by what each costs in speed: half-precision frozen parts and the fused step cost (nearly) nothing, 8-bit
 # state little, pure bf16 nothing in speed (it changes the numerics, which stochastic rounding keeps sound),
 # gradient checkpointing about 20-30% (a second forward), Adafactor a little more; freezing the text encoder changes
-# what is trained, so it comes last.
+# what is trained and turning EMA off what is saved (a UNet copy less), so they come last.
 FASTEST = {"optimizer": "adamw", "fused_backward_step": False, "pure_bf16": False, "gradient_checkpointing": False,
            "frozen_precision": "half"}
 LEANER_STEPS = (
@@ -545,6 +552,7 @@ LEANER_STEPS = (
     ("gradient checkpointing", {"gradient_checkpointing": True}),
     ("Adafactor", {"optimizer": "adafactor"}),
     ("text encoder frozen", {"train_text_encoder_ratio": 0.0}),
+    ("EMA off", {"use_ema": False}),
 )
 
 

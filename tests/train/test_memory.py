@@ -426,6 +426,21 @@ def test_plan_weights_gradients_and_optimizer_equal_the_arithmetic(optimizer):
     assert plan.optimizer >= per_param * n
 
 
+def test_the_plan_counts_the_ema_copy_of_the_unet():
+    """EMA keeps a copy of every UNet weight on the device for the whole run: the plan shows it as its own part, the
+    same in the trace and the arithmetic, and nothing else moves."""
+    from dreambooth.train.memory import CUDA_BLOCK, block_bytes
+
+    params = Parameters(optimizer="adamw", resolution=64)
+    copy = sum(block_bytes(p.numel() * 4, CUDA_BLOCK) for p in tiny_architecture().unet.parameters())
+    without, with_ema = (plan_architecture(tiny_architecture(), replace(params, use_ema=on)) for on in (False, True))
+    assert with_ema.traced and without.ema == 0 and with_ema.ema == copy
+    assert with_ema.peak - without.peak == copy
+    assert arithmetic_plan(tiny_architecture(), replace(params, use_ema=True)).ema == copy
+    lora = plan_architecture(tiny_architecture(), replace(params, use_lora=True))
+    assert lora.ema == 0
+
+
 @pytest.mark.slow
 def test_plan_peak_is_the_measured_cpu_peak():
     """The plan for the CPU (target "cpu": no allocator rounding, fp32) against the same step run for real here, peak
