@@ -122,12 +122,15 @@ def make_ema(params, unet):
             self.optimization_step += 1
             decay = self.get_decay(self.optimization_step)
             self.cur_decay_value = decay
-            trained = [(s, q) for s, q in zip(self.shadow_params, parameters) if q.requires_grad]
+            shadows, weights = [], []
             for s, q in zip(self.shadow_params, parameters):
-                if not q.requires_grad:
+                if q.requires_grad:
+                    shadows.append(s)
+                    weights.append(q)
+                else:
                     s.copy_(q)
-            if trained:
-                torch._foreach_lerp_([s for s, _ in trained], [q for _, q in trained], 1 - decay)
+            if shadows:
+                torch._foreach_lerp_(shadows, weights, 1 - decay)
 
     return EMA(unet.parameters(), decay=params.ema_decay)
 
