@@ -217,7 +217,7 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
     from dreambooth.train.components import Components, prepare_for_training
     from dreambooth.train.loop import build_step
     from dreambooth.train.precision import DtypePlan, detect
-    from dreambooth.train.step import Batch, encode_prompt
+    from dreambooth.train.step import Batch, frozen_prompt_embedding
 
     from dreambooth.lora.training import LoraRun
 
@@ -258,11 +258,9 @@ def build_ours(case: Case, models: Models, inputs: dict, device):
         # As Trainer.frozen_text_embeddings: frozen text encoders run once per prompt, one prompt at a time (first
         # step only; a warm-up step here), and their outputs are reused.
         if not embeddings:
-            with torch.no_grad():
-                for row in range(case.batch):
-                    hidden, pooled = encode_prompt(step.text_encoders, [i[row:row + 1] for i in inputs["input_ids"]],
-                                                   models.sdxl)
-                    embeddings.append((hidden[0], None if pooled is None else pooled[0]))
+            for row in range(case.batch):
+                ids = [i[row:row + 1] for i in inputs["input_ids"]]
+                embeddings.append(frozen_prompt_embedding(step.text_encoders, ids, models.sdxl))
         return {"prompt_embeds": torch.stack([hidden for hidden, _ in embeddings]),
                 "pooled_embeds": torch.stack([pooled for _, pooled in embeddings]) if models.sdxl else None}
 

@@ -48,7 +48,7 @@ from .requests import Requests
 from .schedule import Schedule
 from .saves import keep_save, link_tree, mark_checkpoint_written, read_trainer_info, recover_folder, swap_folder
 from .state import load_state, save_state, write_failed
-from .step import Batch, TrainStep, encode_prompt
+from .step import Batch, TrainStep, encode_prompt, frozen_prompt_embedding
 
 log = logging.getLogger("dreambooth")
 
@@ -444,9 +444,7 @@ class Trainer:
         for prompt in dict.fromkeys(prompts):
             if prompt not in cache:
                 ids = [i.to(device) for i in tokenize(c.tokenizers, [prompt])]
-                with torch.no_grad():
-                    hidden, pooled = encode_prompt(encoders, ids, c.sdxl)
-                cache[prompt] = (hidden[0], None if pooled is None else pooled[0])
+                cache[prompt] = frozen_prompt_embedding(encoders, ids, c.sdxl)
         hidden = torch.stack([cache[q][0] for q in prompts])
         pooled = torch.stack([cache[q][1] for q in prompts]) if c.sdxl else None
         return hidden, pooled

@@ -108,6 +108,14 @@ def encode_prompt(text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[
     return torch.cat(hidden, dim=-1), pooled
 
 
+def frozen_prompt_embedding(text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor], sdxl: bool):
+    """One prompt's conditioning from frozen text encoders (`input_ids`: one (1, 77) tensor per tokenizer), without
+    the batch dimension: (hidden states, pooled or None), what the trainer computes once per prompt and reuses."""
+    with torch.no_grad():
+        hidden, pooled = encode_prompt(text_encoders, input_ids, sdxl)
+    return hidden[0], None if pooled is None else pooled[0]
+
+
 def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     return alphas_cumprod / (1 - alphas_cumprod)
@@ -354,4 +362,4 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-__all__ = ["Batch", "LossOutput", "TrainStep", "encode_prompt", "snr"]
+__all__ = ["Batch", "LossOutput", "TrainStep", "encode_prompt", "frozen_prompt_embedding", "snr"]
